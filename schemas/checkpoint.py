@@ -1,0 +1,84 @@
+"""The checkpoint contract: what a fused model directory holds and promises.
+
+A checkpoint directory is `manifest.json` plus one safetensors weights file. The
+manifest carries everything a reader needs to build, validate and describe the
+model without importing training code.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CHECKPOINT_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BlockSpec(_Frozen):
+    """One RepVGG block: its output width and stride (the identity branch exists iff in == out and stride 1)."""
+
+    out_channels: int = Field(gt=0)
+    stride: Literal[1, 2] = 1
+
+
+class ArchitectureSpec(_Frozen):
+    """A plain chain of RepVGG blocks followed by global average pooling and a linear head."""
+
+    name: str
+    in_channels: int = Field(default=3, gt=0)
+    blocks: tuple[BlockSpec, ...] = Field(min_length=1)
+    activation: Literal["gelu", "relu"]
+    attention: Literal["eca", "none"]
+    eca_kernel_size: int = Field(default=3, gt=0)
+
+
+class Normalization(_Frozen):
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @model_validator(mode="after")
+    def _positive_std(self) -> Normalization:
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ValueError("mean and std need equal lengths and a positive std")
+        return self
+
+
+class InputSpec(_Frozen):
+    """Frames are decoded to 8-bit gray, resized to `size`×`size`, replicated to `channels`, normalized."""
+
+    size: int = Field(default=200, gt=0)
+    channels: int = Field(default=3, gt=0)
+    color: Literal["gray"] = "gray"
+    normalization: Normalization = Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+class Manifest(_Frozen):
+    format_version: Literal[1] = CHECKPOINT_FORMAT_VERSION
+    model_name: str
+    model_version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    architecture: ArchitectureSpec
+    deploy: bool = True
+    class_names: tuple[str, ...] = Field(min_length=2)
+    input: InputSpec = InputSpec()
+    weights_file: str = WEIGHTS_NAME
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    parameters: int = Field(ge=0)
+    macs: int = Field(ge=0)
+    metrics: dict[str, float] = {}
+    data_fingerprint: str = ""
+    teacher: str | None = None
+    created_at: datetime
+    notes: str = ""
+
+    @model_validator(mode="after")
+    def _unique_classes(self) -> Manifest:
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class_names must be unique")
+        return self

@@ -1,0 +1,149 @@
+"""Image folders → an in-memory uint8 set → a stratified, seeded split → normalized batches.
+
+NEU-CLS is 1620 images of 200×200 gray (≈65 MB as uint8), so the whole set lives in memory and
+augmentation runs on batched tensors; no DataLoader workers are needed on a 2-core machine.
+
+Augmentation is the dihedral group D4 (4 rotations × optional flip): strip-surface texture has no
+preferred orientation, and the 8 variants are a fixed, finite set, so a teacher's logits can be
+cached for every variant and distillation stays exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from schemas.checkpoint import Normalization
+
+IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff"}
+DIHEDRAL = 8
+
+
+class ImageReadError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: torch.Tensor  # (N, H, W) uint8, gray
+    labels: torch.Tensor  # (N,) int64
+    class_names: tuple[str, ...]
+    paths: tuple[str, ...]  # relative to the root, for split files and error messages
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: list[int] | torch.Tensor) -> ImageSet:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return ImageSet(self.images[idx], self.labels[idx], self.class_names, tuple(self.paths[i] for i in idx))
+
+
+def read_gray(path: Path, size: int) -> np.ndarray:
+    """Any image OpenCV reads → 8-bit gray at size×size; a clear error naming the file otherwise."""
+    data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
+    if image is None:
+        raise ImageReadError(f"cannot read image {path}: not a decodable image file")
+    if image.shape != (size, size):
+        interp = cv2.INTER_AREA if min(image.shape) > size else cv2.INTER_LINEAR
+        image = cv2.resize(image, (size, size), interpolation=interp)
+    return image
+
+
+def class_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory {root} does not exist")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        raise ValueError(f"{root} needs one sub-folder per class (at least 2), found {len(folders)}")
+    return folders
+
+
+def load_image_folder(root: str | Path, size: int = 200) -> ImageSet:
+    root = Path(root)
+    images, labels, paths = [], [], []
+    folders = class_folders(root)
+    for label, folder in enumerate(folders):
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for path in files:
+            images.append(read_gray(path, size))
+            labels.append(label)
+            paths.append(str(path.relative_to(root)))
+    return ImageSet(
+        images=torch.from_numpy(np.stack(images)),
+        labels=torch.tensor(labels, dtype=torch.long),
+        class_names=tuple(f.name for f in folders),
+        paths=tuple(paths),
+    )
+
+
+def fingerprint(data: ImageSet) -> str:
+    """sha256 over paths, labels and pixels: two runs on the same data share it."""
+    h = hashlib.sha256()
+    for path, label in zip(data.paths, data.labels.tolist(), strict=True):
+        h.update(f"{path}\0{label}\n".encode())
+    h.update(data.images.numpy().tobytes())
+    return h.hexdigest()
+
+
+def stratified_split(labels: torch.Tensor, fractions: tuple[float, ...], seed: int) -> list[list[int]]:
+    """Per class, shuffle with `seed` and cut by `fractions` (e.g. 0.8/0.1/0.1); indices sorted per part."""
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must sum to 1, got {fractions}")
+    gen = torch.Generator().manual_seed(seed)
+    parts: list[list[int]] = [[] for _ in fractions]
+    for cls in labels.unique().tolist():
+        idx = torch.nonzero(labels == cls).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)].tolist()
+        bounds = np.rint(np.cumsum((0.0, *fractions)) * len(idx)).astype(int)
+        for part, lo, hi in zip(parts, bounds[:-1], bounds[1:], strict=True):
+            part.extend(idx[lo:hi])
+    return [sorted(p) for p in parts]
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def save_split(path: Path, data: ImageSet, parts: list[list[int]], seed: int) -> None:
+    doc = {"seed": seed, "class_names": data.class_names}
+    doc |= {name: [data.paths[i] for i in part] for name, part in zip(SPLIT_NAMES, parts)}
+    path.write_text(json.dumps(doc, indent=1))
+
+
+def load_split(path: Path, data: ImageSet) -> list[list[int]]:
+    doc = json.loads(path.read_text())
+    where = {p: i for i, p in enumerate(data.paths)}
+    try:
+        return [[where[p] for p in doc[name]] for name in SPLIT_NAMES if name in doc]
+    except KeyError as err:
+        raise ValueError(f"split file {path} names {err.args[0]!r}, which is not in the data") from None
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Element k (0..7) of D4 on the last two dims: k % 4 quarter turns, then a flip when k >= 4."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def dihedral_batch(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    for k in ks.unique().tolist():
+        sel = ks == k
+        out[sel] = dihedral(x[sel], k)
+    return out
+
+
+def to_input(images: torch.Tensor, norm: Normalization, channels: int = 3) -> torch.Tensor:
+    """(N, H, W) uint8 gray → (N, C, H, W) float32, gray replicated to C channels and normalized."""
+    x = images.unsqueeze(1).float().div_(255.0).expand(-1, channels, -1, -1)
+    mean = torch.tensor(norm.mean).view(1, -1, 1, 1)
+    std = torch.tensor(norm.std).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous()

@@ -1,0 +1,153 @@
+"""Metrics, latency and plots for a classifier on an ImageSet."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from schemas.checkpoint import InputSpec
+from trainer.data import ImageSet, to_input
+
+
+@dataclass(frozen=True)
+class ClassReport:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass(frozen=True)
+class Metrics:
+    n: int
+    accuracy: float
+    mcc: float
+    macro_f1: float
+    per_class: dict[str, ClassReport]
+    confusion: list[list[int]]  # rows = true class, columns = predicted class
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def matthews_corrcoef(cm: np.ndarray) -> float:
+    """Multi-class MCC (Gorodkin's R_K) from the confusion matrix; 0 when it is undefined."""
+    t, p = cm.sum(axis=1).astype(float), cm.sum(axis=0).astype(float)
+    c, s = float(np.trace(cm)), float(cm.sum())
+    denom = np.sqrt((s * s - p @ p) * (s * s - t @ t))
+    return float((c * s - t @ p) / denom) if denom > 0 else 0.0
+
+
+def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: tuple[str, ...]) -> Metrics:
+    cm = confusion_matrix(y_true, y_pred, len(class_names))
+    tp = np.diag(cm).astype(float)
+    precision = np.divide(tp, cm.sum(axis=0), out=np.zeros_like(tp), where=cm.sum(axis=0) > 0)
+    recall = np.divide(tp, cm.sum(axis=1), out=np.zeros_like(tp), where=cm.sum(axis=1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    per_class = {
+        name: ClassReport(float(precision[i]), float(recall[i]), float(f1[i]), int(cm[i].sum()))
+        for i, name in enumerate(class_names)
+    }
+    return Metrics(
+        n=int(cm.sum()), accuracy=float(tp.sum() / max(cm.sum(), 1)), mcc=matthews_corrcoef(cm),
+        macro_f1=float(f1.mean()), per_class=per_class, confusion=cm.tolist(),
+    )
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, data: ImageSet, spec: InputSpec, batch_size: int = 64) -> torch.Tensor:
+    model.eval()
+    chunks = [
+        model(to_input(data.images[i:i + batch_size], spec.normalization, spec.channels))
+        for i in range(0, len(data), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def evaluate(model: nn.Module, data: ImageSet, spec: InputSpec, class_names: tuple[str, ...]) -> Metrics:
+    """`class_names` are the model's; data labels are mapped onto them by name."""
+    index = {name: i for i, name in enumerate(class_names)}
+    missing = [n for n in data.class_names if n not in index]
+    if missing:
+        raise ValueError(f"the data has classes the model does not know: {missing}")
+    y_true = np.array([index[data.class_names[y]] for y in data.labels.tolist()])
+    y_pred = predict_logits(model, data, spec).argmax(1).numpy()
+    return compute_metrics(y_true, y_pred, class_names)
+
+
+@dataclass(frozen=True)
+class Latency:
+    batch_size: int
+    ms_per_batch_p50: float
+    ms_per_image: float
+    images_per_s: float
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, spec: InputSpec, batch_size: int = 1, iters: int = 50) -> Latency:
+    model.eval()
+    x = torch.randn(batch_size, spec.channels, spec.size, spec.size).contiguous(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
+    for _ in range(5):
+        model(x)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
+    p50 = float(np.median(times)) * 1e3
+    return Latency(batch_size, p50, p50 / batch_size, 1e3 * batch_size / p50)
+
+
+def plot_confusion(cm: list[list[int]], class_names: tuple[str, ...], path: Path, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arr = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.imshow(arr, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(arr.shape[0]):
+        for j in range(arr.shape[1]):
+            ax.text(j, i, str(arr[i, j]), ha="center", va="center",
+                    color="white" if arr[i, j] > arr.max() / 2 else "black")
+    ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="validation")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [r["train_acc"] for r in rows], label="train")
+    ax_acc.plot(epochs, [r["val_acc"] for r in rows], label="validation")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
