@@ -1,0 +1,176 @@
+"""Where the defect is: class activation maps (CAM) of the fused network, turned into boxes.
+
+The head is global average pooling + one linear layer, so for feature map F (K×h×w) the logit of
+class c is mean_hw(Σ_k w_ck F_k) + b_c; the map CAM_c = Σ_k w_ck F_k is therefore exact and comes
+from the same forward pass as the logits (no backward pass). Feature cell (i, j) is centred on
+input pixel (s·j, s·i), s = the product of the block strides (each stride-2 3×3 conv with padding 1
+centres output j on input 2j), so the map is placed on the frame by that affine map, not by a
+generic resize. Boxes are the connected components of the map above `threshold` × its maximum.
+
+`grad_cam` serves figures (any layer, fused or not); serving uses `locate_batch`.
+Imports only torch, numpy, cv2 and the network: the inspector loads this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.nets import RepNet
+
+
+@dataclass(frozen=True)
+class Box:
+    """Frame pixels, half-open: x0 <= x < x1, y0 <= y < y1. `score` is the normalized CAM (0..1) inside."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    score: float
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return self.x0, self.y0, self.x1, self.y1
+
+
+@dataclass(frozen=True)
+class LocateConfig:
+    threshold: float = 0.5  # fraction of the map's maximum
+    score: Literal["mean", "max"] = "mean"
+    min_area: float = 0.0  # fraction of the frame; smaller components are dropped
+    max_boxes: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if not 0.0 <= self.min_area < 1.0 or self.max_boxes < 1:
+            raise ValueError("min_area must be in [0, 1) and max_boxes >= 1")
+
+
+@dataclass(frozen=True)
+class Located:
+    logits: torch.Tensor  # (N, classes)
+    classes: torch.Tensor  # (N,) predicted class index
+    cams: np.ndarray  # (N, h, w) float32 raw CAM of the predicted class at feature resolution
+    boxes: tuple[tuple[Box, ...], ...]  # per image, best score first
+
+
+def feature_stride(model: RepNet) -> int:
+    return math.prod(row.stride for row in model.spec.blocks)
+
+
+def class_activation_maps(features: torch.Tensor, fc: nn.Linear, classes: torch.Tensor) -> torch.Tensor:
+    """(N, K, h, w) features, (N,) class indices → (N, h, w) Σ_k w_ck F_k (bias left out)."""
+    weights = fc.weight[classes]  # (N, K)
+    return torch.einsum("nkhw,nk->nhw", features, weights)
+
+
+@torch.inference_mode()
+def logits_and_cams(model: RepNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass → (logits, predicted classes, CAM of the predicted class at feature resolution)."""
+    features = model.forward_features(x)
+    logits = model.head.fc(features.mean(dim=(2, 3)))
+    classes = logits.argmax(dim=1)
+    return logits, classes, class_activation_maps(features, model.head.fc, classes)
+
+
+def normalize_cam(cam: np.ndarray) -> np.ndarray:
+    """ReLU, then divide by the maximum: 0..1; an all-non-positive map becomes all zeros."""
+    cam = np.maximum(cam, 0.0, dtype=np.float32)
+    peak = float(cam.max())
+    return cam / peak if peak > 0 else cam
+
+
+def upsample_cam(cam: np.ndarray, stride: float, frame_size: tuple[int, int], input_size: int) -> np.ndarray:
+    """(h, w) map → (H, W) frame map: cell (i, j) lands on input pixel (stride·j, stride·i), bilinear between,
+    edges replicated; a frame of another size than the model input is scaled like the inspector's resize."""
+    height, width = frame_size
+    sx, sy = stride * width / input_size, stride * height / input_size
+    matrix = np.array([[sx, 0.0, 0.0], [0.0, sy, 0.0]], dtype=np.float64)
+    return cv2.warpAffine(
+        np.ascontiguousarray(cam, dtype=np.float32), matrix, (width, height),
+        flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE,
+    )
+
+
+def boxes_from_map(cam01: np.ndarray, config: LocateConfig = LocateConfig()) -> tuple[Box, ...]:
+    """Connected components (8-neighbour) of a 0..1 map at >= threshold × its maximum, best score first."""
+    peak = float(cam01.max()) if cam01.size else 0.0
+    if peak <= 0:
+        return ()
+    mask = (cam01 >= config.threshold * peak).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    min_pixels = config.min_area * cam01.size
+    boxes = []
+    for label in range(1, count):
+        x, y, w, h, area = (int(v) for v in stats[label])
+        if area < min_pixels:
+            continue
+        inside = cam01[y:y + h, x:x + w][labels[y:y + h, x:x + w] == label]
+        score = float(inside.mean() if config.score == "mean" else inside.max())
+        boxes.append(Box(x, y, x + w, y + h, score))
+    boxes.sort(key=lambda b: b.score, reverse=True)
+    return tuple(boxes[:config.max_boxes])
+
+
+def frame_map(model: RepNet, cam: np.ndarray, frame_size: tuple[int, int], input_size: int) -> np.ndarray:
+    """One raw feature-resolution CAM → normalized 0..1 map on the frame."""
+    return upsample_cam(normalize_cam(cam), feature_stride(model), frame_size, input_size)
+
+
+def locate_batch(
+    model: RepNet, x: torch.Tensor, config: LocateConfig = LocateConfig(),
+    frame_sizes: Sequence[tuple[int, int]] | None = None,
+) -> Located:
+    """Logits and boxes for a batch in one forward pass. `x` is the model input (N, C, S, S);
+    `frame_sizes` are the original (height, width) per image (default: S×S), boxes are in those pixels."""
+    input_size = x.shape[-1]
+    logits, classes, cams = logits_and_cams(model, x)
+    cams_np = cams.float().numpy()
+    sizes = frame_sizes if frame_sizes is not None else [(x.shape[-2], input_size)] * len(cams_np)
+    if len(sizes) != len(cams_np):
+        raise ValueError(f"{len(sizes)} frame sizes for a batch of {len(cams_np)}")
+    boxes = tuple(
+        boxes_from_map(frame_map(model, cam, size, input_size), config) for cam, size in zip(cams_np, sizes)
+    )
+    return Located(logits, classes, cams_np, boxes)
+
+
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, layer: nn.Module, classes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM (Selvaraju et al.) at `layer`'s output: ReLU(Σ_k mean_hw(∂y_c/∂A_k) · A_k).
+
+    Works on the training form or the fused network. Returns (maps (N, h, w) unnormalized, classes);
+    `classes` defaults to the predicted ones. At the last block of a GAP + linear head it equals the
+    CAM up to the factor 1/(h·w) after the ReLU.
+    """
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        output.retain_grad()
+        captured.append(output)
+
+    was_training = model.training
+    model.eval()
+    handle = layer.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().requires_grad_(True))
+            if classes is None:
+                classes = logits.argmax(dim=1)
+            logits.gather(1, classes[:, None]).sum().backward()
+    finally:
+        handle.remove()
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    activation = captured[-1]
+    weights = activation.grad.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * activation).sum(dim=1)).detach(), classes.detach()

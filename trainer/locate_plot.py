@@ -1,0 +1,71 @@
+"""Example figures for `trainer locate`: the frame with its ground truth, and the heat map with predicted boxes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from schemas.checkpoint import Manifest
+from trainer.data import ImageSet, to_input
+from trainer.locate import frame_map, logits_and_cams
+from trainer.locate_eval import best_iou
+from trainer.locate_report import Annotated, Prediction
+from trainer.nets import RepNet
+
+
+def _draw_boxes(ax, boxes: Sequence[Sequence[float]], color: str, style: str = "-") -> None:
+    from matplotlib.patches import Rectangle
+
+    for x0, y0, x1, y1 in boxes:
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec=color, lw=1.5, ls=style))
+
+
+def plot_example(
+    image: np.ndarray, heat: np.ndarray, pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]],
+    peak: tuple[int, int], title: str, path: Path,
+) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(5.0, 2.75))
+    left.imshow(image, cmap="gray", vmin=0, vmax=255)
+    _draw_boxes(left, gt, "lime")
+    left.set_title("ground truth", fontsize=8)
+    right.imshow(image, cmap="gray", vmin=0, vmax=255)
+    right.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    _draw_boxes(right, gt, "lime", ":")
+    _draw_boxes(right, pred, "white")
+    right.plot(*peak, marker="+", color="white", ms=8, mew=2)
+    right.set_title("CAM, predicted boxes", fontsize=8)
+    for ax in (left, right):
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_examples(
+    model: RepNet, manifest: Manifest, data: ImageSet, items: list[Annotated], preds: list[Prediction],
+    chosen: Sequence[int], out_dir: Path,
+) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size, written = manifest.input.size, []
+    for k in chosen:
+        item, pred = items[k], preds[k]
+        image = data.images[item.index]
+        x = to_input(image[None], manifest.input.normalization, manifest.input.channels)
+        _, _, cams = logits_and_cams(model, x)
+        heat = frame_map(model, cams[0].float().numpy(), (size, size), size)
+        gt = [b.as_tuple() for b in item.boxes]
+        boxes = [b.as_tuple() for b in pred.boxes]
+        true_name = data.class_names[int(data.labels[item.index])]
+        title = (f"{Path(data.paths[item.index]).name}: predicted {manifest.class_names[pred.predicted]}, "
+                 f"best IoU {best_iou(boxes, gt):.2f}")
+        path = out_dir / f"{Path(data.paths[item.index]).stem}.png"
+        plot_example(image.numpy(), heat, boxes, gt, pred.peak, title, path)
+        written.append(path)
+    return written
