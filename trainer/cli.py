@@ -162,27 +162,6 @@ def cmd_locate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_locate(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import load_checkpoint
-    from trainer.data import load_image_folder, load_split
-    from trainer.locate import LocateConfig
-    from trainer.locate_plot import write_examples
-    from trainer.locate_report import format_table, pick_examples, run_locate
-    from trainer.models import resolve_model_dir
-
-    model, manifest = load_checkpoint(resolve_model_dir(args.model))
-    data = load_image_folder(args.data, manifest.input.size)
-    if args.split_file:
-        data = data.subset(load_split(Path(args.split_file), data)[["train", "val", "test"].index(args.part)])
-    config = LocateConfig(threshold=args.threshold, score=args.score, min_area=args.min_area)
-    report, items, preds = run_locate(model, manifest, data, Path(args.boxes), config)
-    if args.examples:
-        chosen = pick_examples(data, items, args.examples_per_class)
-        write_examples(model, manifest, data, items, preds, chosen, Path(args.examples))
-    print(json.dumps(report.to_dict(), indent=2) if args.json else format_table(report))
-    return 0
-
-
 def _add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="image folder: one sub-folder per class")
     p.add_argument("--out", required=True, help="run directory (resumes if it holds last.pt)")
@@ -258,20 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-per-class", type=int)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reproduce)
-
-    p = sub.add_parser("locate", help="CAM boxes scored against Pascal VOC boxes: pointing game, IoU, recall")
-    p.add_argument("--model", required=True, help="checkpoint directory, or 'default' for the bundled model")
-    p.add_argument("--data", required=True, help="image folder: one sub-folder per class")
-    p.add_argument("--boxes", required=True, help="folder of Pascal VOC XML files named after the images")
-    p.add_argument("--split-file", help="score one part of a saved split")
-    p.add_argument("--part", default="val", choices=["train", "val", "test"])
-    p.add_argument("--threshold", type=float, default=0.5, help="box threshold, fraction of the map maximum")
-    p.add_argument("--score", default="mean", choices=["mean", "max"], help="box score: CAM mean or max inside")
-    p.add_argument("--min-area", type=float, default=0.0, help="drop components below this fraction of the frame")
-    p.add_argument("--examples", help="write example PNGs (image, heat map, boxes) into this folder")
-    p.add_argument("--examples-per-class", type=int, default=1)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_locate)
 
     p = sub.add_parser("locate", help="CAM boxes scored against Pascal VOC boxes: pointing game, IoU, recall")
     p.add_argument("--model", required=True, help="checkpoint directory, or 'default' for the bundled model")
