@@ -1,0 +1,151 @@
+"""The stream contracts: frame headers in, defect events and dead-letter records out.
+
+A frame is one Kafka record: the value is the image bytes (PNG, JPEG, BMP, or raw 8-bit gray,
+row-major, `width`×`height` bytes); the key is the camera id, so each camera's frames stay in
+order within a partition; the metadata travels as Kafka headers whose names are the field names
+of `FrameHeaders` and whose values are UTF-8 text. Defect events and dead-letter records are
+JSON objects (one per Kafka record) described by `DefectEvent` and `DeadLetter`.
+
+Every model carries a `schema_version`; a consumer should reject versions it does not know.
+JSON Schema files generated from these models live in `schemas/json/` (`make schemas`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+FRAME_SCHEMA_VERSION = 1
+EVENT_SCHEMA_VERSION = 1
+DEAD_LETTER_SCHEMA_VERSION = 1
+
+Encoding = Literal["png", "jpeg", "bmp", "raw"]
+
+# Fixed namespace for event ids: uuid5(EVENT_ID_NAMESPACE, "camera_id\x1fframe_id\x1fmodel_version").
+EVENT_ID_NAMESPACE = uuid.UUID("5c1d0b7e-3f0a-4d55-9a1e-2f4b8f6d3c21")
+
+
+def _int_text(value: object) -> object:
+    return int(value) if isinstance(value, str) and value.isdecimal() else value
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FrameHeaders(_Frozen):
+    """Kafka headers of a frame record (header name = field name, value = UTF-8 text)."""
+
+    schema_version: Annotated[Literal[1], BeforeValidator(_int_text)] = FRAME_SCHEMA_VERSION
+    camera_id: str = Field(min_length=1, max_length=128)
+    frame_id: str = Field(min_length=1, max_length=512, description="unique per camera, e.g. a counter or a file path")
+    captured_at: AwareDatetime = Field(description="ISO 8601 with a UTC offset, e.g. 2025-03-01T12:00:00.123Z")
+    encoding: Encoding
+    width: int | None = Field(default=None, gt=0, description="required for raw; checked against the image otherwise")
+    height: int | None = Field(default=None, gt=0, description="required for raw; checked against the image otherwise")
+    coil_id: str | None = Field(default=None, max_length=128)
+    strip_offset_m: float | None = Field(default=None, description="position along the coil, metres from its head")
+
+    @model_validator(mode="after")
+    def _raw_needs_size(self) -> FrameHeaders:
+        if self.encoding == "raw" and (self.width is None or self.height is None):
+            raise ValueError("raw frames need width and height headers")
+        return self
+
+    def to_kafka(self) -> list[tuple[str, bytes]]:
+        """Headers for `AIOKafkaProducer.send(headers=...)`; unset optional fields are left out."""
+        doc = self.model_dump(mode="json", exclude_none=True)
+        return [(name, str(value).encode()) for name, value in doc.items()]
+
+    @classmethod
+    def from_kafka(cls, headers: Iterable[tuple[str, bytes]]) -> FrameHeaders:
+        """Validate a record's headers; unknown header names are ignored, not rejected."""
+        return cls.model_validate(known_headers(headers))
+
+
+def known_headers(headers: Iterable[tuple[str, bytes]]) -> dict[str, str]:
+    """The frame headers among a record's headers, decoded as UTF-8 (the last value wins)."""
+    names = FrameHeaders.model_fields.keys()
+    return {name: value.decode("utf-8", "replace") for name, value in headers if name in names and value is not None}
+
+
+class SourcePosition(_Frozen):
+    """Where a frame came from: enough to fetch the record again."""
+
+    topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+class ModelRef(_Frozen):
+    name: str
+    version: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class EventTimes(_Frozen):
+    captured_at: AwareDatetime = Field(description="from the frame's captured_at header (camera clock)")
+    produced_at: AwareDatetime = Field(description="the frame record's Kafka timestamp")
+    received_at: AwareDatetime = Field(description="the inspector fetched the record")
+    inferred_at: AwareDatetime = Field(description="the model's output was ready")
+    emitted_at: AwareDatetime = Field(description="the event was handed to the producer")
+
+
+class Box(_Frozen):
+    """A region of the frame in pixels of the frame as received, half-open: x0 <= x < x1, y0 <= y < y1."""
+
+    x0: int = Field(ge=0)
+    y0: int = Field(ge=0)
+    x1: int = Field(gt=0)
+    y1: int = Field(gt=0)
+    score: float = Field(ge=0.0, le=1.0, description="class activation inside the box, 0..1")
+
+
+class DefectEvent(_Frozen):
+    """One per frame. Consumers deduplicate on `event_id` (at-least-once delivery)."""
+
+    schema_version: Literal[1] = EVENT_SCHEMA_VERSION
+    event_id: uuid.UUID = Field(description="uuid5 of camera_id, frame_id and model version: see event_id_for")
+    frame_id: str
+    camera_id: str
+    coil_id: str | None = None
+    strip_offset_m: float | None = None
+    source: SourcePosition
+    label: str
+    confidence: float = Field(ge=0.0, le=1.0, description="probability of `label`")
+    probabilities: dict[str, float] = Field(description="class name -> probability; sums to 1")
+    status: Literal["defect", "uncertain"] = Field(description="uncertain when confidence < the inspector's threshold")
+    model: ModelRef
+    times: EventTimes
+    latency_ms: float = Field(description="emitted_at - captured_at; negative only if the camera clock runs ahead")
+    boxes: tuple[Box, ...] | None = Field(default=None, description="class-activation regions when --locate is on")
+
+
+DeadLetterReason = Literal[
+    "empty", "too_large", "bad_headers", "bad_dimensions", "too_many_pixels", "undecodable",
+]
+
+
+class DeadLetter(_Frozen):
+    """A frame the inspector could not use. Its offset is still committed; the frame stays in `source`."""
+
+    schema_version: Literal[1] = DEAD_LETTER_SCHEMA_VERSION
+    reason: DeadLetterReason
+    detail: str = Field(max_length=1000)
+    source: SourcePosition
+    key: str | None = Field(default=None, description="the frame record's key (camera id), UTF-8 decoded")
+    headers: dict[str, str] = Field(default_factory=dict, description="the frame headers that were present")
+    value_bytes: int = Field(ge=0, description="size of the frame record's value")
+    received_at: AwareDatetime
+    dead_lettered_at: AwareDatetime
+
+
+def event_id_for(camera_id: str, frame_id: str, model_version: str) -> uuid.UUID:
+    """Deterministic event id. The Kafka position is deliberately not part of it: a frame that a camera
+    re-sends (a producer retry lands at a new offset) or that the inspector re-processes after a crash
+    gets the same id, so a downstream consumer drops the duplicate; a new model version gives new ids."""
+    return uuid.uuid5(EVENT_ID_NAMESPACE, "\x1f".join((camera_id, frame_id, model_version)))
+
