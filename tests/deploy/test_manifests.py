@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import shlex
 import types
@@ -212,6 +213,23 @@ def test_every_inspector_env_name_is_a_settings_field() -> None:
     unknown = {n: sorted(where) for n, where in names.items() if not resolve_env_name(settings, n)}
     assert not unknown, f"INSPECTOR_* names that are not Settings fields: {unknown}"
 
+
+@pytest.mark.parametrize("where", ["k8s ConfigMap", "compose inspector", "Dockerfile ENV"])
+def test_deployed_env_values_build_valid_settings(where: str, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    settings = settings_class()
+    env = {"k8s ConfigMap": lambda: k8s_one("ConfigMap")["data"],
+           "compose inspector": lambda: compose_env(compose()["services"]["inspector"]),
+           "Dockerfile ENV": dockerfile_env}[where]()
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in [n for n in os.environ if n.startswith("INSPECTOR_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith("INSPECTOR_"):
+            monkeypatch.setenv(name, str(value))
+    built = settings()
+    assert built.http_port == PORT
+    assert str(built.model_dir) == "/models"
 
 def test_settings_default_port_is_the_deployed_port() -> None:
     assert settings_class().model_fields["http_port"].default == PORT
