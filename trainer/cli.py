@@ -153,7 +153,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     data = load_image_folder(args.data, manifest.input.size)
     if args.split_file:
         data = data.subset(load_split(Path(args.split_file), data)[["train", "val", "test"].index(args.part)])
-    config = LocateConfig(threshold=args.threshold, score=args.score, min_area=args.min_area)
+    config = LocateConfig(threshold=args.threshold, score=args.score, min_area=args.min_area, step=args.step)
     report, items, preds = run_locate(model, manifest, data, Path(args.boxes), config)
     if args.examples:
         chosen = pick_examples(data, items, args.examples_per_class)
@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="box threshold, fraction of the map maximum")
     p.add_argument("--score", default="mean", choices=["mean", "max"], help="box score: CAM mean or max inside")
     p.add_argument("--min-area", type=float, default=0.0, help="drop components below this fraction of the frame")
+    p.add_argument("--step", type=int, default=1, help="evaluate the map every STEP pixels (boxes snap to it)")
     p.add_argument("--examples", help="write example PNGs (image, heat map, boxes) into this folder")
     p.add_argument("--examples-per-class", type=int, default=1)
     p.add_argument("--json", action="store_true")

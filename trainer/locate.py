@@ -46,12 +46,13 @@ class LocateConfig:
     score: Literal["mean", "max"] = "mean"
     min_area: float = 0.0  # fraction of the frame; smaller components are dropped
     max_boxes: int = 8
+    step: int = 1  # evaluate the map every `step` frame pixels: boxes snap to that grid, cost falls ~step²
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-        if not 0.0 <= self.min_area < 1.0 or self.max_boxes < 1:
-            raise ValueError("min_area must be in [0, 1) and max_boxes >= 1")
+        if not 0.0 <= self.min_area < 1.0 or self.max_boxes < 1 or self.step < 1:
+            raise ValueError("min_area must be in [0, 1), max_boxes and step >= 1")
 
 
 @dataclass(frozen=True)
@@ -88,25 +89,33 @@ def normalize_cam(cam: np.ndarray) -> np.ndarray:
     return cam / peak if peak > 0 else cam
 
 
-def upsample_cam(cam: np.ndarray, stride: float, frame_size: tuple[int, int], input_size: int) -> np.ndarray:
-    """(h, w) map → (H, W) frame map: cell (i, j) lands on input pixel (stride·j, stride·i), bilinear between,
-    edges replicated; a frame of another size than the model input is scaled like the inspector's resize."""
+def upsample_cam(
+    cam: np.ndarray, stride: float, frame_size: tuple[int, int], input_size: int, step: int = 1,
+) -> np.ndarray:
+    """(h, w) map → frame map: cell (i, j) lands on input pixel (stride·j, stride·i), bilinear between,
+    edges replicated; a frame of another size than the model input is scaled like the inspector's resize.
+    With `step` > 1 the result holds every step-th frame pixel: shape (ceil(H/step), ceil(W/step))."""
     height, width = frame_size
-    sx, sy = stride * width / input_size, stride * height / input_size
+    sx, sy = stride * width / input_size / step, stride * height / input_size / step
     matrix = np.array([[sx, 0.0, 0.0], [0.0, sy, 0.0]], dtype=np.float64)
     return cv2.warpAffine(
-        np.ascontiguousarray(cam, dtype=np.float32), matrix, (width, height),
+        np.ascontiguousarray(cam, dtype=np.float32), matrix, (-(-width // step), -(-height // step)),
         flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE,
     )
 
 
-def boxes_from_map(cam01: np.ndarray, config: LocateConfig = LocateConfig()) -> tuple[Box, ...]:
-    """Connected components (8-neighbour) of a 0..1 map at >= threshold × its maximum, best score first."""
+def boxes_from_map(
+    cam01: np.ndarray, config: LocateConfig = LocateConfig(), frame_size: tuple[int, int] | None = None,
+) -> tuple[Box, ...]:
+    """Connected components (8-neighbour) of a 0..1 map at >= threshold × its maximum, best score first.
+    The map holds every `config.step`-th pixel of a frame of `frame_size` (default: the map itself)."""
     peak = float(cam01.max()) if cam01.size else 0.0
     if peak <= 0:
         return ()
     mask = (cam01 >= config.threshold * peak).astype(np.uint8)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    step = config.step
+    height, width = frame_size or (cam01.shape[0] * step, cam01.shape[1] * step)
     min_pixels = config.min_area * cam01.size
     boxes = []
     for label in range(1, count):
@@ -115,14 +124,16 @@ def boxes_from_map(cam01: np.ndarray, config: LocateConfig = LocateConfig()) -> 
             continue
         inside = cam01[y:y + h, x:x + w][labels[y:y + h, x:x + w] == label]
         score = float(inside.mean() if config.score == "mean" else inside.max())
-        boxes.append(Box(x, y, x + w, y + h, score))
+        boxes.append(Box(x * step, y * step, min((x + w) * step, width), min((y + h) * step, height), score))
     boxes.sort(key=lambda b: b.score, reverse=True)
     return tuple(boxes[:config.max_boxes])
 
 
-def frame_map(model: RepNet, cam: np.ndarray, frame_size: tuple[int, int], input_size: int) -> np.ndarray:
-    """One raw feature-resolution CAM → normalized 0..1 map on the frame."""
-    return upsample_cam(normalize_cam(cam), feature_stride(model), frame_size, input_size)
+def frame_map(
+    model: RepNet, cam: np.ndarray, frame_size: tuple[int, int], input_size: int, step: int = 1,
+) -> np.ndarray:
+    """One raw feature-resolution CAM → normalized 0..1 map on the frame (every `step`-th pixel)."""
+    return upsample_cam(normalize_cam(cam), feature_stride(model), frame_size, input_size, step)
 
 
 def locate_batch(
@@ -138,7 +149,8 @@ def locate_batch(
     if len(sizes) != len(cams_np):
         raise ValueError(f"{len(sizes)} frame sizes for a batch of {len(cams_np)}")
     boxes = tuple(
-        boxes_from_map(frame_map(model, cam, size, input_size), config) for cam, size in zip(cams_np, sizes)
+        boxes_from_map(frame_map(model, cam, size, input_size, config.step), config, size)
+        for cam, size in zip(cams_np, sizes)
     )
     return Located(logits, classes, cams_np, boxes)
 

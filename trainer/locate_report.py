@@ -64,9 +64,10 @@ def predict(
         x = to_input(images[start:start + batch_size], manifest.input.normalization, manifest.input.channels)
         _, classes, cams = logits_and_cams(model, x)
         for cls, cam in zip(classes.tolist(), cams.float().numpy()):
-            heat = frame_map(model, cam, (size, size), size)
+            heat = frame_map(model, cam, (size, size), size, config.step)
             row, col = np.unravel_index(int(heat.argmax()), heat.shape)
-            out.append(Prediction(cls, (int(col), int(row)), boxes_from_map(heat, config)))
+            peak = (int(col) * config.step, int(row) * config.step)
+            out.append(Prediction(cls, peak, boxes_from_map(heat, config, (size, size))))
     return out
 
 
@@ -118,7 +119,7 @@ def pick_examples(data: ImageSet, items: list[Annotated], per_class: int, seed: 
 def format_table(report: LocateReport) -> str:
     lines = [
         f"{report.model}: {report.images} annotated images ({report.skipped_unannotated} without annotation skipped), "
-        f"threshold {report.config.threshold}",
+        f"threshold {report.config.threshold}, step {report.config.step}",
         f"{'class':<16} {'images':>6} {'acc':>6} {'pointing':>8} {'best IoU':>8} {'GT boxes':>8} "
         f"{'R@0.5':>6} {'boxes/img':>9} | {'base pt':>7} {'base IoU':>8} {'base R':>6}",
     ]

@@ -85,6 +85,19 @@ def test_one_hot_feature_cell_gives_one_box_around_its_receptive_centre():
     assert 0.5 <= box.score <= 1.0
 
 
+def test_coarser_step_snaps_the_box_to_its_grid():
+    cam = np.zeros((7, 7), np.float32)
+    cam[2, 4] = 1.0
+    heat = upsample_cam(cam, 32, (200, 200), 200, step=4)
+    assert heat.shape == (50, 50)
+    (box,) = boxes_from_map(heat, LocateConfig(step=4), (200, 200))
+    assert all(v % 4 == 0 for v in box.as_tuple())
+    assert abs(box.x0 - 112) <= 4 and abs(box.x1 - 145) <= 4 and abs(box.y0 - 48) <= 4 and abs(box.y1 - 81) <= 4
+    cam[6, 6] = 1.0  # a box touching the edge is clipped to the frame
+    edge = boxes_from_map(upsample_cam(cam, 32, (198, 198), 200, step=4), LocateConfig(step=4), (198, 198))
+    assert max(b.x1 for b in edge) == 198 and max(b.y1 for b in edge) == 198
+
+
 def test_frame_of_another_size_scales_the_box():
     cam = np.zeros((7, 7), np.float32)
     cam[2, 4] = 1.0
