@@ -45,8 +45,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def _seal(root: Path) -> None:
+    """Readable by the service's user (mkdtemp makes 0700), and durable before the rename."""
+    root.chmod(0o755)
     for path in root.iterdir():
+        path.chmod(0o644)
         with path.open("rb") as f:
             os.fsync(f.fileno())
     fsync_dir(root)
@@ -79,7 +82,7 @@ def export_checkpoint(
             data_fingerprint=data_fingerprint, teacher=teacher, created_at=datetime.now(UTC), notes=notes,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
-        _fsync_tree(tmp)
+        _seal(tmp)
         tmp.rename(out_dir)
         fsync_dir(out_dir.parent)
     except BaseException:

@@ -149,7 +149,11 @@ def fit(cfg: TrainConfig) -> FitResult:
         gen.set_state(state["rng"])
         start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
         tqdm.write(f"resuming {cfg.out} at epoch {start_epoch}")
-    rows = _read_log(cfg.out / "log.jsonl")[:start_epoch]
+    rows = _read_log(cfg.out / "log.jsonl")[:start_epoch]  # drop rows of an epoch that never saved its state
+    for name in ("log.jsonl", "log.csv"):
+        (cfg.out / name).unlink(missing_ok=True)
+    for row in rows:
+        _append_log(cfg.out, row)
 
     # ---- teacher: logits for every augmentation, computed once
     soft, teacher_name = (teacher_logits(cfg, train) if cfg.teacher else (None, None))
