@@ -1,0 +1,131 @@
+"""Inference: a fused model made ready for one device, and gray frames → class probabilities.
+
+`Engine.prepare` is the model store's `prepare`: it moves a checkpoint's model to the device,
+warms it up at every batch size the service will use (1..max_batch) and refuses a model whose
+outputs are not finite. `Runner.predict` does the manifest's preprocessing — resize to the input
+size (as trainer.data.read_gray does), replicate gray to the input channels, normalize — and one
+forward pass. Both block: the service calls `predict` on its single inference thread.
+
+CPU: channels-last memory format and `torch.inference_mode`. CUDA (not exercised by the tests; no
+GPU here): frames are copied into a pinned host buffer, uploaded with non-blocking copies and run
+on a dedicated stream, optionally in fp16; only uint8 pixels cross the bus, normalization runs on
+the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+import torch
+
+from schemas.checkpoint import InputSpec, Manifest
+from trainer.locate import Box, LocateConfig, locate_batch
+from trainer.nets import RepNet
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+def resolve_device(name: DeviceName) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use auto or cpu)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def configure_threads(threads: int | None) -> None:
+    """Intra-op threads for CPU inference (process-wide; call once at start-up). None keeps torch's default."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def resize_gray(image: np.ndarray, size: int) -> np.ndarray:
+    """The training-time resize: area when shrinking, bilinear when enlarging."""
+    if image.shape == (size, size):
+        return image
+    interp = cv2.INTER_AREA if min(image.shape) > size else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interp)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probabilities: np.ndarray  # (N, classes) float32, rows sum to 1
+    boxes: tuple[tuple[Box, ...], ...] | None  # per frame, in the frame's own pixels; None without --locate
+
+
+class Runner:
+    """One model on one device, ready to predict. Create it through `Engine.prepare`."""
+
+    def __init__(self, model: RepNet, manifest: Manifest, device: torch.device, *, max_batch: int,
+                 fp16: bool = False, locate: LocateConfig | None = None) -> None:
+        self.manifest, self.device, self.max_batch = manifest, device, max_batch
+        self._spec: InputSpec = manifest.input
+        self._dtype = torch.float16 if fp16 and device.type == "cuda" else torch.float32
+        self._locate = locate
+        self._model = model.eval().to(device=device, dtype=self._dtype, memory_format=torch.channels_last)
+        norm = self._spec.normalization
+        self._mean = torch.tensor(norm.mean, device=device, dtype=self._dtype).view(1, -1, 1, 1)
+        self._std = torch.tensor(norm.std, device=device, dtype=self._dtype).view(1, -1, 1, 1)
+        self._cuda = device.type == "cuda"
+        if self._cuda:
+            self._stream = torch.cuda.Stream(device)
+            self._host = torch.empty((max_batch, self._spec.size, self._spec.size), dtype=torch.uint8).pin_memory()
+
+    def predict(self, images: Sequence[np.ndarray]) -> Prediction:
+        """(H, W) uint8 gray frames of any size (at most max_batch of them) → probabilities (and boxes)."""
+        if not 0 < len(images) <= self.max_batch:
+            raise ValueError(f"batch of {len(images)} frames; this runner takes 1..{self.max_batch}")
+        pixels = np.stack([resize_gray(image, self._spec.size) for image in images])
+        with torch.inference_mode():
+            if self._cuda:
+                with torch.cuda.stream(self._stream):
+                    return self._forward(self._upload(pixels), images)
+            return self._forward(torch.from_numpy(pixels), images)
+
+    def _upload(self, pixels: np.ndarray) -> torch.Tensor:
+        host = self._host[: len(pixels)]
+        host.copy_(torch.from_numpy(pixels))
+        return host.to(self.device, non_blocking=True)
+
+    def _forward(self, pixels: torch.Tensor, images: Sequence[np.ndarray]) -> Prediction:
+        x = self._normalize(pixels)
+        boxes = None
+        if self._locate is not None:
+            located = locate_batch(self._model, x, self._locate, [image.shape[:2] for image in images])
+            logits, boxes = located.logits, located.boxes
+        else:
+            logits = self._model(x)
+        probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return Prediction(probabilities, boxes)
+
+    def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, S, S) uint8 → (N, C, S, S) channels-last, gray replicated to C, (x/255 - mean) / std."""
+        x = pixels.to(self._dtype).div_(255.0).unsqueeze(1).expand(-1, self._spec.channels, -1, -1)
+        return ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+
+
+class Engine:
+    """Makes runners for one device and batch-size range; `prepare` is the model store's callback."""
+
+    def __init__(self, device: DeviceName = "auto", *, max_batch: int = 32, fp16: bool = False,
+                 locate: LocateConfig | None = None) -> None:
+        self.device = resolve_device(device)
+        self.max_batch, self.fp16, self.locate = max_batch, fp16, locate
+
+    def prepare(self, model: RepNet, manifest: Manifest) -> Runner:
+        """Device-ready, warmed-up runner; ValueError if any warm-up output is not finite."""
+        if model.num_classes != len(manifest.class_names):
+            raise ValueError(f"model has {model.num_classes} outputs, manifest names {len(manifest.class_names)}")
+        runner = Runner(model, manifest, self.device, max_batch=self.max_batch, fp16=self.fp16, locate=self.locate)
+        rng = np.random.default_rng(0)
+        size = manifest.input.size
+        for batch in range(1, self.max_batch + 1):
+            frames = list(rng.integers(0, 256, (batch, size, size), dtype=np.uint8))
+            probabilities = runner.predict(frames).probabilities
+            if not np.isfinite(probabilities).all():
+                raise ValueError(f"model {manifest.model_version} gives non-finite outputs at batch size {batch}")
+        return runner
