@@ -1,0 +1,53 @@
+"""Starting an aiokafka client against a broker that may not be up yet: retry with capped backoff.
+
+The first failure is one warning line naming the servers and what happens next; later attempts log at
+debug, and success after a failure is one info line. Stopping (the `stop` event) ends the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import structlog
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
+
+class Startable(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+C = TypeVar("C", bound=Startable)
+
+FIRST_BACKOFF_S = 0.5
+
+
+async def start_with_retry(factory: Callable[[], C], *, name: str, servers: str, stop: asyncio.Event,
+                           backoff_max_s: float) -> C | None:
+    """A started client, or None if `stop` was set before the broker answered."""
+    log = structlog.get_logger(__name__).bind(client=name, bootstrap_servers=servers)
+    backoff, attempt = FIRST_BACKOFF_S, 0
+    while not stop.is_set():
+        attempt += 1
+        client = factory()
+        try:
+            await client.start()
+        except (KafkaConnectionError, KafkaError, OSError) as err:
+            await client.stop()
+            if attempt == 1:
+                log.warning("kafka_unreachable", error=f"{type(err).__name__}: {err}",
+                            action=f"retrying with backoff up to {backoff_max_s:g}s until it answers or a signal")
+            else:
+                log.debug("kafka_retry", attempt=attempt, error=str(err), backoff_s=backoff)
+            try:
+                await asyncio.wait_for(stop.wait(), backoff)
+            except TimeoutError:
+                pass
+            backoff = min(backoff * 2, backoff_max_s)
+            continue
+        if attempt > 1:
+            log.info("kafka_connected", attempts=attempt)
+        return client
+    return None
