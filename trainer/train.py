@@ -148,7 +148,7 @@ def fit(cfg: TrainConfig) -> FitResult:
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["rng"])
         start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
-        tqdm.write(f"resuming {cfg.out} at epoch {start_epoch}")
+        tqdm.write(f"resuming {cfg.out} at epoch {start_epoch + 1}")
     rows = _read_log(cfg.out / "log.jsonl")[:start_epoch]  # drop rows of an epoch that never saved its state
     for name in ("log.jsonl", "log.csv"):
         (cfg.out / name).unlink(missing_ok=True)

@@ -1,0 +1,51 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from trainer.cli import main
+from trainer.models import bundled_model_dir
+
+
+def test_summary_json_has_table1(capsys):
+    assert main(["summary", "--arch", "eg-repvgg", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["train_parameters"] == 157_911 and doc["inference_parameters"] == 140_831
+    assert [b["parameters"] for b in doc["blocks"]][:2] == [309, 849]
+    assert 19e6 < doc["macs"] < 20e6
+
+
+def test_summary_fused_teacher_as_console_script():
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "summary", "--arch", "repvgg-a0", "--fused"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "inference parameters 7,036,070" in out
+
+
+def test_evaluate_a_missing_model_is_a_clear_error(capsys, tmp_path, neu_cls):
+    assert main(["evaluate", "--model", str(tmp_path), "--data", str(neu_cls)]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_reproduce_chains_the_protocol_on_a_tiny_subset(neu_cls, tmp_path, capsys):
+    out = tmp_path / "repro"
+    args = ["reproduce", "--data", str(neu_cls), "--out", str(out), "--teacher-epochs", "1", "--student-epochs", "1",
+            "--seeds", "0", "--limit-per-class", "5", "--split", "3:2", "--no-progress"]
+    assert main(args) == 0
+    report = capsys.readouterr().out
+    for row in ("| repvgg-a0 |", "| eg-repvgg |", "| kd-eg-repvgg |"):
+        assert row in report
+    for run in ("teacher", "eg-s0", "kd-s0"):
+        assert (out / run / "model" / "manifest.json").is_file()
+    assert json.loads((out / "kd-s0" / "split.json").read_text())["val"] == \
+        json.loads((out / "teacher" / "split.json").read_text())["val"]  # one split for every row
+    assert main(args) == 0  # finished stages are skipped: a re-run only rewrites the report
+
+
+def test_evaluate_json_on_a_trained_run(neu_cls, tmp_path, capsys):
+    if not (bundled_model_dir() / "manifest.json").is_file():
+        pytest.skip("no bundled model in this checkout")
+    assert main(["evaluate", "--model", "default", "--data", str(neu_cls), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) >= {"n", "accuracy", "mcc", "macro_f1", "per_class", "confusion"}
+    assert doc["n"] == 1620 and doc["accuracy"] > 0.95
