@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import numpy as np
 from aiokafka import TopicPartition
@@ -13,7 +14,9 @@ from schemas.checkpoint import Manifest
 from schemas.messages import (
     Box, DeadLetter, DefectEvent, EventTimes, FrameHeaders, ModelRef, SourcePosition, event_id_for, known_headers,
 )
-from trainer.locate import Box as FrameBox
+
+if TYPE_CHECKING:
+    from trainer.locate import Box as FrameBox
 
 
 def utc_now() -> datetime:

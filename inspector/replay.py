@@ -11,12 +11,12 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from inspector.events import utc_now
 from schemas.messages import Encoding, FrameHeaders
 
 SUFFIX_ENCODING: dict[str, Encoding] = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp"}
@@ -52,7 +52,7 @@ async def replay(root: Path, *, topic: str, camera_id: str, client_kwargs: Mappi
                 await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
             data = await asyncio.to_thread(path.read_bytes)
             headers = FrameHeaders(camera_id=camera_id, frame_id=path.relative_to(root).as_posix(),
-                                   captured_at=utc_now(), encoding=SUFFIX_ENCODING[path.suffix.lower()],
+                                   captured_at=datetime.now(UTC), encoding=SUFFIX_ENCODING[path.suffix.lower()],
                                    coil_id=coil_id)
             acks.append(await producer.send(topic, data, key=camera_id.encode(), headers=headers.to_kafka()))
         await asyncio.gather(*acks)

