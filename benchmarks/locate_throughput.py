@@ -50,9 +50,9 @@ def main() -> None:
     variants: dict[str, Callable[[], object]] = {
         "logits": logits_only,
         "logits+cam": lambda: logits_and_cams(model, x),
-        "logits+cam+boxes": lambda: locate_batch(model, x),
+        "logits+cam+boxes (default, step 4)": lambda: locate_batch(model, x),
         "logits+cam+boxes step 2": lambda: locate_batch(model, x, LocateConfig(step=2)),
-        "logits+cam+boxes step 4": lambda: locate_batch(model, x, LocateConfig(step=4)),
+        "logits+cam+boxes step 1": lambda: locate_batch(model, x, LocateConfig(step=1)),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)

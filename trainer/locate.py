@@ -46,7 +46,7 @@ class LocateConfig:
     score: Literal["mean", "max"] = "mean"
     min_area: float = 0.0  # fraction of the frame; smaller components are dropped
     max_boxes: int = 8
-    step: int = 1  # evaluate the map every `step` frame pixels: boxes snap to that grid, cost falls ~step²
+    step: int = 4  # evaluate the map every `step` frame pixels: boxes snap to that grid, cost falls ~step²
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:

@@ -78,7 +78,7 @@ def test_one_hot_feature_cell_gives_one_box_around_its_receptive_centre():
     cam[2, 4] = 3.0  # row 2, column 4: centred on input pixel (x=128, y=64) at stride 32
     heat = upsample_cam(normalize_cam(cam), 32, (200, 200), 200)
     assert np.unravel_index(heat.argmax(), heat.shape) == (64, 128)
-    (box,) = boxes_from_map(heat, LocateConfig(threshold=0.5))
+    (box,) = boxes_from_map(heat, LocateConfig(threshold=0.5, step=1))
     # bilinear falls to half at ±16 px from the centre
     assert abs(box.x0 - 112) <= 1 and abs(box.x1 - 145) <= 1
     assert abs(box.y0 - 48) <= 1 and abs(box.y1 - 81) <= 1
@@ -102,7 +102,7 @@ def test_frame_of_another_size_scales_the_box():
     cam = np.zeros((7, 7), np.float32)
     cam[2, 4] = 1.0
     heat = upsample_cam(cam, 32, (300, 400), 200)  # (height, width): x scaled by 2, y by 1.5
-    (box,) = boxes_from_map(heat)
+    (box,) = boxes_from_map(heat, LocateConfig(step=1))
     assert heat.shape == (300, 400)
     assert box.x0 <= 256 < box.x1 and box.y0 <= 96 < box.y1
 
@@ -111,17 +111,18 @@ def test_separate_hot_regions_give_separate_boxes_best_first():
     heat = np.zeros((100, 100), np.float32)
     heat[10:20, 10:30] = 0.6
     heat[60:90, 50:70] = 1.0
-    boxes = boxes_from_map(heat, LocateConfig(threshold=0.5))
+    boxes = boxes_from_map(heat, LocateConfig(threshold=0.5, step=1))
     assert [b.as_tuple() for b in boxes] == [(50, 60, 70, 90), (10, 10, 30, 20)]
     assert boxes[0].score == pytest.approx(1.0) and boxes[1].score == pytest.approx(0.6)
-    assert len(boxes_from_map(heat, LocateConfig(threshold=0.7))) == 1
-    assert len(boxes_from_map(heat, LocateConfig(min_area=0.03))) == 1
+    assert len(boxes_from_map(heat, LocateConfig(threshold=0.7, step=1))) == 1
+    assert len(boxes_from_map(heat, LocateConfig(min_area=0.03, step=1))) == 1
     assert boxes_from_map(np.zeros((10, 10), np.float32)) == ()
 
 
 def test_locate_batch_returns_logits_and_boxes_inside_each_frame(fused):
     x = torch.randn(2, 3, 200, 200)
     out = locate_batch(fused, x, frame_sizes=[(200, 200), (120, 480)])
+    assert out.boxes == locate_batch(fused, x, LocateConfig(step=4), [(200, 200), (120, 480)]).boxes  # the default
     with torch.inference_mode():
         torch.testing.assert_close(out.logits, fused(x))
     assert feature_stride(fused) == 32
