@@ -37,10 +37,10 @@ async def start_with_retry(factory: Callable[[], C], *, name: str, servers: str,
         except (KafkaConnectionError, KafkaError, OSError) as err:
             await client.stop()
             if attempt == 1:
-                log.warning("kafka_unreachable", error=f"{type(err).__name__}: {err}",
+                log.warning("kafka_unreachable", error=_describe(err),
                             action=f"retrying with backoff up to {backoff_max_s:g}s until it answers or a signal")
             else:
-                log.debug("kafka_retry", attempt=attempt, error=str(err), backoff_s=backoff)
+                log.debug("kafka_retry", attempt=attempt, error=_describe(err), backoff_s=backoff)
             try:
                 await asyncio.wait_for(stop.wait(), backoff)
             except TimeoutError:
@@ -51,3 +51,8 @@ async def start_with_retry(factory: Callable[[], C], *, name: str, servers: str,
             log.info("kafka_connected", attempts=attempt)
         return client
     return None
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err)
+    return text if text.startswith(type(err).__name__) else f"{type(err).__name__}: {text}"

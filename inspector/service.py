@@ -65,10 +65,12 @@ class InspectorService:
         async with AsyncExitStack() as stack:
             producer = await self._connect(self._new_producer, "producer", stop)
             if producer is None:
+                self._log.info("stopped_before_connecting")
                 return
             stack.push_async_callback(producer.stop)
             consumer = await self._connect(self._new_consumer, "consumer", stop)
             if consumer is None:
+                self._log.info("stopped_before_connecting")
                 return
             stack.push_async_callback(self._leave, consumer)
             offsets = CommitPolicy(consumer.commit)

@@ -1,0 +1,138 @@
+"""Every `inspector` entry point, run as a subprocess the way a user runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from inspector.broker import LocalBroker, free_port, port_open
+from inspector.codec import loads
+from tests.conftest import create_topics, unique_name
+from tests.inspector.streams import produce, raw_frames, read_records
+
+pytestmark = pytest.mark.kafka
+
+INSPECTOR = str(Path(sys.executable).parent / "inspector")
+FAST_GROUP = {"INSPECTOR_SESSION_TIMEOUT_MS": "3000", "INSPECTOR_HEARTBEAT_INTERVAL_MS": "500"}
+
+
+def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([INSPECTOR, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"INSPECTOR_LOG_FORMAT": "json"} | (env or {}))
+
+
+def stop(process: subprocess.Popen[str], timeout_s: float = 10.0) -> tuple[int, str, str, float]:
+    """SIGTERM, then (returncode, stdout, stderr, seconds it took to exit)."""
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=timeout_s)
+    return process.returncode, out, err, time.monotonic() - started
+
+
+def wait_until(check, timeout_s: float, what: str, process: subprocess.Popen[str] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            pytest.fail(f"exited with {process.returncode} while waiting for {what}:\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_broker_then_replay_publish_a_folder_as_a_camera(tmp_path):
+    images = tmp_path / "coil-7"
+    (images / "top").mkdir(parents=True)
+    for i in range(3):
+        cv2.imwrite(str(images / "top" / f"{i}.png"), np.full((32, 48), 40 * i, np.uint8))
+    (images / "notes.txt").write_text("not a frame")
+    port = free_port()
+    broker = spawn("broker", "--port", str(port), "--partitions", "2")
+    try:
+        wait_until(lambda: port_open(port), 30, "the broker to listen", broker)
+        time.sleep(0.5)  # topics are created right after it listens
+        bootstrap = f"127.0.0.1:{port}"
+        replay = subprocess.run([INSPECTOR, "replay", "--images", str(images), "--topic", "strip.frames",
+                                 "--camera-id", "cam-7", "--bootstrap-servers", bootstrap, "--rate", "50"],
+                                capture_output=True, text=True, timeout=60)
+        assert replay.returncode == 0, replay.stderr
+        assert "published 3 frames to strip.frames as camera cam-7" in replay.stdout
+        assert "1 non-image files skipped" in replay.stdout
+        records = asyncio.run(read_records(bootstrap, "strip.frames", 3, timeout_s=10))
+    finally:
+        code, _, err, seconds = stop(broker)
+    assert code == 0 and seconds < 5, err
+    assert any(line.get("event") == "broker_ready" for line in json_lines(err))
+    assert sorted(dict(r.headers)["frame_id"] for r in records) == [b"top/0.png", b"top/1.png", b"top/2.png"]
+    assert {r.key for r in records} == {b"cam-7"}
+
+
+def test_run_waits_for_the_broker_serves_and_stops_cleanly_on_sigterm(published_model_dir):
+    port, http_port = free_port(), free_port()
+    bootstrap, topic = f"127.0.0.1:{port}", unique_name("frames")
+    run = spawn("run", "--bootstrap-servers", bootstrap, "--topic", topic, "--output-topic", f"{topic}.events",
+                "--dead-letter-topic", f"{topic}.dlq", "--group-id", unique_name("g"),
+                "--model-dir", str(published_model_dir), "--device", "cpu", "--max-batch", "4",
+                "--http-port", str(http_port), env=FAST_GROUP | {"INSPECTOR_CONNECT_BACKOFF_MAX_S": "0.5"})
+    try:
+        wait_until(lambda: http_status(f"http://127.0.0.1:{http_port}/live") == 200, 90, "/live", run)
+        time.sleep(1.5)  # retrying against a broker that is not there yet
+        with LocalBroker(port):
+            create_topics(bootstrap, {topic: 2, f"{topic}.events": 1, f"{topic}.dlq": 1})
+            wait_until(lambda: http_status(f"http://127.0.0.1:{http_port}/ready") == 200, 30, "/ready", run)
+            asyncio.run(produce(bootstrap, topic, raw_frames(6)))
+            events = asyncio.run(read_records(bootstrap, f"{topic}.events", 6))
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5).read().decode()
+            code, _, err, seconds = stop(run)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert code == 0 and seconds < 5, err
+    assert sorted(loads(r.value)["frame_id"] for r in events) == [f"f{i:05d}" for i in range(6)]
+    assert "inspector_events_produced_total 6.0" in metrics
+    logs = json_lines(err)  # JSON lines: stderr is not a terminal
+    names = [line["event"] for line in logs]
+    assert names.count("kafka_unreachable") == 1, "one clear line while the broker is away"
+    assert "kafka_connected" in names and "drained" in names
+    assert "Traceback" not in err
+
+
+def test_demo_runs_broker_replay_and_inspector_together():
+    demo = subprocess.run([INSPECTOR, "demo", "--limit", "12", "--max-batch", "4", "--rate", "100"],
+                          capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "demo: done — events 12/12" in demo.stdout
+    assert "ev/s" in demo.stdout and "latency p50" in demo.stdout
+
+
+def test_usage_errors_are_one_line_and_exit_2(tmp_path):
+    missing = subprocess.run([INSPECTOR, "replay", "--images", str(tmp_path / "nope"), "--bootstrap-servers",
+                              "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("inspector replay: error:") and "nope" in missing.stderr
