@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", default="val", choices=["train", "val", "test"])
     p.add_argument("--threshold", type=float, default=0.5, help="box threshold, fraction of the map maximum")
     p.add_argument("--score", default="mean", choices=["mean", "max"], help="box score: CAM mean or max inside")
-    p.add_argument("--min-area", type=float, default=0.0, help="drop components below this fraction of the frame")
+    p.add_argument("--min-area", type=float, default=0.01, help="drop components below this fraction of the frame")
     p.add_argument("--step", type=int, default=4, help="evaluate the map every STEP pixels (boxes snap to it)")
     p.add_argument("--examples", help="write example PNGs (image, heat map, boxes) into this folder")
     p.add_argument("--examples-per-class", type=int, default=1)

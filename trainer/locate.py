@@ -44,7 +44,7 @@ class Box:
 class LocateConfig:
     threshold: float = 0.5  # fraction of the map's maximum
     score: Literal["mean", "max"] = "mean"
-    min_area: float = 0.0  # fraction of the frame; smaller components are dropped
+    min_area: float = 0.01  # fraction of the frame; smaller components (interpolation specks) are dropped
     max_boxes: int = 8
     step: int = 4  # evaluate the map every `step` frame pixels: boxes snap to that grid, cost falls ~step²
 

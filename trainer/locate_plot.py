@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,8 +45,19 @@ def plot_example(
         ax.set_axis_off()
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_small_png(fig, path)
     plt.close(fig)
+
+
+def _save_small_png(fig, path: Path) -> None:
+    """A 256-colour palette PNG: heat maps in RGB compress poorly, and the figures go into the docs."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=256).save(path, optimize=True)
 
 
 def write_examples(
