@@ -1,0 +1,258 @@
+"""Helpers for the fault and hot-reload tests: tiny checkpoints, `inspector run` as a subprocess, a live
+tail of an output topic, and the figures each test measured.
+
+Models here take 32×32 inputs and frames are 32×32 raw bytes, so inference is cheap and a test's time
+goes into what it is testing (restarts, backlogs, swaps), not into convolutions.
+
+Figures: `record_figures(name, {...})` prints one `FIGURES name {json}` line (visible with `-s`) and, when
+RELIABILITY_FIGURES_DIR is set, writes `name.json` there; docs/reliability.md quotes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import ConsumerRecord
+
+from inspector.settings import Settings
+from schemas.checkpoint import MANIFEST_NAME, InputSpec
+from tests.conftest import NEU_CLASSES
+
+TINY_INPUT = InputSpec(size=32)
+FRAME_SIZE = 32
+
+
+# -- figures ----------------------------------------------------------------------------------------
+
+def record_figures(name: str, figures: dict[str, Any]) -> None:
+    text = json.dumps(figures, sort_keys=True, default=str)
+    print(f"\nFIGURES {name} {text}")
+    out = os.environ.get("RELIABILITY_FIGURES_DIR")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"{name}.json").write_text(text + "\n")
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+def export_tiny(dst: Path, version: str, *, classes: tuple[str, ...] = NEU_CLASSES, seed: int = 0) -> Path:
+    """A fused, untrained EG-RepVGG checkpoint taking 32×32 inputs, written at `dst` (about a second)."""
+    import torch
+
+    from trainer.checkpoint import export_checkpoint
+    from trainer.nets import EG_REPVGG, build_model
+
+    torch.manual_seed(seed)
+    export_checkpoint(build_model(EG_REPVGG, len(classes)), dst, class_names=classes, model_name="tiny",
+                      model_version=version, input_spec=TINY_INPUT)
+    return dst
+
+
+def with_version(src: Path, dst: Path, version: str) -> Path:
+    """A copy of checkpoint `src` at `dst` that only differs by its manifest's model_version (same weights)."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / MANIFEST_NAME).read_text())
+    manifest["model_version"] = version
+    (dst / MANIFEST_NAME).write_text(json.dumps(manifest))
+    return dst
+
+
+def version_dir_name(stamp: int, version: str) -> str:
+    """A model-directory entry name in the published layout; a greater `stamp` is a newer version."""
+    return f"20250101T{stamp:06d}.000000Z-{version}"
+
+
+# -- the inspector as a subprocess -------------------------------------------------------------------
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """INSPECTOR_* variables that rebuild `settings` in a child process (nested Kafka security excluded)."""
+    env = {}
+    for name, value in settings.model_dump(exclude={"kafka"}).items():
+        if value is None:
+            continue
+        env[f"INSPECTOR_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+@dataclass
+class InspectorProcess:
+    """`inspector run` in a child process, configured through the environment, JSON logs in a file.
+
+    The working directory is `workdir` (no stray .env), the HTTP endpoint listens on a free loopback port.
+    """
+
+    settings: Settings
+    workdir: Path
+    name: str = "inspector"
+    popen: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.workdir / f"{self.name}.log"
+
+    def start(self) -> InspectorProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTOR_")}
+        env |= settings_env(self.settings) | {
+            "INSPECTOR_LOG_FORMAT": "json", "INSPECTOR_HTTP_HOST": "127.0.0.1", "INSPECTOR_HTTP_PORT": "0",
+            "INSPECTOR_THREADS": "1", "PYTHONUNBUFFERED": "1",
+        }
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.popen = subprocess.Popen([sys.executable, "-m", "inspector.cli", "run"], env=env, cwd=self.workdir,
+                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        self.started_at = time.monotonic()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no commit, no goodbye to the group."""
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(10)
+
+    def terminate(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM and the exit code (the service drains and commits first)."""
+        assert self.popen is not None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            raise
+
+    def lines(self) -> list[dict[str, Any]]:
+        """Every log line so far; a line that is not JSON (a traceback, a C library) is {"raw": text}."""
+        out = []
+        for text in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                doc = None
+            out.append(doc if isinstance(doc, dict) else {"raw": text})
+        return out
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line.get("event") == name]
+
+    async def wait_for_log(self, name: str, timeout_s: float = 60.0, count: int = 1) -> dict[str, Any]:
+        """The `count`-th log line whose event is `name`; fails if the process exits first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.events(name)
+            if len(found) >= count:
+                return found[count - 1]
+            if not self.alive():
+                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before logging {name!r}:\n"
+                                     + self.log_path.read_text(errors="replace")[-4000:])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} did not log {name!r} within {timeout_s:g}s")
+            await asyncio.sleep(0.05)
+
+    def metrics_url(self) -> str:
+        listening = self.events("http_listening")
+        assert listening, "the HTTP endpoint is not up yet"
+        return listening[0]["url"] + "/metrics"
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """One sample of the child's /metrics (blocking; call through asyncio.to_thread in a loop)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.metrics_url(), timeout=5) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and (labels is None or all(sample.labels.get(k) == v
+                                                                  for k, v in labels.items())):
+                    return sample.value
+        return None
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The kernel's high-water mark of the process's resident set (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+# -- reading an output topic while the test runs -------------------------------------------------------
+
+class Tail:
+    """Consumes a JSON topic from the beginning in the background: `records` and their parsed `docs` grow
+    as they arrive, `frames` counts them by frame_id."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                          enable_auto_commit=False)
+        self.records: list[ConsumerRecord] = []
+        self.docs: list[dict[str, Any]] = []
+        self.frames: Counter[str] = Counter()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Tail:
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        await self._consumer.stop()
+
+    async def _run(self) -> None:
+        while True:
+            for batch in (await self._consumer.getmany(timeout_ms=100)).values():
+                for record in batch:
+                    doc = json.loads(record.value)
+                    self.records.append(record)
+                    self.docs.append(doc)
+                    self.frames[doc.get("frame_id") or doc.get("headers", {}).get("frame_id")] += 1
+
+    async def settle(self, quiet_s: float = 1.0) -> None:
+        """Wait until nothing new arrived for `quiet_s`."""
+        count, since = len(self.records), time.monotonic()
+        while time.monotonic() - since < quiet_s:
+            await asyncio.sleep(0.1)
+            if len(self.records) != count:
+                count, since = len(self.records), time.monotonic()
+
+    async def wait_until(self, check: Callable[[Sequence[ConsumerRecord]], bool], timeout_s: float,
+                         what: str = "the condition", alive: Callable[[], bool] | None = None) -> float:
+        """Seconds it took until `check(records)` held; fails on timeout or when `alive()` turns false."""
+        started = time.monotonic()
+        while not check(self.records):
+            if alive is not None and not alive():
+                raise AssertionError(f"the inspector exited while waiting for {what}")
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what} "
+                                   f"({len(self.records)} records so far)")
+            await asyncio.sleep(0.02)
+        return time.monotonic() - started
