@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer
 
 from inspector.broker import LocalBroker
 from inspector.codec import loads
-from inspector.engine import Engine
+from inspector.engine import Engine, configure_threads
 from inspector.model_store import ModelStore
 from inspector.observability import PrometheusTelemetry
 from inspector.replay import frame_files, replay
@@ -142,6 +142,7 @@ async def run_demo(base: Settings, options: DemoOptions) -> int:
         client = kafka_client_kwargs(settings)
         await ensure_topics({settings.topic: PARTITIONS, settings.output_topic: PARTITIONS,
                              settings.dead_letter_topic: PARTITIONS}, client_kwargs=client)
+        configure_threads(settings.threads)
         engine = Engine(settings.device, max_batch=settings.max_batch, fp16=settings.fp16)
         telemetry = PrometheusTelemetry()
         service = InspectorService(settings, ModelStore(settings.model_dir, engine.prepare, telemetry=telemetry),

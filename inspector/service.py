@@ -96,7 +96,7 @@ class InspectorService:
         return AIOKafkaConsumer(
             group_id=s.group_id, enable_auto_commit=False, auto_offset_reset=s.auto_offset_reset,
             session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.heartbeat_interval_ms,
-            max_partition_fetch_bytes=max(fetch_bytes, 1024 * 1024), fetch_max_bytes=max(fetch_bytes, 50 * 1024 * 1024),
+            fetch_max_wait_ms=s.fetch_max_wait_ms, max_partition_fetch_bytes=max(fetch_bytes, 1024 * 1024), fetch_max_bytes=max(fetch_bytes, 50 * 1024 * 1024),
             **kafka_client_kwargs(s),
         )
 

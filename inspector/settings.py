@@ -47,13 +47,16 @@ class Settings(BaseSettings):
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"  # a new group must not skip frames
     session_timeout_ms: int = Field(default=10_000, gt=0)
     heartbeat_interval_ms: int = Field(default=3_000, gt=0)
+    fetch_max_wait_ms: int = Field(default=20, ge=0, description="how long the broker may hold a fetch for data")
 
     model_dir: Path | None = None
     model_poll_s: float = Field(default=2.0, gt=0)
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fp16: bool = False
-    threads: int | None = Field(default=None, gt=0, description="torch intra-op threads; None = torch's default")
+    # Measured on the 2-core box (README): 1 intra-op thread beat 2 by 4-10x per batch once anything else
+    # ran (the event loop, decoding, a trainer); None = torch's default (one per core).
+    threads: int | None = Field(default=1, gt=0, description="torch intra-op threads for CPU inference")
 
     max_batch: int = Field(default=32, gt=0)
     max_wait_ms: float = Field(default=10.0, ge=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 import torch
@@ -67,7 +68,8 @@ def test_neu_frames_in_one_valid_event_each_out(kafka_broker, new_topic, publish
         assert event.status == ("defect" if event.confidence >= settings.confidence_threshold else "uncertain")
         assert event.source.topic == settings.topic
         t = event.times
-        assert t.captured_at <= t.produced_at <= t.received_at <= t.inferred_at <= t.emitted_at
+        kafka_ms = timedelta(milliseconds=1)  # Kafka timestamps have millisecond resolution
+        assert t.captured_at - kafka_ms <= t.produced_at <= t.received_at <= t.inferred_at <= t.emitted_at
         assert event.boxes is None
     assert len({(e.source.partition, e.source.offset) for e in events}) == len(events)
 
