@@ -18,7 +18,7 @@ import torch
 
 from trainer.checkpoint import load_checkpoint
 from trainer.data import load_image_folder, to_input
-from trainer.locate import LocateConfig, locate_batch, logits_and_cams
+from trainer.locate import LocateConfig, boxes_from_map, frame_map, locate_batch, logits_and_cams
 from trainer.models import resolve_model_dir
 
 
@@ -47,12 +47,21 @@ def main() -> None:
         with torch.inference_mode():
             model(x)
 
+    _, _, cams = logits_and_cams(model, x)
+    cams_np, size = cams.numpy(), x.shape[-1]
+
+    def boxes_only(step: int) -> Callable[[], object]:
+        config = LocateConfig(step=step)
+        return lambda: [boxes_from_map(frame_map(model, c, (size, size), size, step), config) for c in cams_np]
+
     variants: dict[str, Callable[[], object]] = {
         "logits": logits_only,
         "logits+cam": lambda: logits_and_cams(model, x),
         "logits+cam+boxes (default, step 4)": lambda: locate_batch(model, x),
         "logits+cam+boxes step 2": lambda: locate_batch(model, x, LocateConfig(step=2)),
         "logits+cam+boxes step 1": lambda: locate_batch(model, x, LocateConfig(step=1)),
+        "boxes only, from CAMs (step 4)": boxes_only(4),
+        "boxes only, from CAMs (step 1)": boxes_only(1),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
