@@ -221,3 +221,13 @@ def test_cli_scores_a_handful_of_images_and_writes_examples(tmp_path, net, capsy
     assert main(args[:-1] + ["--threshold", "0.3"]) == 0
     assert "overall" in capsys.readouterr().out
     load_checkpoint(tmp_path / "model")  # untouched
+
+
+def test_the_serving_module_pulls_in_no_training_or_plotting_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, trainer.locate; bad = [m for m in sys.modules if m.startswith("
+            "('trainer.train', 'trainer.data', 'trainer.distill', 'trainer.locate_', 'matplotlib'))]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
