@@ -11,6 +11,7 @@ RELIABILITY_FIGURES_DIR is set, writes `name.json` there; docs/reliability.md qu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -19,8 +20,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,3 +258,113 @@ class Tail:
                                    f"({len(self.records)} records so far)")
             await asyncio.sleep(0.02)
         return time.monotonic() - started
+
+
+# -- the inspector in this process, and a live stream of frames -----------------------------------------
+
+@dataclass
+class Serving:
+    service: Any  # InspectorService
+    task: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, models: Any, telemetry: Any = None,
+                  ready_timeout_s: float = 30.0) -> AsyncIterator[Serving]:
+    """Like streams.running_service, with the model store (or a wrapper of it) and telemetry chosen by the
+    test: ready (group joined) when the block starts, stopped and drained when it ends."""
+    from inspector.service import InspectorService
+    from inspector.summary import Fanout
+    from inspector.telemetry import NullTelemetry
+    from inspector.topics import ensure_topics
+
+    await ensure_topics({settings.output_topic: 1, settings.dead_letter_topic: 1},
+                        client_kwargs={"bootstrap_servers": settings.bootstrap_servers})
+    joined = _JoinWatch()
+    service = InspectorService(settings, models, telemetry=Fanout(telemetry or NullTelemetry(), joined))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        async with asyncio.timeout(ready_timeout_s):
+            while not joined.joined:
+                if task.done():
+                    await task
+                    raise RuntimeError("the service stopped before joining its group")
+                await asyncio.sleep(0.02)
+        yield Serving(service, task)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, settings.shutdown_timeout_s + 10)
+
+
+class _JoinWatch:
+    joined = False
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+    def group_joined(self, joined: bool) -> None:
+        self.joined = joined
+
+
+class Stream:
+    """Produces raw frames at `rate` per second in the background until the block ends (or `limit`);
+    `frames` are the ones sent, `acks` their record metadata."""
+
+    def __init__(self, bootstrap: str, topic: str, rate: float, *, cameras: int = 4, limit: int | None = None,
+                 prefix: str = "s") -> None:
+        self._bootstrap, self._topic, self._rate, self._limit = bootstrap, topic, rate, limit
+        self._cameras, self._prefix = cameras, prefix
+        self.frames: list[Any] = []
+        self.acks: list[Any] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Stream:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    @property
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    async def _run(self) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all", linger_ms=2)
+        await producer.start()
+        pending = []
+        try:
+            started = time.monotonic()
+            while not self._stop.is_set() and (self._limit is None or len(self.frames) < self._limit):
+                due = int((time.monotonic() - started) * self._rate) + 1
+                if self._limit is not None:
+                    due = min(due, self._limit)
+                while len(self.frames) < due:
+                    frame = tiny_frame(f"{self._prefix}{len(self.frames):06d}", camera=len(self.frames) % self._cameras)
+                    self.frames.append(frame)
+                    pending.append(await producer.send(self._topic, frame.value, key=frame.key,
+                                                       headers=frame.headers))
+                await asyncio.sleep(0.01)
+            self.acks = list(await asyncio.gather(*pending))
+        finally:
+            await producer.stop()
+
+
+def tiny_frame(frame_id: str, camera: int = 0, seed: int | None = None) -> Any:
+    """A valid raw FRAME_SIZE×FRAME_SIZE frame (streams.Frame) from camera `cam-<camera>`."""
+    import numpy as np
+
+    from tests.inspector.streams import encoded_frame
+
+    rng = np.random.default_rng(seed if seed is not None else zlib.crc32(frame_id.encode()))
+    pixels = rng.integers(0, 256, (FRAME_SIZE, FRAME_SIZE), dtype=np.uint8).tobytes()
+    return encoded_frame(frame_id, pixels, "raw", camera_id=f"cam-{camera}", width=FRAME_SIZE, height=FRAME_SIZE)
