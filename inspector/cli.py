@@ -43,6 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_broker(args: argparse.Namespace) -> int:
     import signal
+    import subprocess
 
     import structlog
 
@@ -59,7 +60,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        with LocalBroker(args.port, output=None if args.verbose else __import__("subprocess").DEVNULL) as broker:
+        with LocalBroker(args.port, output=None if args.verbose else subprocess.DEVNULL) as broker:
             topics = {settings.topic: args.partitions, settings.output_topic: args.partitions,
                       settings.dead_letter_topic: args.partitions}
             created = await ensure_topics(topics, client_kwargs=kafka_client_kwargs(settings))

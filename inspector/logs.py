@@ -3,6 +3,8 @@
 aiokafka logs through the standard library; its warnings and errors are rendered the same way and
 each distinct message is let through at most once a minute, so a broker outage is a few lines, not a
 storm. The bootstrap failure is dropped outright: the source's retry loop reports it itself.
+OpenCV's own warnings (truncated PNGs…) are silenced: a frame it cannot decode becomes a dead letter
+that says why.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    exceptions = [structlog.processors.dict_tracebacks] if use_json else []
+    # structured tracebacks without local variables: they may hold credentials or whole frames
+    exceptions = [structlog.processors.ExceptionRenderer(
+        structlog.tracebacks.ExceptionDictTransformer(show_locals=False))] if use_json else []
     structlog.configure(
         processors=[*shared, structlog.processors.StackInfoRenderer(), *exceptions, _renderer(use_json)],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -72,3 +76,10 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
     kafka.handlers[:] = [handler]
     kafka.setLevel(max(numeric, logging.WARNING))
     kafka.propagate = False
+    _quiet_opencv()
+
+
+def _quiet_opencv() -> None:
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
