@@ -102,7 +102,8 @@ def _pixels(encoding: Encoding, value: bytes, width: int, height: int) -> np.nda
     if image is None:
         raise _Reject("undecodable", f"OpenCV cannot decode this {encoding.upper()} data")
     if image.shape != (height, width):
-        raise _Reject("bad_dimensions", f"header declares {width}×{height}, decoded {image.shape[1]}×{image.shape[0]}")
+        decoded = f"{image.shape[1]}×{image.shape[0]}"
+        raise _Reject("bad_dimensions", f"header declares {width}×{height}, decoded {decoded}")
     return image
 
 

@@ -96,7 +96,8 @@ class InspectorService:
         return AIOKafkaConsumer(
             group_id=s.group_id, enable_auto_commit=False, auto_offset_reset=s.auto_offset_reset,
             session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.heartbeat_interval_ms,
-            fetch_max_wait_ms=s.fetch_max_wait_ms, max_partition_fetch_bytes=max(fetch_bytes, 1024 * 1024), fetch_max_bytes=max(fetch_bytes, 50 * 1024 * 1024),
+            fetch_max_wait_ms=s.fetch_max_wait_ms, max_partition_fetch_bytes=max(fetch_bytes, 1024 * 1024),
+            fetch_max_bytes=max(fetch_bytes, 50 * 1024 * 1024),
             **kafka_client_kwargs(s),
         )
 
@@ -113,7 +114,8 @@ class InspectorService:
                              capacity=s.queue_frames, telemetry=self._telemetry)
         sink = Sink(producer, offsets, output_topic=s.output_topic, dead_letter_topic=s.dead_letter_topic,
                     telemetry=self._telemetry)
-        batcher: MicroBatcher[Frame] = MicroBatcher(s.max_batch, s.max_wait_ms / 1000, max(s.queue_frames, s.max_batch))
+        batcher: MicroBatcher[Frame] = MicroBatcher(s.max_batch, s.max_wait_ms / 1000,
+                                                    capacity=max(s.queue_frames, s.max_batch))
         self._log.info("inspector_started", model_version=self._serving.version, output_topic=s.output_topic,
                        dead_letter_topic=s.dead_letter_topic, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms)
         async with asyncio.TaskGroup() as tasks:
