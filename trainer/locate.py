@@ -144,7 +144,7 @@ def locate_batch(
     `frame_sizes` are the original (height, width) per image (default: S×S), boxes are in those pixels."""
     input_size = x.shape[-1]
     logits, classes, cams = logits_and_cams(model, x)
-    cams_np = cams.float().numpy()
+    cams_np = cams.float().cpu().numpy()
     sizes = frame_sizes if frame_sizes is not None else [(x.shape[-2], input_size)] * len(cams_np)
     if len(sizes) != len(cams_np):
         raise ValueError(f"{len(sizes)} frame sizes for a batch of {len(cams_np)}")

@@ -63,7 +63,7 @@ def predict(
     for start in range(0, len(images), batch_size):
         x = to_input(images[start:start + batch_size], manifest.input.normalization, manifest.input.channels)
         _, classes, cams = logits_and_cams(model, x)
-        for cls, cam in zip(classes.tolist(), cams.float().numpy()):
+        for cls, cam in zip(classes.tolist(), cams.float().cpu().numpy()):
             heat = frame_map(model, cam, (size, size), size, config.step)
             row, col = np.unravel_index(int(heat.argmax()), heat.shape)
             peak = (int(col) * config.step, int(row) * config.step)
