@@ -1,0 +1,51 @@
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+from aiokafka import TopicPartition
+
+from inspector.codec import dumps, loads
+from inspector.decode import Rejected
+from inspector.events import Frame, Record, dead_letter, defect_event
+from schemas.checkpoint import ArchitectureSpec, BlockSpec, Manifest
+from schemas.messages import DeadLetter, DefectEvent, FrameHeaders, event_id_for
+from trainer.locate import Box
+
+NOW = datetime.now(UTC)
+MANIFEST = Manifest(
+    model_name="m", model_version="v7", class_names=("a", "b", "c"), weights_sha256="0" * 64, parameters=1, macs=1,
+    architecture=ArchitectureSpec(name="x", blocks=(BlockSpec(out_channels=4),), activation="relu", attention="none"),
+    created_at=NOW,
+)
+
+
+def frame(**headers) -> Frame:
+    meta = FrameHeaders(camera_id="cam-3", frame_id="coil/17.png", captured_at=NOW - timedelta(milliseconds=40),
+                        encoding="png", **headers)
+    record = Record(TopicPartition("frames", 2), 41, b"cam-3", b"...", tuple(meta.to_kafka()),
+                    produced_at=NOW - timedelta(milliseconds=30), received_at=NOW - timedelta(milliseconds=20))
+    return Frame(record, meta, np.zeros((8, 8), np.uint8))
+
+
+@pytest.mark.parametrize(("probs", "status"), [([0.1, 0.7, 0.2], "defect"), ([0.35, 0.4, 0.25], "uncertain")])
+def test_an_event_carries_the_best_class_and_a_threshold_status(probs, status):
+    event = defect_event(frame(coil_id="C9"), np.array(probs, np.float32), MANIFEST, threshold=0.5, inferred_at=NOW)
+    assert (event.label, event.status, event.coil_id) == ("b", status, "C9")
+    assert event.confidence == pytest.approx(probs[1])
+    assert event.event_id == event_id_for("cam-3", "coil/17.png", "v7")
+    assert (event.source.topic, event.source.partition, event.source.offset) == ("frames", 2, 41)
+    assert event.model.version == "v7" and event.latency_ms >= 40
+    assert DefectEvent.model_validate(loads(dumps(event))) == event
+
+
+def test_located_boxes_are_copied_into_the_event():
+    event = defect_event(frame(), np.array([0.8, 0.1, 0.1]), MANIFEST, threshold=0.5, inferred_at=NOW,
+                         boxes=(Box(1, 2, 5, 8, 0.9),))
+    assert [(b.x0, b.y0, b.x1, b.y1, b.score) for b in event.boxes] == [(1, 2, 5, 8, 0.9)]
+
+
+def test_a_dead_letter_names_the_reason_and_the_frame_position():
+    letter = dead_letter(frame().record, Rejected("undecodable", "not a valid PNG header"))
+    assert (letter.reason, letter.key, letter.value_bytes) == ("undecodable", "cam-3", 3)
+    assert letter.headers["frame_id"] == "coil/17.png" and letter.source.offset == 41
+    assert DeadLetter.model_validate_json(dumps(letter)) == letter
