@@ -98,7 +98,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _logging(settings)
     options = DemoOptions(images=Path(args.images) if args.images else None, rate=args.rate, limit=args.limit,
                           port=args.port, timeout_s=args.timeout)
-    return asyncio.run(run_demo(settings, options))
+    try:
+        return asyncio.run(run_demo(settings, options))
+    except Exception as err:  # noqa: BLE001 - a demo ends with one readable line, not a traceback
+        from inspector.service import first_error
+
+        cause = first_error(err)
+        print(f"inspector demo: failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 # -- parser ---------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from inspector.topics import ensure_topics
 from trainer.models import resolve_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NEU_CLS = REPO_ROOT.parent / "shared" / "datasets" / "neu-cls"
+NEU_CLS = REPO_ROOT.parent / "shared" / "datasets" / "neu-cls"  # next to the repository, as `make demo` expects
 SYNTH_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 PARTITIONS = 3
 
