@@ -19,8 +19,8 @@ from trainer.nets import RepNet
 def _draw_boxes(ax, boxes: Sequence[Sequence[float]], color: str, style: str = "-") -> None:
     from matplotlib.patches import Rectangle
 
-    for x0, y0, x1, y1 in boxes:
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec=color, lw=1.5, ls=style))
+    for x0, y0, x1, y1 in boxes:  # outline through the outermost pixel centres: frame-sized boxes stay visible
+        ax.add_patch(Rectangle((x0, y0), x1 - x0 - 1, y1 - y0 - 1, fill=False, ec=color, lw=1.5, ls=style))
 
 
 def plot_example(
@@ -38,7 +38,7 @@ def plot_example(
     right.imshow(image, cmap="gray", vmin=0, vmax=255)
     right.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
     _draw_boxes(right, gt, "lime", ":")
-    _draw_boxes(right, pred, "white")
+    _draw_boxes(right, pred, "magenta")
     right.plot(*peak, marker="+", color="white", ms=8, mew=2)
     right.set_title("CAM, predicted boxes", fontsize=8)
     for ax in (left, right):
