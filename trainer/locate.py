@@ -175,7 +175,7 @@ def grad_cam(
     handle = layer.register_forward_hook(keep)
     try:
         with torch.enable_grad():
-            logits = model(x.detach().requires_grad_(True))
+            logits = model(x.detach().clone().requires_grad_(True))  # clone: x may be an inference tensor
             if classes is None:
                 classes = logits.argmax(dim=1)
             logits.gather(1, classes[:, None]).sum().backward()
