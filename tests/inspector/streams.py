@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,7 +78,7 @@ async def produce(bootstrap: str, topic: str, frames: Sequence[Frame]) -> list[R
 
 
 async def read_records(bootstrap: str, topic: str, n: int, timeout_s: float = 30.0,
-                       until: callable | None = None) -> list[ConsumerRecord]:
+                       until: Callable[[list[ConsumerRecord]], bool] | None = None) -> list[ConsumerRecord]:
     """Records of `topic` from the beginning until `n` arrived (or `until(records)` holds), or the timeout."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     await consumer.start()
