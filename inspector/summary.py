@@ -84,10 +84,10 @@ class Summary:
         return Snapshot(
             frames=self._frames, events=self._events, dead_letters=sum(self._dead.values()), batches=self._batches,
             per_class=dict(sorted(self._classes.items())),
-            events_per_s=(self._events - events_then) / max(now - then, 1e-9),
-            latency_p50_ms=float(np.percentile(lat, 50)) if lat is not None else None,
-            latency_p95_ms=float(np.percentile(lat, 95)) if lat is not None else None,
-            mean_batch=self._batched / self._batches if self._batches else None,
+            events_per_s=round((self._events - events_then) / max(now - then, 1e-9), 1),
+            latency_p50_ms=round(float(np.percentile(lat, 50)), 1) if lat is not None else None,
+            latency_p95_ms=round(float(np.percentile(lat, 95)), 1) if lat is not None else None,
+            mean_batch=round(self._batched / self._batches, 2) if self._batches else None,
             model_version=self._model, dead_letter_reasons=dict(self._dead),
         )
 
