@@ -134,7 +134,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     cfg = ReproduceConfig(
         data=Path(args.data), out=Path(args.out), teacher_epochs=args.teacher_epochs,
         student_epochs=args.student_epochs, seeds=tuple(args.seeds), split=args.split,
-        limit_per_class=args.limit_per_class, progress=not args.no_progress,
+        limit_per_class=args.limit_per_class, size=args.size, progress=not args.no_progress,
     )
     report = reproduce(cfg)
     print(report.read_text())
@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--split", type=parse_split, default=(8 / 9, 1 / 9), help="default 8:1 (1440/180 of NEU's 1620)")
     p.add_argument("--limit-per-class", type=int)
+    p.add_argument("--size", type=int, default=200, help="input side in pixels")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_reproduce)
 

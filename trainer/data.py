@@ -65,7 +65,8 @@ def class_folders(root: Path) -> list[Path]:
     return folders
 
 
-def load_image_folder(root: str | Path, size: int = 200) -> ImageSet:
+def load_image_folder(root: str | Path, size: int = 200, limit_per_class: int | None = None) -> ImageSet:
+    """Every image under root/<class>/ (sorted), or only the first `limit_per_class` of each class."""
     root = Path(root)
     images, labels, paths = [], [], []
     folders = class_folders(root)
@@ -73,7 +74,7 @@ def load_image_folder(root: str | Path, size: int = 200) -> ImageSet:
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"class folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        for path in files:
+        for path in files[:limit_per_class]:
             images.append(read_gray(path, size))
             labels.append(label)
             paths.append(str(path.relative_to(root)))

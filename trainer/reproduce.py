@@ -11,8 +11,11 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.checkpoint import InputSpec
 from trainer.checkpoint import load_checkpoint
-from trainer.evaluate import measure_latency
+from trainer.data import load_image_folder, load_split
+from trainer.evaluate import measure_latency, plot_confusion
+from trainer.figures import plot_feature_maps, plot_grad_cam, plot_validation_curves
 from trainer.train import TrainConfig, fit
 
 PAPER_ROWS = {  # Table 3 of the paper: accuracy, MCC (test set), time per image on an RTX 3060
@@ -31,13 +34,15 @@ class ReproduceConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     split: tuple[float, ...] = (8 / 9, 1 / 9)
     limit_per_class: int | None = None
+    size: int = 200
     teacher_bf16: bool = True
     progress: bool = True
 
 
 def stage_configs(cfg: ReproduceConfig) -> dict[str, TrainConfig]:
     """Run name → its fit config. Students share the teacher's split file and the cached teacher logits."""
-    common = dict(data=cfg.data, limit_per_class=cfg.limit_per_class, progress=cfg.progress, split=cfg.split)
+    common = dict(data=cfg.data, limit_per_class=cfg.limit_per_class, progress=cfg.progress, split=cfg.split,
+                  input=InputSpec(size=cfg.size))
     teacher_dir = cfg.out / "teacher"
     stages = {"teacher": TrainConfig(out=teacher_dir, arch="repvgg-a0", epochs=cfg.teacher_epochs,
                                      bf16=cfg.teacher_bf16, model_name="repvgg-a0-teacher", **common)}
@@ -60,7 +65,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
     for name, stage in stage_configs(cfg).items():
         if not is_done(stage.out):
             fit(stage)
-    return write_report(cfg.out, [f"eg-s{s}" for s in cfg.seeds], [f"kd-s{s}" for s in cfg.seeds])
+    return write_report(cfg.out, cfg.data, [f"eg-s{s}" for s in cfg.seeds], [f"kd-s{s}" for s in cfg.seeds])
 
 
 def _run_summary(run: Path) -> dict:
@@ -80,7 +85,23 @@ def _mean_std(rows: list[dict], key: str) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def write_report(out: Path, eg_runs: list[str], kd_runs: list[str]) -> Path:
+def write_figures(out: Path, data: Path, selected: str, runs: list[str]) -> None:
+    """Validation curves of every run; confusion matrix, Grad-CAM per class and feature maps of the selected one."""
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    logs = {run: [json.loads(line) for line in (out / run / "log.jsonl").read_text().splitlines()] for run in runs}
+    plot_validation_curves(logs, figures / "validation_curves.png")
+    model, manifest = load_checkpoint(out / selected / "model")
+    metrics = json.loads((out / selected / "metrics.json").read_text())
+    plot_confusion(metrics["confusion"], manifest.class_names, figures / "confusion.png", f"{selected}, validation")
+    limit = json.loads((out / selected / "config.json").read_text())["limit_per_class"]
+    images = load_image_folder(data, manifest.input.size, limit)
+    val = images.subset(load_split(out / selected / "split.json", images)[1])
+    plot_grad_cam(model, manifest.input, manifest.class_names, val, figures / "grad_cam.png")
+    plot_feature_maps(model, manifest.input, val, 0, figures / "feature_maps.png")
+
+
+def write_report(out: Path, data: Path, eg_runs: list[str], kd_runs: list[str]) -> Path:
     teacher = _run_summary(out / "teacher")
     groups = {"repvgg-a0": [teacher], "eg-repvgg": [_run_summary(out / r) for r in eg_runs if is_done(out / r)],
               "kd-eg-repvgg": [_run_summary(out / r) for r in kd_runs if is_done(out / r)]}
@@ -100,10 +121,12 @@ def write_report(out: Path, eg_runs: list[str], kd_runs: list[str]) -> Path:
             f"| {paper['ms']} | {rows[0]['params'] / 1e6:.3f} M | {rows[0]['macs'] / 1e6:.1f} M "
             f"| {_mean_std(rows, 'train_minutes')[0]:.1f} |"
         )
-    (out / "report.json").write_text(json.dumps({k: v for k, v in groups.items()}, indent=1))
+    selected = max(groups["kd-eg-repvgg"] or groups["eg-repvgg"], key=lambda r: (r["accuracy"], r["mcc"]))
+    write_figures(out, data, selected["run"], [r["run"] for rows in groups.values() for r in rows])
+    (out / "report.json").write_text(json.dumps(groups | {"selected": selected["run"]}, indent=1))
     report = out / "report.md"
     report.write_text("# Table 3, reproduced (validation split; the external test set is held elsewhere)\n\n"
-                      + "\n".join(lines) + "\n\nPer run:\n\n"
+                      + "\n".join(lines) + f"\n\nSelected model: {selected['run']}/model\n\nPer run:\n\n"
                       + "\n".join(f"- {r['run']}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                                  for k, v in r.items() if k != "run")
                                   for rows in groups.values() for r in rows) + "\n")

@@ -73,16 +73,9 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _limit(data: ImageSet, per_class: int) -> ImageSet:
-    keep = [i for c in range(len(data.class_names)) for i in torch.nonzero(data.labels == c).flatten()[:per_class]]
-    return data.subset(sorted(int(i) for i in keep))
-
-
 def prepare_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, str]:
     """Load the folder, draw or reuse the split, save it with the run; returns (train, val, fingerprint)."""
-    data = load_image_folder(cfg.data, cfg.input.size)
-    if cfg.limit_per_class:
-        data = _limit(data, cfg.limit_per_class)
+    data = load_image_folder(cfg.data, cfg.input.size, cfg.limit_per_class)
     parts = load_split(cfg.split_file, data) if cfg.split_file else stratified_split(data.labels, cfg.split, cfg.split_seed)
     save_split(cfg.out / "split.json", data, parts, cfg.split_seed)
     return data.subset(parts[0]), data.subset(parts[1]), fingerprint(data)

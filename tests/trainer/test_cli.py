@@ -30,7 +30,7 @@ def test_evaluate_a_missing_model_is_a_clear_error(capsys, tmp_path, neu_cls):
 def test_reproduce_chains_the_protocol_on_a_tiny_subset(neu_cls, tmp_path, capsys):
     out = tmp_path / "repro"
     args = ["reproduce", "--data", str(neu_cls), "--out", str(out), "--teacher-epochs", "1", "--student-epochs", "1",
-            "--seeds", "0", "--limit-per-class", "5", "--split", "3:2", "--no-progress"]
+            "--seeds", "0", "--limit-per-class", "5", "--split", "3:2", "--size", "64", "--no-progress"]
     assert main(args) == 0
     report = capsys.readouterr().out
     for row in ("| repvgg-a0 |", "| eg-repvgg |", "| kd-eg-repvgg |"):
@@ -39,6 +39,8 @@ def test_reproduce_chains_the_protocol_on_a_tiny_subset(neu_cls, tmp_path, capsy
         assert (out / run / "model" / "manifest.json").is_file()
     assert json.loads((out / "kd-s0" / "split.json").read_text())["val"] == \
         json.loads((out / "teacher" / "split.json").read_text())["val"]  # one split for every row
+    for figure in ("validation_curves", "confusion", "grad_cam", "feature_maps"):
+        assert (out / "figures" / f"{figure}.png").is_file()
     assert main(args) == 0  # finished stages are skipped: a re-run only rewrites the report
 
 
