@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -93,7 +94,9 @@ def teacher_logits(cfg: TrainConfig, train: ImageSet) -> tuple[torch.Tensor, str
         FrozenTeacher(teacher_model), train.images, lambda x: to_input(x, cfg.input.normalization, cfg.input.channels),
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"logits": logits}, cache)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({"logits": logits}, tmp)
+    tmp.replace(cache)  # runs sharing the cache never read a half-written file
     return logits, manifest.model_name
 
 
