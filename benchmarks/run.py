@@ -1,0 +1,112 @@
+"""Run every benchmark that exists and write results/<name>.json plus results/README.md.
+
+    python -m benchmarks.run                 # = make bench: all benchmarks
+    python -m benchmarks.run --only model    # one of them; README.md keeps the others' last results
+    python -m benchmarks.run --quick --out /tmp/bench   # smoke run, numbers not for quoting
+
+A benchmark is a module `benchmarks/<name>.py` with `run(BenchOptions) -> Section` (see
+benchmarks/__init__.py); add its name to BENCHMARKS. Modules not written yet are skipped.
+README.md is rebuilt from every results/*.json present, so one benchmark re-run does not drop
+the others' tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from benchmarks import RESULTS_DIR, BenchOptions, LoadAverage, Machine, Section, load_average, machine
+
+BENCHMARKS: tuple[str, ...] = ("model", "service")
+
+
+class ResultFile(BaseModel):
+    """The envelope of results/<name>.json."""
+
+    benchmark: str
+    title: str
+    command: str
+    started_at: datetime
+    duration_s: float
+    machine: Machine
+    load_average_start: LoadAverage
+    load_average_end: LoadAverage
+    options: dict[str, Any]
+    markdown: str
+    result: dict[str, Any]
+
+
+def load_benchmark(name: str) -> Any | None:
+    """The module benchmarks.<name>, or None when that file does not exist (yet)."""
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"benchmarks.{name}":
+            return None
+        raise
+
+
+def run_one(name: str, module: Any, options: BenchOptions, command: str) -> ResultFile:
+    started, load_start, t0 = datetime.now(UTC), load_average(), time.perf_counter()
+    section: Section = module.run(options)
+    return ResultFile(
+        benchmark=name, title=section.title, command=command, started_at=started,
+        duration_s=round(time.perf_counter() - t0, 1), machine=machine(), load_average_start=load_start,
+        load_average_end=load_average(), options={"quick": options.quick, "threads": options.threads},
+        markdown=section.markdown, result=section.result.model_dump(mode="json"),
+    )
+
+
+def write_readme(out_dir: Path) -> Path:
+    files = {p.stem: ResultFile.model_validate_json(p.read_bytes()) for p in sorted(out_dir.glob("*.json"))}
+    order = [n for n in BENCHMARKS if n in files] + sorted(set(files) - set(BENCHMARKS))
+    parts = ["# Benchmark results", "",
+             "Written by `make bench` (`python -m benchmarks.run`); do not edit by hand. "
+             "Each section comes from the JSON file of the same name in this folder."]
+    for name in order:
+        f = files[name]
+        m, la = f.machine, f.load_average_start
+        parts += ["", f"## {f.title}", "",
+                  f"`{f.command}` · {f.started_at:%Y-%m-%d %H:%M} UTC · {f.duration_s:.0f} s · "
+                  f"{m.cpu}, {m.logical_cpus} logical CPUs · torch {m.torch}"
+                  + (f" · onnxruntime {m.onnxruntime}" if m.onnxruntime else "")
+                  + f" · load average (1 min) {la.one:.2f} at start, {f.load_average_end.one:.2f} at end"
+                  + (" · **quick run: not for quoting**" if f.options.get("quick") else ""),
+                  "", f.markdown.strip()]
+    path = out_dir / "README.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
+    parser.add_argument("--quick", action="store_true", help="smoke run with tiny budgets (not for quoting)")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's default)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
+    args = parser.parse_args(argv)
+    options = BenchOptions(quick=args.quick, threads=args.threads)
+    command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.only or BENCHMARKS:
+        module = load_benchmark(name)
+        if module is None:
+            print(f"[bench] {name}: benchmarks/{name}.py does not exist yet; skipped", file=sys.stderr)
+            continue
+        print(f"[bench] {name}: running", file=sys.stderr)
+        result = run_one(name, module, options, command.strip())
+        (args.out / f"{name}.json").write_text(result.model_dump_json(indent=2) + "\n")
+        print(f"[bench] {name}: {result.duration_s:.0f} s → {args.out / (name + '.json')}", file=sys.stderr)
+    print(f"[bench] table → {write_readme(args.out)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
