@@ -19,7 +19,7 @@ def _settings(args: argparse.Namespace, **extra):
 
     flags = {name: getattr(args, name, None) for name in (
         "bootstrap_servers", "topic", "output_topic", "dead_letter_topic", "group_id", "model_dir", "device",
-        "max_batch", "max_wait_ms", "http_port", "locate", "log_level", "threads")}
+        "max_batch", "max_wait_ms", "http_port", "locate", "log_level", "threads", "backend")}
     return load_settings(**(flags | extra))
 
 
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, help="directory of published model versions (default: bundled model)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1: measured fastest on a shared 2-core box)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "compile"],
+                   help="CPU inference runtime (default torch; CUDA and --locate use torch)")
     p.add_argument("--max-batch", type=int, help="largest inference batch (default 32)")
     p.add_argument("--max-wait-ms", type=float, help="longest a frame waits for its batch to fill (default 10)")
     p.add_argument("--http-port", type=int, help="/metrics, /live, /ready port (default 9400; 0 = off)")

@@ -143,7 +143,7 @@ async def run_demo(base: Settings, options: DemoOptions) -> int:
         await ensure_topics({settings.topic: PARTITIONS, settings.output_topic: PARTITIONS,
                              settings.dead_letter_topic: PARTITIONS}, client_kwargs=client)
         configure_threads(settings.threads)
-        engine = Engine(settings.device, max_batch=settings.max_batch, fp16=settings.fp16)
+        engine = Engine(settings.device, max_batch=settings.max_batch, fp16=settings.fp16, backend=settings.backend)
         telemetry = PrometheusTelemetry()
         service = InspectorService(settings, ModelStore(settings.model_dir, engine.prepare, telemetry=telemetry),
                                    telemetry=telemetry)

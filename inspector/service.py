@@ -217,11 +217,11 @@ async def run_inspector(settings: Settings) -> int:
     log = structlog.get_logger(__name__)
     configure_threads(settings.threads)
     engine = Engine(settings.device, max_batch=settings.max_batch, fp16=settings.fp16,
-                    locate=LocateConfig() if settings.locate else None)
+                    locate=LocateConfig() if settings.locate else None, backend=settings.backend)
     telemetry = PrometheusTelemetry()
     service = InspectorService(settings, ModelStore(settings.model_dir, engine.prepare, telemetry=telemetry),
                                telemetry=telemetry)
-    log.info("inspector_starting", device=str(engine.device), threads=torch_threads(),
+    log.info("inspector_starting", device=str(engine.device), backend=engine.backend, threads=torch_threads(),
              bootstrap_servers=settings.bootstrap_servers, model_dir=str(settings.model_dir or "bundled"))
     try:
         async with serve_http(telemetry, settings.http_host, settings.http_port) as endpoint:
