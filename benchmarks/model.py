@@ -84,6 +84,7 @@ class Case:
     macs: int
     setup_s: float
     max_abs_diff: float | None = None  # vs eager torch on the same fused weights
+    prepare: Callable[[torch.Tensor], object] | None = None  # uint8 gray (N, S, S) → this engine's input
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,11 @@ class Target(BaseModel):
     met: bool | None
 
 
+class PrepRow(BaseModel):
+    method: str
+    cpu_ms: dict[int, float]  # batch → median CPU ms per call
+
+
 class ModelReport(BaseModel):
     torch_threads: int
     torch_interop_threads: int
@@ -153,6 +159,7 @@ class ModelReport(BaseModel):
     rows: list[Row]
     ratios: list[Ratio]
     targets: list[Target]
+    preparation: list[PrepRow]
 
 
 def log(message: str) -> None:
@@ -232,7 +239,7 @@ def student_cases(model: RepNet, manifest: Manifest, plan: Plan, threads: int) -
         net = fold_gray_input(model, manifest) if backend.in_channels == 1 else model
         cases.append(Case(STUDENT, engine, backend, "numpy" if backend_name == "onnxruntime" else "torch",
                           backend.in_channels, count_parameters(net), count_macs(net, SIZE, backend.in_channels),
-                          setup_s, diff))
+                          setup_s, diff, backend.prepare))
     return cases
 
 
@@ -328,6 +335,33 @@ def measure(cases: list[Case], inputs: Inputs, plan: Plan) -> tuple[dict[tuple[i
                 cell.wall += wall
                 cell.cpu += cpu
     return cells, loads
+
+
+def replicate_then_normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """The order inspector.engine.Runner._normalize used when this was written: expand to 3, then normalize."""
+    norm = InputSpec().normalization
+    mean, std = torch.tensor(norm.mean).view(1, -1, 1, 1), torch.tensor(norm.std).view(1, -1, 1, 1)
+    x = pixels.to(torch.float32).div_(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def measure_preparation(cases: list[Case], plan: Plan) -> list[PrepRow]:
+    methods = {"replicate, then normalize (3 ch, channels-last)": replicate_then_normalize}
+    for case in cases:
+        if case.prepare is not None and case.engine in {"torch eager", "torch eager, gray folded", "onnxruntime",
+                                                        "onnxruntime, gray folded"}:
+            methods[f"{case.engine}: backend.prepare ({case.channels} ch)"] = case.prepare
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for method, fn in methods.items():
+        cpu_ms = {}
+        for batch in plan.batch_sizes:
+            pixels = torch.randint(0, 256, (batch, SIZE, SIZE), dtype=torch.uint8, generator=gen)
+            fn(pixels)
+            _, cpu = time_slice(fn, pixels, plan.cell_budget_s / 10)
+            cpu_ms[batch] = round(percentile_ms(cpu, 50), 3)
+        out.append(PrepRow(method=method, cpu_ms=cpu_ms))
+    return out
 
 
 # --- results --------------------------------------------------------------------------------------------
@@ -478,6 +512,12 @@ def render(report: ModelReport) -> str:
         f"the second group uses the student's fastest engine at batch {report.target_batch}.",
         ratio_table(report),
         markdown_table(["Target (issue 7)", "Measured", "Met"], target_body, "lrl"),
+        "Input preparation, uint8 gray frames → normalized model input (median CPU ms per call). Gray folding "
+        "lets the engine skip the replication; the first row is the replicate-then-normalize order "
+        "inspector.engine used when this was written.",
+        markdown_table(["Preparation", *[f"@{b}" for b in report.batch_sizes]],
+                       [[r.method, *[_num(r.cpu_ms.get(b), "{:.3f}") for b in report.batch_sizes]]
+                        for r in report.preparation]),
     ])
 
 
@@ -493,12 +533,15 @@ def run(options: BenchOptions) -> Section:
         cases, source = all_cases(plan, threads, Path(tmp))
     measured = [c for c in cases if isinstance(c, Case)]
     cells, loads = measure(measured, Inputs(max(plan.batch_sizes)), plan)
+    log("timing input preparation")
+    preparation = measure_preparation(measured, plan)
     table = rows(cases, measured, cells, plan)
     report = ModelReport(
         torch_threads=threads, torch_interop_threads=torch.get_num_interop_threads(), student_weights=source,
         batch_sizes=list(plan.batch_sizes), target_batch=plan.target_batch, rounds=plan.rounds,
         cell_budget_s=plan.cell_budget_s,
         load_average_1min_per_round=loads, rows=table, ratios=ratios(table, plan), targets=targets(table, plan),
+        preparation=preparation,
         note=("Measured while other jobs (model training) were using the CPU: see the load averages. "
               "Numbers are comparable within this run, not absolute."
               if max(loads, default=0.0) > 0.5 * (os.cpu_count() or 1) else "The machine was otherwise idle."),

@@ -2,6 +2,8 @@
 
 Every backend maps float32 NCHW input, already normalized, to float32 logits `(N, classes)`, and
 computes the same function as eager torch (tests/inspector/test_backends.py holds them to 1e-4).
+`backend.prepare(pixels)` turns (N, S, S) uint8 gray frames into that input, in the layout the
+backend runs fastest on (channels-last tensor for torch, contiguous NCHW array for ONNX Runtime).
 `make_backend` warms each one up at the given batch sizes, so the first real call is not the one
 that pays for compilation or allocation. Calls block and may run on any single worker thread.
 
@@ -26,7 +28,7 @@ import structlog
 import torch
 from torch import nn
 
-from schemas.checkpoint import Manifest
+from schemas.checkpoint import Manifest, Normalization
 from trainer.nets import RepNet
 
 BackendName = Literal["torch", "onnxruntime", "compile"]
@@ -38,6 +40,10 @@ ArrayLike = np.ndarray | torch.Tensor
 class Backend(Protocol):
     name: str
     in_channels: int  # channels the backend takes: the manifest's, or 1 with fold_gray
+
+    def prepare(self, pixels: ArrayLike) -> ArrayLike:
+        """(N, S, S) uint8 gray → this backend's normalized input, in its preferred layout."""
+        ...
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
         """(N, in_channels, S, S) float32, normalized → (N, classes) float32 logits."""
@@ -56,13 +62,15 @@ def make_backend(
     net = fold_gray_input(model, manifest) if fold_gray else copy.deepcopy(model).eval()
     channels = 1 if fold_gray else manifest.input.channels
     shape = (channels, manifest.input.size, manifest.input.size)
+    norm = manifest.input.normalization
     match name:
         case "torch":
-            backend: Backend = TorchBackend(net, shape)
+            backend: Backend = TorchBackend(net, shape, norm)
         case "compile":
-            backend = TorchBackend(net, shape, compiled=True)
+            backend = TorchBackend(net, shape, norm, compiled=True)
         case "onnxruntime":
-            backend = OnnxRuntimeBackend(net, shape, threads=threads or torch.get_num_threads(), exporter=exporter)
+            backend = OnnxRuntimeBackend(net, shape, norm, threads=threads or torch.get_num_threads(),
+                                         exporter=exporter)
         case _:
             raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     warm_up(backend, shape, batch_sizes)
@@ -96,6 +104,19 @@ def fold_gray_input(model: RepNet, manifest: Manifest) -> RepNet:
     return folded
 
 
+def normalize_gray(pixels: ArrayLike, norm: Normalization, channels: int, *, channels_last: bool) -> torch.Tensor:
+    """(N, S, S) uint8 → (N, channels, S, S) float32, (x/255 − mean) / std, as trainer.data.to_input.
+
+    With one mean/std for all channels it normalizes the single gray plane before replicating it,
+    so the arithmetic runs on 1/C of the data; with one channel the layouts coincide (no copy)."""
+    x = torch.as_tensor(pixels).to(torch.float32).div_(255.0).unsqueeze(1)
+    if len(set(norm.mean)) == 1 and len(set(norm.std)) == 1:
+        x = x.sub_(norm.mean[0]).div_(norm.std[0]).expand(-1, channels, -1, -1)
+    else:
+        x = (x - torch.tensor(norm.mean).view(1, -1, 1, 1)) / torch.tensor(norm.std).view(1, -1, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def _check_shape(x: ArrayLike, shape: tuple[int, int, int], backend: str) -> None:
     if x.ndim != 4 or tuple(x.shape[1:]) != shape or x.shape[0] < 1:
         raise ValueError(f"{backend} backend takes (N, {', '.join(map(str, shape))}) input, got {tuple(x.shape)}")
@@ -104,12 +125,16 @@ def _check_shape(x: ArrayLike, shape: tuple[int, int, int], backend: str) -> Non
 class TorchBackend:
     """Eager (or torch.compile'd) channels-last inference under torch.inference_mode."""
 
-    def __init__(self, model: nn.Module, shape: tuple[int, int, int], *, compiled: bool = False) -> None:
+    def __init__(self, model: nn.Module, shape: tuple[int, int, int], norm: Normalization, *,
+                 compiled: bool = False) -> None:
         self.name = "compile" if compiled else "torch"
-        self.in_channels, self._shape = shape[0], shape
+        self.in_channels, self._shape, self._norm = shape[0], shape, norm
         model = model.eval().to(memory_format=torch.channels_last)
         # Batch 1 is specialized by torch.compile; every other batch size shares one dynamic graph.
         self._forward: Callable[[torch.Tensor], torch.Tensor] = torch.compile(model) if compiled else model
+
+    def prepare(self, pixels: ArrayLike) -> torch.Tensor:
+        return normalize_gray(pixels, self._norm, self.in_channels, channels_last=True)
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
         _check_shape(x, self._shape, self.name)
@@ -123,10 +148,11 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, model: nn.Module, shape: tuple[int, int, int], *, threads: int, exporter: Exporter) -> None:
+    def __init__(self, model: nn.Module, shape: tuple[int, int, int], norm: Normalization, *, threads: int,
+                 exporter: Exporter) -> None:
         import onnxruntime as ort  # optional dependency: the `bench` extra
 
-        self.in_channels, self._shape = shape[0], shape
+        self.in_channels, self._shape, self._norm = shape[0], shape, norm
         self.exporter, onnx_bytes = export_onnx(model, shape, exporter)
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
@@ -135,6 +161,9 @@ class OnnxRuntimeBackend:
         options.log_severity_level = 3
         self._session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
+
+    def prepare(self, pixels: ArrayLike) -> np.ndarray:
+        return normalize_gray(pixels, self._norm, self.in_channels, channels_last=False).numpy()
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
         _check_shape(x, self._shape, self.name)

@@ -46,12 +46,15 @@ def fused(tmp_path_factory: pytest.TempPathFactory) -> tuple[RepNet, Manifest]:
     return _checkpoint(tmp_path_factory.mktemp("backends"))
 
 
-def _frames(batch: int, manifest: Manifest, seed: int = 1) -> torch.Tensor:
-    """Normalized gray frames replicated to the manifest's channels, as the engine feeds them."""
+def _pixels(batch: int, manifest: Manifest, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     size = manifest.input.size
-    images = torch.randint(0, 256, (batch, size, size), dtype=torch.uint8, generator=gen)
-    return to_input(images, manifest.input.normalization, manifest.input.channels)
+    return torch.randint(0, 256, (batch, size, size), dtype=torch.uint8, generator=gen)
+
+
+def _frames(batch: int, manifest: Manifest, seed: int = 1) -> torch.Tensor:
+    """Normalized gray frames replicated to the manifest's channels, as training prepares them."""
+    return to_input(_pixels(batch, manifest, seed), manifest.input.normalization, manifest.input.channels)
 
 
 def _eager(model: RepNet, x: torch.Tensor) -> np.ndarray:
@@ -71,10 +74,38 @@ def test_backend_matches_eager_torch(fused: tuple[RepNet, Manifest], name: str, 
         expected = _eager(model, x)
         assert np.abs(expected).max() > 0.1  # logits carry signal, so the comparison means something
         fed = x[:, :1] if fold_gray else x
-        for arg in (fed.numpy(), fed, fed.contiguous(memory_format=torch.channels_last)):
+        prepared = backend.prepare(_pixels(batch, manifest, seed=batch).numpy())
+        for arg in (fed.numpy(), fed, fed.contiguous(memory_format=torch.channels_last), prepared):
             logits = backend(arg)
             assert logits.dtype == np.float32 and logits.shape == (batch, len(CLASSES))
             np.testing.assert_allclose(logits, expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("fold_gray", [False, True])
+def test_prepare_is_the_training_preprocessing_in_the_backends_layout(
+    fused: tuple[RepNet, Manifest], name: str, fold_gray: bool,
+) -> None:
+    model, manifest = fused
+    backend = make_backend(name, model, manifest, fold_gray=fold_gray)
+    pixels = _pixels(4, manifest)
+    x = backend.prepare(pixels)
+    expected = _frames(4, manifest)[:, : backend.in_channels]
+    np.testing.assert_allclose(np.asarray(x), expected.numpy(), rtol=0, atol=1e-6)
+    if name == "torch":
+        assert isinstance(x, torch.Tensor) and x.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous
+
+
+def test_prepare_normalizes_each_channel_with_its_own_statistics(tmp_path: Path) -> None:
+    spec = InputSpec(normalization=Normalization(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3)))
+    model, manifest = _checkpoint(tmp_path, spec)
+    backend = make_backend("onnxruntime", model, manifest)
+    pixels = _pixels(2, manifest)
+    expected = to_input(pixels, spec.normalization, 3)
+    np.testing.assert_allclose(backend.prepare(pixels), expected.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(backend(backend.prepare(pixels)), _eager(model, expected), rtol=0, atol=ATOL)
 
 
 @pytest.mark.slow
