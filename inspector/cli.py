@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1: measured fastest on a shared 2-core box)")
     p.add_argument("--backend", choices=["torch", "onnxruntime", "compile"],
-                   help="CPU inference runtime (default torch; CUDA and --locate use torch)")
+                   help="CPU inference runtime (default onnxruntime; CUDA and --locate use torch)")
     p.add_argument("--max-batch", type=int, help="largest inference batch (default 32)")
     p.add_argument("--max-wait-ms", type=float, help="longest a frame waits for its batch to fill (default 10)")
     p.add_argument("--http-port", type=int, help="/metrics, /live, /ready port (default 9400; 0 = off)")

@@ -178,7 +178,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Engine:
     """Makes runners for one device, batch-size range and backend; `prepare` is the model store's callback.
 
-    `backend` selects the CPU runtime (default eager torch; `inspector run` passes Settings.backend). It is
+    `backend` selects the CPU runtime (eager torch unless told; `inspector run` passes Settings.backend). It is
     checked here, at start-up: a backend whose runtime is not installed raises BackendUnavailableError."""
 
     def __init__(self, device: DeviceName = "auto", *, max_batch: int = 32, fp16: bool = False,
