@@ -228,7 +228,8 @@ def student_cases(model: RepNet, manifest: Manifest, plan: Plan, threads: int) -
         log(f"setting up {STUDENT} / {engine}")
         t0 = time.perf_counter()
         try:
-            backend = make_backend(backend_name, model, manifest, plan.batch_sizes, threads=threads, **kwargs)  # type: ignore[arg-type]
+            backend = make_backend(backend_name, model, manifest, plan.batch_sizes,  # type: ignore[arg-type]
+                                   threads=threads, **kwargs)
         except Exception as err:  # noqa: BLE001 - a backend that cannot be built is reported, not fatal
             cases.append(FailedCase(STUDENT, engine, f"{type(err).__name__}: {err}"[:300]))
             continue

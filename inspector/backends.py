@@ -150,7 +150,7 @@ class OnnxRuntimeBackend:
 
     def __init__(self, model: nn.Module, shape: tuple[int, int, int], norm: Normalization, *, threads: int,
                  exporter: Exporter) -> None:
-        import onnxruntime as ort  # optional dependency: the `bench` extra
+        import onnxruntime as ort  # imported here: only this backend needs it
 
         self.in_channels, self._shape, self._norm = shape[0], shape, norm
         self.exporter, onnx_bytes = export_onnx(model, shape, exporter)
