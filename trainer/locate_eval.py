@@ -1,7 +1,8 @@
 """Scoring predicted boxes and map peaks against ground-truth boxes; pure functions, no model, no I/O.
 
 Boxes are (x0, y0, x1, y1) half-open pixel boxes. Definitions:
-- pointing game: the map's peak pixel (col, row) lies inside any ground-truth box of the image;
+- pointing game: the map's peak pixel (col, row) lies inside any ground-truth box of the image; the
+  tolerant variant (Zhang et al., 2016: 15 px) also counts a peak within that distance of a box;
 - best IoU of an image: the largest IoU over all (predicted, ground-truth) pairs, 0 without predictions;
 - recall at IoU t: ground-truth boxes matched one-to-one (greedy by IoU) by a predicted box with IoU >= t.
 """
@@ -37,10 +38,16 @@ def iou(a: BoxLike, b: BoxLike) -> float:
     return float(iou_matrix([a], [b])[0, 0])
 
 
-def pointing_hit(point: tuple[float, float], gt: Iterable[BoxLike]) -> bool:
-    """`point` is (x, y) = (column, row) of the peak pixel."""
+def pointing_hit(point: tuple[float, float], gt: Iterable[BoxLike], tolerance: float = 0.0) -> bool:
+    """`point` is (x, y) = (column, row) of the peak pixel; a hit lies in a box or within `tolerance` pixels
+    (Euclidean) of its pixels, the last of which is (x1 - 1, y1 - 1)."""
     x, y = point
-    return any(x0 <= x < x1 and y0 <= y < y1 for x0, y0, x1, y1 in as_array(gt))
+    boxes = as_array(gt)
+    if tolerance <= 0:
+        return any(x0 <= x < x1 and y0 <= y < y1 for x0, y0, x1, y1 in boxes)
+    dx = np.maximum.reduce([boxes[:, 0] - x, np.zeros(len(boxes)), x - (boxes[:, 2] - 1)])
+    dy = np.maximum.reduce([boxes[:, 1] - y, np.zeros(len(boxes)), y - (boxes[:, 3] - 1)])
+    return bool(np.any(np.hypot(dx, dy) <= tolerance))
 
 
 def best_iou(pred: Iterable[BoxLike], gt: Iterable[BoxLike]) -> float:
@@ -65,6 +72,7 @@ class ImageScore:
     class_name: str
     correct: bool  # the predicted class was the true one
     hit: bool
+    hit_tolerant: bool
     best_iou: float
     gt_boxes: int
     matched: int
@@ -73,10 +81,11 @@ class ImageScore:
 
 def score_image(
     class_name: str, correct: bool, peak: tuple[float, float], pred: Sequence[BoxLike], gt: Sequence[BoxLike],
-    iou_threshold: float = 0.5,
+    iou_threshold: float = 0.5, tolerance: float = 15.0,
 ) -> ImageScore:
     return ImageScore(
-        class_name=class_name, correct=correct, hit=pointing_hit(peak, gt), best_iou=best_iou(pred, gt),
+        class_name=class_name, correct=correct, hit=pointing_hit(peak, gt),
+        hit_tolerant=pointing_hit(peak, gt, tolerance), best_iou=best_iou(pred, gt),
         gt_boxes=len(gt), matched=matched_at(pred, gt, iou_threshold), predicted_boxes=len(pred),
     )
 
@@ -86,6 +95,7 @@ class ClassScore:
     images: int
     accuracy: float
     pointing: float
+    pointing_tolerant: float  # within 15 px of a box
     mean_best_iou: float
     gt_boxes: int
     recall: float  # at the IoU threshold of the scoring
@@ -98,6 +108,7 @@ def summarize(scores: Sequence[ImageScore]) -> ClassScore:
     mean = (lambda values: float(np.mean(values)) if n else 0.0)
     return ClassScore(
         images=n, accuracy=mean([s.correct for s in scores]), pointing=mean([s.hit for s in scores]),
+        pointing_tolerant=mean([s.hit_tolerant for s in scores]),
         mean_best_iou=mean([s.best_iou for s in scores]), gt_boxes=gt,
         recall=sum(s.matched for s in scores) / gt if gt else 0.0,
         boxes_per_image=mean([s.predicted_boxes for s in scores]),

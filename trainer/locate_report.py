@@ -120,14 +120,14 @@ def format_table(report: LocateReport) -> str:
     lines = [
         f"{report.model}: {report.images} annotated images ({report.skipped_unannotated} without annotation skipped), "
         f"threshold {report.config.threshold}, step {report.config.step}",
-        f"{'class':<16} {'images':>6} {'acc':>6} {'pointing':>8} {'best IoU':>8} {'GT boxes':>8} "
-        f"{'R@0.5':>6} {'boxes/img':>9} | {'base pt':>7} {'base IoU':>8} {'base R':>6}",
+        f"{'class':<16} {'images':>6} {'acc':>6} {'pointing':>8} {'pt±15':>6} {'best IoU':>8} {'GT boxes':>8} "
+        f"{'R@0.5':>6} {'boxes/img':>9} | {'base pt':>7} {'pt±15':>6} {'base IoU':>8} {'base R':>6}",
     ]
     for name, row in report.rows.items():
         base = report.baseline[name]
         lines.append(
-            f"{name:<16} {row.images:>6} {row.accuracy:>6.3f} {row.pointing:>8.3f} {row.mean_best_iou:>8.3f} "
-            f"{row.gt_boxes:>8} {row.recall:>6.3f} {row.boxes_per_image:>9.2f} | {base.pointing:>7.3f} "
-            f"{base.mean_best_iou:>8.3f} {base.recall:>6.3f}"
+            f"{name:<16} {row.images:>6} {row.accuracy:>6.3f} {row.pointing:>8.3f} {row.pointing_tolerant:>6.3f} "
+            f"{row.mean_best_iou:>8.3f} {row.gt_boxes:>8} {row.recall:>6.3f} {row.boxes_per_image:>9.2f} | "
+            f"{base.pointing:>7.3f} {base.pointing_tolerant:>6.3f} {base.mean_best_iou:>8.3f} {base.recall:>6.3f}"
         )
     return "\n".join(lines)

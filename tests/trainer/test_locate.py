@@ -151,6 +151,9 @@ def test_pointing_game_hand_cases():
     assert not pointing_hit((20, 15), gt)  # x1 is exclusive
     assert not pointing_hit((30, 30), gt)
     assert not pointing_hit((0, 0), [])
+    assert pointing_hit((30, 15), gt, tolerance=11) and not pointing_hit((30, 15), gt, tolerance=10)  # 11 px right
+    assert not pointing_hit((22, 22), gt, tolerance=4) and pointing_hit((22, 22), gt, tolerance=4.3)  # √18 ≈ 4.24
+    assert pointing_hit((15, 15), gt, tolerance=15)
 
 
 def test_recall_matches_one_to_one():
