@@ -76,3 +76,12 @@ def test_spec_is_data():
                             attention="eca")
     model = build_model(spec, 3)
     assert model(torch.randn(1, 3, 8, 8)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_eca_channel_conv_equals_conv1d(k):
+    from trainer.nets.blocks import ECA
+
+    eca = ECA(k)
+    y = torch.randn(4, 19)
+    torch.testing.assert_close(eca._channel_conv(y), eca.conv(y.unsqueeze(1)).squeeze(1))
