@@ -64,6 +64,8 @@ def test_sigkill_three_times_mid_stream_loses_no_frame(kafka_broker, new_topic, 
     frames = raw_frames(FRAMES, cameras=4, size=FRAME_SIZE)
     by_id = {f.frame_id: f for f in frames}
 
+    started: list[InspectorProcess] = []
+
     async def scenario():
         acks = []
         kills: list[dict] = []  # per kill: wall-clock time, committed positions after it, restart timing
@@ -71,6 +73,7 @@ def test_sigkill_three_times_mid_stream_loses_no_frame(kafka_broker, new_topic, 
             for k in range(KILLS + 1):
                 acks += await produce(kafka_broker, settings.topic, frames[k * STAGE:(k + 1) * STAGE])
                 process = InspectorProcess(settings, tmp_path, name=f"run{k}").start()
+                started.append(process)
                 if k:
                     kills[k - 1]["restart_to_first_event_s"] = round(await tail.wait_until(
                         fetched_after(tail, kills[k - 1]["at"]), 120, f"run {k}'s first event",
@@ -90,9 +93,14 @@ def test_sigkill_three_times_mid_stream_loses_no_frame(kafka_broker, new_topic, 
             final = await committed_positions(kafka_broker, settings.topic, settings.group_id)
             return list(tail.docs), kills, end_positions(acks), final
 
-    started = time.monotonic()
-    events, kills, ends, final = asyncio.run(scenario())
-    elapsed = time.monotonic() - started
+    began = time.monotonic()
+    try:
+        events, kills, ends, final = asyncio.run(scenario())
+    finally:
+        for process in started:
+            if process.alive():
+                process.kill()
+    elapsed = time.monotonic() - began
 
     # every frame has at least one event, every event is for a frame of the stream, made by v1
     per_frame = Counter(e["frame_id"] for e in events)
