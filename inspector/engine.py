@@ -18,6 +18,7 @@ bus, normalization runs on the device.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -95,8 +96,10 @@ class Runner:
         if not self._cuda and locate is None:
             # The TorchScript ONNX exporter: same graph speed and outputs as the dynamo one here, but ~0.3 s
             # instead of 5-10 s measured on this loaded box, paid at every start, restart and hot reload.
-            self._backend = make_backend(backend, model, manifest, (1, max_batch), fold_gray=_foldable(manifest),
-                                         exporter="torchscript")
+            with warnings.catch_warnings():  # the exporter's notes on the graph would break JSON log lines
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+                self._backend = make_backend(backend, model, manifest, (1, max_batch), fold_gray=_foldable(manifest),
+                                             exporter="torchscript")
             self._scale, self._offset = _affine(manifest, self._backend.in_channels)
             return
         self._dtype = torch.float16 if fp16 and self._cuda else torch.float32
