@@ -16,15 +16,17 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from inspector.batcher import MicroBatcher
+from inspector.batcher import Batch, MicroBatcher
 from inspector.connect import Startable, start_with_retry
 from inspector.decode import DecodeLimits
-from inspector.engine import Runner
+from inspector.engine import Prediction, Runner
 from inspector.events import Frame, defect_event, utc_now
 from inspector.model_store import ServingModel
 from inspector.offsets import CommitPolicy
@@ -35,6 +37,17 @@ from inspector.summary import Fanout, Summary
 from inspector.telemetry import NullTelemetry, Telemetry
 
 C = TypeVar("C", bound=Startable)
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """One batch between inference and publishing."""
+
+    batch: Batch[Frame]
+    prediction: Prediction
+    serving: ServingModel[Runner]
+    inferred_at: datetime
+    inference_s: float
 
 
 class Models(Protocol):
@@ -146,24 +159,37 @@ class InspectorService:
         self._log.info("drained", seconds=round(time.monotonic() - started, 3), uncommitted=offsets.in_flight())
 
     async def _infer(self, batcher: MicroBatcher[Frame], sink: Sink, executor: ThreadPoolExecutor) -> None:
+        """Two stages one batch apart: while the inference thread runs batch k+1, the event loop builds and
+        publishes batch k's events (batches leave in order). A failure in either stage stops both."""
+        inferred: asyncio.Queue[Inferred | None] = asyncio.Queue(maxsize=1)
+        async with asyncio.TaskGroup() as stages:
+            stages.create_task(self._publish(inferred, sink))
+            await self._predict(batcher, executor, inferred)
+
+    async def _predict(self, batcher: MicroBatcher[Frame], executor: ThreadPoolExecutor,
+                       inferred: asyncio.Queue[Inferred | None]) -> None:
         loop = asyncio.get_running_loop()
-        threshold = self.settings.confidence_threshold
         while (batch := await batcher.next_batch()) is not None:
             serving = self._serving  # models change only here, between batches
-            frames = batch.items
             started = time.perf_counter()
-            prediction = await loop.run_in_executor(executor, serving.runner.predict, [f.image for f in frames])
+            prediction = await loop.run_in_executor(executor, serving.runner.predict, [f.image for f in batch.items])
             inference_s = time.perf_counter() - started
-            inferred_at = utc_now()
-            self._telemetry.batch_done(len(frames), batch.queue_wait_s, inference_s)
-            boxes = prediction.boxes or [None] * len(frames)
-            events = [defect_event(frame, probs, serving.manifest, threshold=threshold, inferred_at=inferred_at,
+            self._telemetry.batch_done(len(batch.items), batch.queue_wait_s, inference_s)
+            await inferred.put(Inferred(batch, prediction, serving, utc_now(), inference_s))
+        await inferred.put(None)
+
+    async def _publish(self, inferred: asyncio.Queue[Inferred | None], sink: Sink) -> None:
+        threshold = self.settings.confidence_threshold
+        while (item := await inferred.get()) is not None:
+            frames, manifest = item.batch.items, item.serving.manifest
+            boxes = item.prediction.boxes or [None] * len(frames)
+            events = [defect_event(frame, probs, manifest, threshold=threshold, inferred_at=item.inferred_at,
                                    boxes=frame_boxes)
-                      for frame, probs, frame_boxes in zip(frames, prediction.probabilities, boxes, strict=True)]
+                      for frame, probs, frame_boxes in zip(frames, item.prediction.probabilities, boxes, strict=True)]
             await sink.publish_events(frames, events)
             self.summary.labelled([e.label for e in events])
-            self._log.debug("batch", size=len(frames), queue_wait_ms=round(batch.queue_wait_s * 1000, 2),
-                            inference_ms=round(inference_s * 1000, 2), model_version=serving.version)
+            self._log.debug("batch", size=len(frames), queue_wait_ms=round(item.batch.queue_wait_s * 1000, 2),
+                            inference_ms=round(item.inference_s * 1000, 2), model_version=item.serving.version)
 
     async def _watch_models(self) -> None:
         while True:
