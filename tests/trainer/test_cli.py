@@ -51,3 +51,14 @@ def test_evaluate_json_on_a_trained_run(neu_cls, tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert set(doc) >= {"n", "accuracy", "mcc", "macro_f1", "per_class", "confusion"}
     assert doc["n"] == 1620 and doc["accuracy"] > 0.95
+
+
+def test_bundled_model_classifies_shared_images(neu_cls):
+    from trainer.checkpoint import load_checkpoint
+    from trainer.data import load_image_folder
+    from trainer.evaluate import evaluate
+
+    model, manifest = load_checkpoint(bundled_model_dir())
+    assert manifest.model_name == "kd-eg-repvgg" and manifest.parameters == 140_831
+    data = load_image_folder(neu_cls, manifest.input.size, limit_per_class=4)
+    assert evaluate(model, data, manifest.input, manifest.class_names).accuracy == 1.0
