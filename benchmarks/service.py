@@ -126,6 +126,10 @@ class Ceiling(BaseModel):
     def mean(self) -> float:
         return float(np.mean(self.frames_per_s))
 
+    @property
+    def mean_per_cpu_s(self) -> float:
+        return float(np.mean(self.frames_per_cpu_s))
+
 
 class Target(BaseModel):
     target: str
@@ -569,8 +573,15 @@ def ratios(report: ServiceReport) -> dict[str, float | None]:
     def div(a: float | None, b: float | None) -> float | None:
         return round(a / b, 2) if a and b else None
 
+    def per_cpu_s(phase: Phase | None) -> float | None:
+        ms = phase.sut_cpu_ms_per_frame if phase is not None else None
+        return 1e3 / ms if ms else None
+
+    ceiling_cpu = report.ceilings[0].mean_per_cpu_s if report.ceilings else None
     return {"service / naive (saturation)": div(service and service.delivered_fps, naive and naive.delivered_fps),
-            "service / model-only ceiling": div(service and service.delivered_fps, ceiling)}
+            "service / model-only ceiling": div(service and service.delivered_fps, ceiling),
+            "service / naive, frames per CPU-second (saturation)": div(per_cpu_s(service), per_cpu_s(naive)),
+            "service / model-only ceiling, frames per CPU-second": div(per_cpu_s(service), ceiling_cpu)}
 
 
 def targets(report: ServiceReport, plan: Plan) -> list[Target]:
@@ -630,6 +641,9 @@ def render(report: ServiceReport, plan: Plan) -> str:
                         "CPU ms/frame", "Mean batch", "Inference busy"], phase_rows, "ll" + "r" * 11),
         markdown_table(["Model-only (this process, pre-decoded frames)", "Runtime", "Batch",
                         "frames/s (before / after)", "frames per CPU-s"], ceiling_rows, "llrrr"),
+        "Ratios of frames/s depend on the share of the cores each system got while other jobs ran; the ratios of "
+        "frames per CPU-second (the system's CPU time per delivered frame against the ceiling's) compare the work "
+        "each does per frame.",
         markdown_table(["Ratio", "Value"], [[k, _num(v, "{:.2f}×")] for k, v in report.ratios.items()], "lr"),
         markdown_table(["Target (issue 7)", "Measured", "Met"],
                        [[t.target, t.measured, {True: "yes", False: "**no**", None: "–"}[t.met]]
