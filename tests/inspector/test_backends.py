@@ -13,6 +13,7 @@ from schemas.checkpoint import InputSpec, Manifest, Normalization
 from trainer.checkpoint import export_checkpoint, load_checkpoint
 from trainer.data import to_input
 from trainer.nets import EG_REPVGG, RepNet, build_model
+from tests.models import randomize_bn
 
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 ATOL = 1e-4
@@ -23,20 +24,9 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-    return model
-
-
 def _checkpoint(root: Path, input_spec: InputSpec = InputSpec()) -> tuple[RepNet, Manifest]:
     torch.manual_seed(0)
-    export_checkpoint(_randomize_bn(build_model(EG_REPVGG, len(CLASSES))), root / "ckpt", class_names=CLASSES,
+    export_checkpoint(randomize_bn(build_model(EG_REPVGG, len(CLASSES))), root / "ckpt", class_names=CLASSES,
                       model_name="t", model_version="v1", input_spec=input_spec)
     return load_checkpoint(root / "ckpt")
 

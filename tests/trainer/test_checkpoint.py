@@ -7,7 +7,7 @@ from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
 from trainer.checkpoint import CheckpointError, export_checkpoint, load_checkpoint
 from trainer.nets import EG_REPVGG, build_model
 
-from .conftest import randomize_bn
+from tests.models import randomize_bn
 
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 
