@@ -120,7 +120,8 @@ class CommitPolicy:
             pass
 
     async def drain(self, tps: Iterable[TopicPartition], timeout_s: float) -> bool:
-        """Wait until every tracked record of `tps` is finished (or the timeout), commit, then forget them.
+        """Wait until every tracked record of `tps` is finished (or the timeout), commit (within the timeout
+        too), then forget them.
         True if nothing was left unfinished; unfinished records will be re-delivered to the next owner."""
         tps = list(tps)
         try:
@@ -129,6 +130,12 @@ class CommitPolicy:
             drained = True
         except TimeoutError:
             drained = False
-        await self.commit(tps)
+        try:  # aiokafka retries a retriable commit error forever; the rebalance must not wait forever
+            async with asyncio.timeout(timeout_s):
+                await self.commit(tps)
+        except TimeoutError:
+            names = sorted(f"{tp.topic}/{tp.partition}" for tp in tps)
+            self._log.warning("commit_timeout", partitions=names, timeout_s=timeout_s,
+                              note="not committed: the next owner re-reads these records")
         self._tracker.forget(tps)
         return drained
