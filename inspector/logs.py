@@ -64,7 +64,9 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
         processors=[*shared, structlog.processors.StackInfoRenderer(), *exceptions, _renderer(use_json)],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=True,
+        # not cached: a module-level logger then follows a later configure() (and structlog's
+        # capture_logs in tests); logging is per batch at most, so the lookup costs nothing measurable
+        cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
