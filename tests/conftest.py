@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+import structlog
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NEU_CLS = REPO_ROOT / "../shared/datasets/neu-cls"
@@ -85,3 +86,12 @@ def published_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_checkpoint(build_model(EG_REPVGG, len(NEU_CLASSES)), root / "20250101T000000.000000Z-v1",
                       class_names=NEU_CLASSES, model_name="test-eg-repvgg", model_version="v1")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog() -> Iterator[None]:
+    """An in-process CLI call configures structlog globally (e.g. --log-level error); undo it after each
+    test so later tests that capture logs see every line."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
