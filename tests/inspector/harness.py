@@ -134,6 +134,15 @@ class InspectorProcess:
         self.popen.send_signal(signal.SIGKILL)
         self.popen.wait(10)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process does nothing until `thaw`."""
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGCONT)
+
     def terminate(self, timeout_s: float = 20.0) -> int:
         """SIGTERM and the exit code (the service drains and commits first)."""
         assert self.popen is not None
