@@ -275,17 +275,20 @@ def test_broken_checkpoints_are_rejected_once_each_while_the_old_model_serves_on
                 for stamp, (name, (ckpt, _)) in enumerate(broken.items(), start=1):
                     ckpt.rename(model_dir / version_dir_name(stamp, name))  # each appears whole, atomically
                     await asyncio.sleep(2 * POLL_S)
-                partial.mkdir()
-                shutil.copy(base_checkpoint / MANIFEST_NAME, partial / MANIFEST_NAME)
+                # a copy caught half-way (manifest there, weights not yet); each of its two states appears at
+                # once, so the store sees exactly one incomplete state and then the complete one
+                staged = tmp_path / "staging" / "partial"
+                staged.mkdir()
+                manifest = json.loads((base_checkpoint / MANIFEST_NAME).read_text()) | {"model_version": "v2"}
+                (staged / MANIFEST_NAME).write_text(json.dumps(manifest))
+                staged.rename(partial)
                 polls_before = len(store.polls)
                 while len(store.polls) < polls_before + 10:  # ten more polls: nothing is tried twice
                     await asyncio.sleep(POLL_S / 2)
                 rejected_while_serving = failures()
                 still = run.service.serving.version
-                manifest = json.loads((partial / MANIFEST_NAME).read_text())
-                manifest["model_version"] = "v2"
-                shutil.copy(base_checkpoint / WEIGHTS_NAME, partial / WEIGHTS_NAME)  # the copy completes
-                (partial / MANIFEST_NAME).write_text(json.dumps(manifest))
+                shutil.copy(base_checkpoint / WEIGHTS_NAME, tmp_path / "staging" / WEIGHTS_NAME)
+                (tmp_path / "staging" / WEIGHTS_NAME).rename(partial / WEIGHTS_NAME)  # the copy completes
                 async with asyncio.timeout(30):
                     while run.service.serving.version != "v2":
                         await asyncio.sleep(0.02)
