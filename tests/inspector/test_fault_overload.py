@@ -2,7 +2,7 @@
 what its settings allow (in-flight frames and the consumer's fetch buffers, not the backlog), the lag
 grows while the offer lasts and then drains, and every frame gets exactly one event.
 
-Scale: 200×200 gray JPEG frames (the NEU geometry; synthetic textures of about 4.6 KB, 40 KB decoded) and a
+Scale: 200×200 gray JPEG frames (the NEU geometry; synthetic textures of about 4.1 KB, 40 KB decoded) and a
 200×200-input model in `inspector run` (one torch thread), max_batch 16, queue_frames 128, max_frame_bytes
 64 KiB. The offer lasts
 RELIABILITY_OVERLOAD_S seconds (6 by default to keep `make test` short; docs/reliability.md also
@@ -46,7 +46,7 @@ def memory_bound(partitions: int) -> int:
 
 
 def textures(n: int) -> list[bytes]:
-    """JPEG-encoded 200×200 gray textures, a little noisy, like a strip surface (quality 75: ~4.6 KB, which
+    """JPEG-encoded 200×200 gray textures, a little noisy, like a strip surface (quality 75: ~4.1 KB, which
     keeps the memory-only broker's load moderate; it stopped serving a partition after ~700 MB)."""
     import cv2
 
