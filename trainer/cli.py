@@ -1,4 +1,4 @@
-"""`trainer` command line: summary, fit, export, evaluate, publish, reproduce."""
+"""`trainer` command line: summary, fit, export, evaluate, publish, locate, reproduce."""
 
 from __future__ import annotations
 
