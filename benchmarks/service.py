@@ -408,7 +408,7 @@ async def bench_inspector(plan: Plan, bootstrap: str, topics: Topics, frames: Fr
             profile, note = await profile_inspector(bench, process.pid, tmp)
             for rate, name in ((half_capacity(phases[0]), HALF), (plan.rate, TARGET)):  # the target last: it may
                 phases.append(await bench.fixed_rate(rate, name))                       # leave a backlog
-                log(f"{name}, {rate:g}/s: {phases[-1].delivered_fps:.0f} events/s, p99 {phases[-1].p99_ms} ms")
+                log(f"{name}, {rate:g}/s: {phases[-1].delivered_fps:.0f} events/s, p99 {_ms(phases[-1].p99_ms)}")
             return phases, profile, note, reader.duplicates
 
 
@@ -445,7 +445,7 @@ async def bench_naive(plan: Plan, bootstrap: str, topics: Topics, frames: Frames
             log(f"naive saturation: {phases[-1].delivered_fps:.0f} events/s")
             for rate, name in ((half_rate, HALF), (plan.rate, TARGET)):
                 phases.append(await bench.fixed_rate(rate, name))
-                log(f"naive {name}, {rate:g}/s: {phases[-1].delivered_fps:.0f} events/s, p99 {phases[-1].p99_ms} ms")
+                log(f"naive {name}, {rate:g}/s: {phases[-1].delivered_fps:.0f} events/s, p99 {_ms(phases[-1].p99_ms)}")
             return phases, reader.duplicates
 
 
