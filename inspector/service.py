@@ -155,7 +155,12 @@ class InspectorService:
             inference.cancel()
             self._log.warning("drain_timeout", uncommitted=offsets.in_flight(),
                               note="uncommitted frames are re-delivered on the next start")
-        await offsets.commit()
+        try:
+            async with asyncio.timeout(self.settings.shutdown_timeout_s):
+                await offsets.commit()
+        except TimeoutError:  # e.g. the topic vanished and aiokafka retries the commit without end
+            self._log.warning("commit_timeout", uncommitted=offsets.in_flight(),
+                              note="uncommitted frames are re-delivered on the next start")
         self._log.info("drained", seconds=round(time.monotonic() - started, 3), uncommitted=offsets.in_flight())
 
     async def _infer(self, batcher: MicroBatcher[Frame], sink: Sink, executor: ThreadPoolExecutor) -> None:
