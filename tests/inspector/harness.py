@@ -11,7 +11,6 @@ RELIABILITY_FIGURES_DIR is set, writes `name.json` there; docs/reliability.md qu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import time
 import urllib.request
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,49 +270,12 @@ class Tail:
 
 # -- the inspector in this process, and a live stream of frames -----------------------------------------
 
-@dataclass
-class Serving:
-    service: Any  # InspectorService
-    task: asyncio.Task[None]
-
-
-@contextlib.asynccontextmanager
-async def serving(settings: Settings, models: Any, telemetry: Any = None,
-                  ready_timeout_s: float = 30.0) -> AsyncIterator[Serving]:
-    """Like streams.running_service, with the model store (or a wrapper of it) and telemetry chosen by the
-    test: ready (group joined) when the block starts, stopped and drained when it ends."""
-    from inspector.service import InspectorService
-    from inspector.summary import Fanout
+def serving(settings: Settings, models: Any, telemetry: Any = None, ready_timeout_s: float = 30.0):
+    """streams.running_service with the model store (or a wrapper of it) and telemetry chosen by the test."""
     from inspector.telemetry import NullTelemetry
-    from inspector.topics import ensure_topics
+    from tests.inspector.streams import running_service
 
-    await ensure_topics({settings.output_topic: 1, settings.dead_letter_topic: 1},
-                        client_kwargs={"bootstrap_servers": settings.bootstrap_servers})
-    joined = _JoinWatch()
-    service = InspectorService(settings, models, telemetry=Fanout(telemetry or NullTelemetry(), joined))
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    try:
-        async with asyncio.timeout(ready_timeout_s):
-            while not joined.joined:
-                if task.done():
-                    await task
-                    raise RuntimeError("the service stopped before joining its group")
-                await asyncio.sleep(0.02)
-        yield Serving(service, task)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, settings.shutdown_timeout_s + 10)
-
-
-class _JoinWatch:
-    joined = False
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        return lambda *args, **kwargs: None
-
-    def group_joined(self, joined: bool) -> None:
-        self.joined = joined
+    return running_service(settings, telemetry or NullTelemetry(), ready_timeout_s, models=models)
 
 
 class Stream:

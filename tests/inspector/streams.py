@@ -22,7 +22,7 @@ from aiokafka.structs import ConsumerRecord, RecordMetadata
 
 from inspector.engine import Engine
 from inspector.model_store import ModelStore
-from inspector.service import InspectorService
+from inspector.service import InspectorService, Models
 from inspector.settings import Settings
 from inspector.summary import Fanout
 from inspector.telemetry import NullTelemetry, Telemetry
@@ -127,15 +127,17 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running_service(settings: Settings, telemetry: Telemetry = NullTelemetry(),
-                          ready_timeout_s: float = 20.0) -> AsyncIterator[Running]:
+                          ready_timeout_s: float = 20.0, models: Models | None = None) -> AsyncIterator[Running]:
     """An inspector serving in this event loop, ready (model loaded, group joined) when the block starts;
-    stopped (drained and committed) when it ends, unless the block crashed it."""
+    stopped (drained and committed) when it ends, unless the block crashed it. `models` defaults to the
+    model store of `settings.model_dir` on an engine of `settings`."""
     await ensure_topics({settings.output_topic: 1, settings.dead_letter_topic: 1},
                         client_kwargs={"bootstrap_servers": settings.bootstrap_servers})
     joined = _JoinWatch()
-    engine = Engine(settings.device, max_batch=settings.max_batch)
-    service = InspectorService(settings, ModelStore(settings.model_dir, engine.prepare, telemetry=telemetry),
-                               telemetry=Fanout(telemetry, joined))
+    if models is None:
+        engine = Engine(settings.device, max_batch=settings.max_batch, backend=settings.backend)
+        models = ModelStore(settings.model_dir, engine.prepare, telemetry=telemetry)
+    service = InspectorService(settings, models, telemetry=Fanout(telemetry, joined))
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
