@@ -74,7 +74,6 @@ def write_examples(
         heat = frame_map(model, cams[0].float().numpy(), (size, size), size)
         gt = [b.as_tuple() for b in item.boxes]
         boxes = [b.as_tuple() for b in pred.boxes]
-        true_name = data.class_names[int(data.labels[item.index])]
         title = (f"{Path(data.paths[item.index]).name}: predicted {manifest.class_names[pred.predicted]}, "
                  f"best IoU {best_iou(boxes, gt):.2f}")
         path = out_dir / f"{Path(data.paths[item.index]).stem}.png"

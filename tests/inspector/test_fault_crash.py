@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 
 import pytest
 
-from inspector.codec import loads
 from schemas.messages import event_id_for
 from tests.conftest import create_topics
 from tests.inspector.harness import FRAME_SIZE, InspectorProcess, Tail, export_tiny, record_figures, version_dir_name
