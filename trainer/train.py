@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -235,6 +235,3 @@ def _append_log(out: Path, row: dict) -> None:
 def _read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-
-def with_overrides(cfg: TrainConfig, **changes) -> TrainConfig:
-    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
