@@ -76,7 +76,7 @@ def write_examples(
         boxes = [b.as_tuple() for b in pred.boxes]
         title = (f"{Path(data.paths[item.index]).name}: predicted {manifest.class_names[pred.predicted]}, "
                  f"best IoU {best_iou(boxes, gt):.2f}")
-        path = out_dir / f"{Path(data.paths[item.index]).stem}.png"
+        path = out_dir / f"{Path(data.paths[item.index]).stem}-cam.png"  # a figure, not a copy of the image
         plot_example(image.numpy(), heat, boxes, gt, pred.peak, title, path)
         written.append(path)
     return written
