@@ -234,7 +234,8 @@ class Tail:
         try:
             await self._task
         except asyncio.CancelledError:
-            pass
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # we are being cancelled ourselves: do not swallow it
         await self._consumer.stop()
 
     async def _run(self) -> None:
