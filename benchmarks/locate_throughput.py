@@ -16,10 +16,11 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.checkpoint import load_checkpoint
-from trainer.data import load_image_folder, to_input
-from trainer.locate import LocateConfig, boxes_from_map, frame_map, locate_batch, logits_and_cams
-from trainer.models import resolve_model_dir
+from stripnet.bundled import resolve_model_dir
+from stripnet.cam import LocateConfig, boxes_from_map, frame_map, locate_batch, logits_and_cams
+from stripnet.checkpoint import load_checkpoint
+from stripnet.preprocess import normalize
+from trainer.data import load_image_folder
 
 
 def _batch(args: argparse.Namespace, manifest) -> torch.Tensor:
@@ -28,7 +29,7 @@ def _batch(args: argparse.Namespace, manifest) -> torch.Tensor:
         return torch.randn(args.batch, spec.channels, spec.size, spec.size)
     data = load_image_folder(args.data, spec.size)
     pick = torch.linspace(0, len(data) - 1, args.batch).long()  # spread over all classes
-    return to_input(data.images[pick], spec.normalization, spec.channels)
+    return normalize(data.images[pick], spec)
 
 
 def main() -> None:

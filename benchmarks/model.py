@@ -36,13 +36,14 @@ from torch import nn
 from torchvision import models as tv
 
 from benchmarks import BenchOptions, Section, markdown_table, percentile_ms
-from inspector.backends import fold_gray_input, make_backend
+from inspector.backends import make_backend
 from schemas.checkpoint import InputSpec, Manifest
-from trainer.checkpoint import export_checkpoint, load_checkpoint
-from trainer.data import to_input
-from trainer.models import resolve_model_dir
-from trainer.nets import EG_REPVGG, REPVGG_A0, RepNet, build_model, reparameterize
-from trainer.nets.profile import count_macs, count_parameters
+from stripnet.architectures import EG_REPVGG, REPVGG_A0
+from stripnet.bundled import resolve_model_dir
+from stripnet.checkpoint import export_checkpoint, load_checkpoint
+from stripnet.network import RepNet, build_model, fold_gray, reparameterize
+from stripnet.preprocess import normalize
+from stripnet.profile import count_macs, count_parameters
 
 NUM_CLASSES, SIZE = 6, 200
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
@@ -179,7 +180,7 @@ def student_checkpoint(tmp: Path) -> tuple[RepNet, Manifest, str]:
         export_checkpoint(_random_bn(build_model(EG_REPVGG, NUM_CLASSES)), tmp / "student", class_names=CLASSES,
                           model_name="kd-eg-repvgg-random", model_version="bench")
         model, manifest = load_checkpoint(tmp / "student")
-        return model, manifest, "random initialisation (no bundled model at trainer/default_model)"
+        return model, manifest, "random initialisation (no bundled model at stripnet/default_model)"
 
 
 def _random_bn(model: RepNet) -> RepNet:
@@ -237,7 +238,7 @@ def student_cases(model: RepNet, manifest: Manifest, plan: Plan, threads: int) -
         if getattr(backend, "exporter", "dynamo") != kwargs.get("exporter", "dynamo"):
             engine += f" ({backend.exporter} export: dynamo failed)"  # type: ignore[attr-defined]
         diff = float(np.abs(backend(reference[:, : backend.in_channels]) - expected).max())
-        net = fold_gray_input(model, manifest) if backend.in_channels == 1 else model
+        net = fold_gray(model, manifest.input)[0] if backend.in_channels == 1 else model
         cases.append(Case(STUDENT, engine, backend, "numpy" if backend_name == "onnxruntime" else "torch",
                           backend.in_channels, count_parameters(net), count_macs(net, SIZE, backend.in_channels),
                           setup_s, diff, backend.prepare))
@@ -261,7 +262,7 @@ def all_cases(plan: Plan, threads: int, tmp: Path) -> tuple[list[Case | FailedCa
 def _frames(batch: int, manifest: Manifest) -> torch.Tensor:
     gen = torch.Generator().manual_seed(batch)
     images = torch.randint(0, 256, (batch, SIZE, SIZE), dtype=torch.uint8, generator=gen)
-    return to_input(images, manifest.input.normalization, 3)
+    return normalize(images, manifest.input)
 
 
 class Inputs:
@@ -270,7 +271,7 @@ class Inputs:
     def __init__(self, max_batch: int) -> None:
         gen = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (max_batch, SIZE, SIZE), dtype=torch.uint8, generator=gen)
-        self._base = to_input(images, InputSpec().normalization, 3)
+        self._base = normalize(images, InputSpec())
         self._cache: dict[tuple[Layout, int, int], Any] = {}
 
     def get(self, layout: Layout, channels: int, batch: int) -> Any:

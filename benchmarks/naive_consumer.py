@@ -4,7 +4,7 @@
         --output-topic events --group-id naive --model PATH/TO/VERSION
 
 aiokafka consumer with auto-commit, `cv2.imdecode`, the fused model in eager torch (the checkpoint as
-trainer.checkpoint.load_checkpoint gives it, one intra-op thread like the inspector), `json.dumps` and
+stripnet.checkpoint.load_checkpoint gives it, one intra-op thread like the inspector), `json.dumps` and
 a fire-and-forget `producer.send` (not `send_and_wait`, which would make the baseline slower still).
 Everything runs on the event loop. It is a benchmark program: no dead letters, no validation, no
 backpressure, at-most-once commits.
@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from trainer.checkpoint import load_checkpoint
-from trainer.data import to_input
+from stripnet.checkpoint import load_checkpoint
+from stripnet.preprocess import normalize
 
 
 async def serve(args: argparse.Namespace) -> None:
     model, manifest = load_checkpoint(args.model)
-    norm, channels, names = manifest.input.normalization, manifest.input.channels, manifest.class_names
+    names = manifest.class_names
     consumer = AIOKafkaConsumer(args.topic, bootstrap_servers=args.bootstrap_servers, group_id=args.group_id,
                                 auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1000)
     producer = AIOKafkaProducer(bootstrap_servers=args.bootstrap_servers)
@@ -38,7 +38,7 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         async for msg in consumer:
             image = cv2.imdecode(np.frombuffer(msg.value, np.uint8), cv2.IMREAD_GRAYSCALE)
-            x = to_input(torch.from_numpy(image).unsqueeze(0), norm, channels)
+            x = normalize(torch.from_numpy(image).unsqueeze(0), manifest.input)
             with torch.inference_mode():
                 probabilities = torch.softmax(model(x), dim=1)[0].tolist()
             headers = {k: v.decode() for k, v in msg.headers}

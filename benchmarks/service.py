@@ -50,10 +50,11 @@ from inspector.broker import LocalBroker, free_port
 from inspector.engine import Engine
 from inspector.settings import Settings
 from inspector.topics import ensure_topics
-from trainer.checkpoint import export_checkpoint, load_checkpoint
-from trainer.data import to_input
-from trainer.models import resolve_model_dir
-from trainer.nets import EG_REPVGG, build_model
+from stripnet.architectures import EG_REPVGG
+from stripnet.bundled import resolve_model_dir
+from stripnet.checkpoint import export_checkpoint, load_checkpoint
+from stripnet.network import build_model
+from stripnet.preprocess import normalize
 
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 PARTITIONS = 3
@@ -480,14 +481,13 @@ def ceiling_cases(version: Path, images: list[np.ndarray], frames: Frames, setti
     engine = Engine("cpu", max_batch=settings.max_batch, backend=settings.backend)
     runner = engine.prepare(model, manifest)
     b, n = settings.max_batch, len(images)
-    norm, channels = manifest.input.normalization, manifest.input.channels
 
     def service_batch(i: int) -> object:
         start = (i * b) % n
         return runner.predict((images * 2)[start:start + b])
 
     def naive_model(i: int) -> object:
-        x = to_input(torch.from_numpy(images[i % n]).unsqueeze(0), norm, channels)
+        x = normalize(torch.from_numpy(images[i % n]).unsqueeze(0), manifest.input)
         with torch.inference_mode():
             return torch.softmax(model(x), dim=1)[0].tolist()
 

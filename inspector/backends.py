@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from schemas.checkpoint import Manifest, Normalization
-from trainer.nets import RepNet
+from stripnet.network import RepNet
 
 BackendName = Literal["torch", "onnxruntime", "compile"]
 BACKEND_NAMES: tuple[BackendName, ...] = ("torch", "onnxruntime", "compile")
@@ -105,7 +105,7 @@ def fold_gray_input(model: RepNet, manifest: Manifest) -> RepNet:
 
 
 def normalize_gray(pixels: ArrayLike, norm: Normalization, channels: int, *, channels_last: bool) -> torch.Tensor:
-    """(N, S, S) uint8 → (N, channels, S, S) float32, (x/255 − mean) / std, as trainer.data.to_input.
+    """(N, S, S) uint8 → (N, channels, S, S) float32, (x/255 − mean) / std, as stripnet.preprocess.normalize.
 
     With one mean/std for all channels it normalizes the single gray plane before replicating it,
     so the arithmetic runs on 1/C of the data; with one channel the layouts coincide (no copy)."""

@@ -31,7 +31,7 @@ from inspector.replay import frame_files, replay
 from inspector.service import InspectorService
 from inspector.settings import Settings, kafka_client_kwargs
 from inspector.topics import ensure_topics
-from trainer.models import resolve_model_dir
+from stripnet.bundled import resolve_model_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NEU_CLS = REPO_ROOT.parent / "shared" / "datasets" / "neu-cls"  # next to the repository, as `make demo` expects
@@ -102,8 +102,9 @@ def synthesize_frames(root: Path, per_class: int = 20, size: int = 200, seed: in
 
 def untrained_model_dir(root: Path) -> Path:
     """A published-layout model directory holding an untrained (random) network."""
-    from trainer.checkpoint import export_checkpoint
-    from trainer.nets import EG_REPVGG, build_model
+    from stripnet.checkpoint import export_checkpoint
+    from stripnet.architectures import EG_REPVGG
+    from stripnet.network import build_model
 
     export_checkpoint(build_model(EG_REPVGG, len(SYNTH_CLASSES)), root / "00000000T000000.000000Z-untrained",
                       class_names=SYNTH_CLASSES, model_name="untrained-demo", model_version="untrained",

@@ -3,7 +3,7 @@
 `Engine.prepare` is the model store's `prepare`: it moves a checkpoint's model to the device,
 warms it up at every batch size the service will use (1..max_batch) and refuses a model whose
 outputs are not finite. `Runner.predict` does the manifest's preprocessing — resize to the input
-size (as trainer.data.read_gray does), replicate gray to the input channels, normalize — and one
+size (as stripnet.preprocess.resize does), replicate gray to the input channels, normalize — and one
 forward pass. Both block: the service calls `predict` on its single inference thread.
 
 CPU: the forward pass runs on the selected backend (inspector/backends.py: eager torch, ONNX
@@ -30,8 +30,9 @@ import torch
 
 from inspector.backends import Backend, BackendName, make_backend
 from schemas.checkpoint import InputSpec, Manifest
-from trainer.locate import Box, LocateConfig, locate_batch
-from trainer.nets import RepNet
+from schemas.messages import Box
+from stripnet.cam import LocateConfig, locate_batch
+from stripnet.network import RepNet
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 # Modules a backend imports beyond torch: ONNX Runtime runs the graph, `onnx` is needed to export it.

@@ -16,7 +16,7 @@ from schemas.messages import (
 )
 
 if TYPE_CHECKING:
-    from trainer.locate import Box as FrameBox
+    from schemas.messages import Box as FrameBox
 
 
 def utc_now() -> datetime:

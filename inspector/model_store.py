@@ -21,9 +21,9 @@ import structlog
 
 from inspector.telemetry import NullTelemetry, Telemetry
 from schemas.checkpoint import Manifest
-from trainer.checkpoint import CheckpointError, load_checkpoint
-from trainer.models import resolve_model_dir
-from trainer.nets import RepNet
+from stripnet.bundled import resolve_model_dir
+from stripnet.checkpoint import CheckpointError, load_checkpoint
+from stripnet.network import RepNet
 
 T = TypeVar("T")
 Fingerprint = tuple[tuple[str, int, int, int], ...]

@@ -243,7 +243,7 @@ async def run_inspector(settings: Settings) -> int:
     from inspector.engine import Engine, configure_threads
     from inspector.model_store import ModelStore, NoValidModelError
     from inspector.observability import PrometheusTelemetry, serve_http
-    from trainer.locate import LocateConfig
+    from stripnet.cam import LocateConfig
 
     log = structlog.get_logger(__name__)
     configure_threads(settings.threads)

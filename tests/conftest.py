@@ -78,8 +78,9 @@ def published_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fused EG-RepVGG for the six NEU classes, version "v1". Treat it as read-only."""
     import torch
 
-    from trainer.checkpoint import export_checkpoint
-    from trainer.nets import EG_REPVGG, build_model
+    from stripnet.checkpoint import export_checkpoint
+    from stripnet.architectures import EG_REPVGG
+    from stripnet.network import build_model
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models")

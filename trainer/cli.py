@@ -24,8 +24,9 @@ def _print_json(obj) -> None:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from trainer.nets import build_model, get_spec, reparameterize
-    from trainer.nets.profile import count_macs, count_parameters, profile_rows
+    from stripnet.architectures import get_spec
+    from stripnet.network import build_model, reparameterize
+    from stripnet.profile import count_macs, count_parameters, profile_rows
 
     spec = get_spec(args.arch)
     model = build_model(spec, args.classes)
@@ -79,8 +80,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from schemas.checkpoint import ArchitectureSpec
-    from trainer.checkpoint import export_checkpoint, load_state
-    from trainer.nets import build_model
+    from stripnet.checkpoint import export_checkpoint
+    from trainer.state import load_state
+    from stripnet.network import build_model
 
     state = load_state(Path(args.state))
     spec = ArchitectureSpec.model_validate(state["arch"])
@@ -95,10 +97,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import load_checkpoint
+    from stripnet.checkpoint import load_checkpoint
     from trainer.data import load_image_folder, load_split
     from trainer.evaluate import evaluate, measure_latency, plot_confusion
-    from trainer.models import resolve_model_dir
+    from stripnet.bundled import resolve_model_dir
 
     model, manifest = load_checkpoint(resolve_model_dir(args.model))
     data = load_image_folder(args.data, manifest.input.size)
@@ -142,12 +144,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import load_checkpoint
+    from stripnet.checkpoint import load_checkpoint
     from trainer.data import load_image_folder, load_split
-    from trainer.locate import LocateConfig
+    from stripnet.cam import LocateConfig
     from trainer.locate_plot import write_examples
     from trainer.locate_report import format_table, pick_examples, run_locate
-    from trainer.models import resolve_model_dir
+    from stripnet.bundled import resolve_model_dir
 
     model, manifest = load_checkpoint(resolve_model_dir(args.model))
     data = load_image_folder(args.data, manifest.input.size)

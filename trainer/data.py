@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-from schemas.checkpoint import Normalization
+from stripnet.preprocess import resize
 
 IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 DIHEDRAL = 8
@@ -50,10 +50,7 @@ def read_gray(path: Path, size: int) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
     if image is None:
         raise ImageReadError(f"cannot read image {path}: not a decodable image file")
-    if image.shape != (size, size):
-        interp = cv2.INTER_AREA if min(image.shape) > size else cv2.INTER_LINEAR
-        image = cv2.resize(image, (size, size), interpolation=interp)
-    return image
+    return resize(image, size)
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -140,11 +137,3 @@ def dihedral_batch(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
         sel = ks == k
         out[sel] = dihedral(x[sel], k)
     return out
-
-
-def to_input(images: torch.Tensor, norm: Normalization, channels: int = 3) -> torch.Tensor:
-    """(N, H, W) uint8 gray → (N, C, H, W) float32, gray replicated to C channels and normalized."""
-    x = images.unsqueeze(1).float().div_(255.0).expand(-1, channels, -1, -1)
-    mean = torch.tensor(norm.mean).view(1, -1, 1, 1)
-    std = torch.tensor(norm.std).view(1, -1, 1, 1)
-    return ((x - mean) / std).contiguous()

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from schemas.checkpoint import InputSpec
-from trainer.data import ImageSet, to_input
+from stripnet.preprocess import normalize
+from trainer.data import ImageSet
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: tuple[s
 def predict_logits(model: nn.Module, data: ImageSet, spec: InputSpec, batch_size: int = 64) -> torch.Tensor:
     model.eval()
     chunks = [
-        model(to_input(data.images[i:i + batch_size], spec.normalization, spec.channels))
+        model(normalize(data.images[i:i + batch_size], spec))
         for i in range(0, len(data), batch_size)
     ]
     return torch.cat(chunks)

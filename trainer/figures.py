@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from schemas.checkpoint import InputSpec
-from trainer.data import ImageSet, to_input
-from trainer.locate import frame_map, grad_cam
-from trainer.nets import RepNet
+from stripnet.cam import frame_map
+from stripnet.network import RepNet
+from stripnet.preprocess import normalize
+from trainer.data import ImageSet
 
 
 def _plt():
@@ -17,6 +19,39 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, layer: nn.Module, classes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM (Selvaraju et al.) at `layer`'s output: ReLU(Σ_k mean_hw(∂y_c/∂A_k) · A_k).
+
+    Works on the training form or the fused network. Returns (maps (N, h, w) unnormalized, classes);
+    `classes` defaults to the predicted ones. At the last block of a GAP + linear head it equals the
+    CAM up to the factor 1/(h·w) after the ReLU.
+    """
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        output.retain_grad()
+        captured.append(output)
+
+    was_training = model.training
+    model.eval()
+    handle = layer.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().clone().requires_grad_(True))  # clone: x may be an inference tensor
+            if classes is None:
+                classes = logits.argmax(dim=1)
+            logits.gather(1, classes[:, None]).sum().backward()
+    finally:
+        handle.remove()
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    activation = captured[-1]
+    weights = activation.grad.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * activation).sum(dim=1)).detach(), classes.detach()
 
 
 def plot_validation_curves(runs: dict[str, list[dict]], path: Path) -> None:
@@ -43,7 +78,7 @@ def plot_grad_cam(model: RepNet, spec: InputSpec, class_names: tuple[str, ...], 
     """One image per class: the image, and Grad-CAM at the last block over it, titled with the prediction."""
     plt = _plt()
     idx = one_per_class(data)
-    x = to_input(data.images[idx], spec.normalization, spec.channels)
+    x = normalize(data.images[idx], spec)
     maps, predicted = grad_cam(model, x, model.blocks[-1])
     fig, axes = plt.subplots(2, len(idx), figsize=(2.1 * len(idx), 4.4))
     for col, i in enumerate(idx):
@@ -69,7 +104,7 @@ def plot_feature_maps(model: RepNet, spec: InputSpec, data: ImageSet, index: int
     outputs: dict[int, torch.Tensor] = {}
     handles = [model.blocks[i].register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(i, out))
                for i in layers]
-    model.eval()(to_input(data.images[index:index + 1], spec.normalization, spec.channels))
+    model.eval()(normalize(data.images[index:index + 1], spec))
     for h in handles:
         h.remove()
     fig, axes = plt.subplots(len(layers), channels + 1, figsize=(1.6 * (channels + 1), 1.9 * len(layers)))

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from schemas.messages import Box
+from trainer.voc import GtBox
+
 BoxLike = Sequence[float]
+
+
+def corners(box: Box | GtBox) -> tuple[float, float, float, float]:
+    return box.x0, box.y0, box.x1, box.y1
 
 
 def as_array(boxes: Iterable[BoxLike]) -> np.ndarray:

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from schemas.checkpoint import Manifest
-from trainer.data import ImageSet, to_input
-from trainer.locate import frame_map, logits_and_cams
-from trainer.locate_eval import best_iou
+from stripnet.cam import frame_map, logits_and_cams
+from stripnet.network import RepNet
+from stripnet.preprocess import normalize
+from trainer.data import ImageSet
+from trainer.locate_eval import best_iou, corners
 from trainer.locate_report import Annotated, Prediction
-from trainer.nets import RepNet
 
 
 def _draw_boxes(ax, boxes: Sequence[Sequence[float]], color: str, style: str = "-") -> None:
@@ -69,11 +70,11 @@ def write_examples(
     for k in chosen:
         item, pred = items[k], preds[k]
         image = data.images[item.index]
-        x = to_input(image[None], manifest.input.normalization, manifest.input.channels)
+        x = normalize(image[None], manifest.input)
         _, _, cams = logits_and_cams(model, x)
         heat = frame_map(model, cams[0].float().numpy(), (size, size), size)
-        gt = [b.as_tuple() for b in item.boxes]
-        boxes = [b.as_tuple() for b in pred.boxes]
+        gt = [corners(b) for b in item.boxes]
+        boxes = [corners(b) for b in pred.boxes]
         title = (f"{Path(data.paths[item.index]).name}: predicted {manifest.class_names[pred.predicted]}, "
                  f"best IoU {best_iou(boxes, gt):.2f}")
         path = out_dir / f"{Path(data.paths[item.index]).stem}-cam.png"  # a figure, not a copy of the image

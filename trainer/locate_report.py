@@ -9,10 +9,12 @@ import numpy as np
 import torch
 
 from schemas.checkpoint import Manifest
-from trainer.data import ImageSet, to_input
-from trainer.locate import Box, LocateConfig, boxes_from_map, frame_map, logits_and_cams
-from trainer.locate_eval import ClassScore, ImageScore, score_image, summarize_by_class
-from trainer.nets import RepNet
+from schemas.messages import Box
+from stripnet.cam import LocateConfig, boxes_from_map, frame_map, logits_and_cams
+from stripnet.network import RepNet
+from stripnet.preprocess import normalize
+from trainer.data import ImageSet
+from trainer.locate_eval import ClassScore, ImageScore, corners, score_image, summarize_by_class
 from trainer.voc import GtBox, annotation_path, read_voc
 
 
@@ -61,7 +63,7 @@ def predict(
 ) -> list[Prediction]:
     size, out = manifest.input.size, []
     for start in range(0, len(images), batch_size):
-        x = to_input(images[start:start + batch_size], manifest.input.normalization, manifest.input.channels)
+        x = normalize(images[start:start + batch_size], manifest.input)
         _, classes, cams = logits_and_cams(model, x)
         for cls, cam in zip(classes.tolist(), cams.float().cpu().numpy()):
             heat = frame_map(model, cam, (size, size), size, config.step)
@@ -79,9 +81,9 @@ def score_all(
     frame, centre = [(0, 0, size, size)], (size // 2, size // 2)
     for item, pred in zip(items, preds, strict=True):
         name = data.class_names[int(data.labels[item.index])]
-        gt = [b.as_tuple() for b in item.boxes]
+        gt = [corners(b) for b in item.boxes]
         correct = class_names[pred.predicted] == name
-        scores.append(score_image(name, correct, pred.peak, [b.as_tuple() for b in pred.boxes], gt))
+        scores.append(score_image(name, correct, pred.peak, [corners(b) for b in pred.boxes], gt))
         baseline.append(score_image(name, correct, centre, frame, gt))
     return scores, baseline
 

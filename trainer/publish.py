@@ -1,25 +1,21 @@
 """Publish a fused checkpoint into a watched model directory, atomically.
 
 A reader of the model directory sees either nothing or a complete, validated version: the
-checkpoint is validated, copied into `DIR/.tmp-<random>/` (readers ignore dot names), fsynced,
-then renamed to `DIR/<UTC yyyymmddTHHMMSS.ffffffZ>-<model_version>/`. The temporary directory lives
-in DIR itself, so the rename never crosses a filesystem. The newest version is the greatest name.
+checkpoint is validated, then copied through `stripnet.checkpoint.atomic_directory` (a hidden
+temporary directory in DIR itself, so the rename never crosses a filesystem) to
+`DIR/<utc stamp>-<model_version>/`. The newest version is the greatest name.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from schemas.checkpoint import MANIFEST_NAME
-from trainer.checkpoint import CheckpointError, fsync_dir, load_checkpoint, sha256_file
+from stripnet.checkpoint import STAMP_FORMAT, CheckpointError, atomic_directory, load_checkpoint, sha256_file, utc_stamp
 
-TMP_PREFIX = ".tmp-"
-STAMP_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 _STAMP = re.compile(r"^(\d{8}T\d{6}\.\d{6}Z)-")
 
 
@@ -29,28 +25,13 @@ def publish(checkpoint_dir: str | Path, model_dir: str | Path) -> Path:
     _, manifest = load_checkpoint(src)  # a broken checkpoint never reaches the model directory
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / f"{TMP_PREFIX}{secrets.token_hex(8)}"
-    tmp.mkdir()  # not mkdtemp: its 0700 would hide the version from a reader running as another user
-    try:
+    final = model_dir / f"{_next_stamp(model_dir)}-{manifest.model_version}"
+    with atomic_directory(final) as tmp:
         for name in (MANIFEST_NAME, manifest.weights_file):
-            _copy_synced(src / name, tmp / name)
-        copied = sha256_file(tmp / manifest.weights_file)
-        if copied != manifest.weights_sha256:
+            shutil.copyfile(src / name, tmp / name)  # umask permissions: readable by the service
+        if sha256_file(tmp / manifest.weights_file) != manifest.weights_sha256:
             raise CheckpointError(f"{src}: weights changed while being published; try again")
-        fsync_dir(tmp)
-        final = model_dir / f"{_next_stamp(model_dir)}-{manifest.model_version}"
-        _rename_new(tmp, final)
-        fsync_dir(model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
-
-
-def _copy_synced(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)  # new file, umask permissions: readable by the service like the directory
-    with dst.open("rb") as f:
-        os.fsync(f.fileno())
 
 
 def _next_stamp(model_dir: Path) -> str:
@@ -60,16 +41,4 @@ def _next_stamp(model_dir: Path) -> str:
     if stamps:
         newest = datetime.strptime(max(stamps), STAMP_FORMAT).replace(tzinfo=UTC)
         now = max(now, newest + timedelta(microseconds=1))
-    return now.strftime(STAMP_FORMAT)
-
-
-def _rename_new(tmp: Path, final: Path) -> None:
-    # rename(2) would silently replace an empty directory of that name; a version never replaces another.
-    if final.exists():
-        raise FileExistsError(f"{final} already exists")
-    try:
-        tmp.rename(final)
-    except OSError as err:
-        if final.exists():
-            raise FileExistsError(f"{final} already exists") from err
-        raise
+    return utc_stamp(now)

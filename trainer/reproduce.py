@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.checkpoint import InputSpec
-from trainer.checkpoint import load_checkpoint
+from stripnet.checkpoint import load_checkpoint
 from trainer.data import load_image_folder, load_split
 from trainer.evaluate import measure_latency, plot_confusion
 from trainer.figures import plot_feature_maps, plot_grad_cam, plot_validation_curves

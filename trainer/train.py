@@ -22,14 +22,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from schemas.checkpoint import ArchitectureSpec, InputSpec, Manifest
-from trainer.checkpoint import export_checkpoint, load_checkpoint, load_state
+from stripnet.architectures import get_spec
+from stripnet.checkpoint import export_checkpoint, load_checkpoint
+from stripnet.network import RepNet, build_model
+from stripnet.preprocess import normalize
 from trainer.data import (
-    DIHEDRAL, ImageSet, dihedral_batch, fingerprint, load_image_folder, load_split, save_split,
-    stratified_split, to_input,
+    DIHEDRAL, ImageSet, dihedral_batch, fingerprint, load_image_folder, load_split, save_split, stratified_split,
 )
 from trainer.distill import FrozenTeacher, KDConfig, cache_dihedral_logits, kd_loss
 from trainer.evaluate import Metrics, evaluate, plot_confusion, plot_curves
-from trainer.nets import RepNet, build_model, get_spec
+from trainer.state import load_state
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def teacher_logits(cfg: TrainConfig, train: ImageSet) -> tuple[torch.Tensor, str
     if cache.exists():
         return load_state(cache)["logits"], manifest.model_name
     logits = cache_dihedral_logits(
-        FrozenTeacher(teacher_model), train.images, lambda x: to_input(x, cfg.input.normalization, cfg.input.channels),
+        FrozenTeacher(teacher_model), train.images, lambda x: normalize(x, cfg.input),
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
@@ -111,7 +113,7 @@ def _state(model, opt, epoch, step, best, gen, cfg_spec: ArchitectureSpec, class
 def _validate(model: RepNet, val: ImageSet, cfg: TrainConfig) -> tuple[float, float]:
     model.eval()
     logits = torch.cat([
-        model(to_input(val.images[i:i + 128], cfg.input.normalization, cfg.input.channels))
+        model(normalize(val.images[i:i + 128], cfg.input))
         for i in range(0, len(val), 128)
     ])
     return F.cross_entropy(logits, val.labels).item(), (logits.argmax(1) == val.labels).float().mean().item()
@@ -129,7 +131,7 @@ def fit(cfg: TrainConfig) -> FitResult:
 
     # ---- data: uint8 (N, 200, 200) in memory; normalization happens per batch
     train, val, data_fp = prepare_data(cfg)
-    prep = lambda x: to_input(x, cfg.input.normalization, cfg.input.channels)  # noqa: E731
+    prep = lambda x: normalize(x, cfg.input)  # noqa: E731
 
     # ---- model, or resume from the last finished epoch
     spec = get_spec(cfg.arch)

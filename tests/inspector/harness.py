@@ -54,8 +54,9 @@ def export_tiny(dst: Path, version: str, *, classes: tuple[str, ...] = NEU_CLASS
     """A fused, untrained EG-RepVGG checkpoint taking 32×32 inputs, written at `dst` (about a second)."""
     import torch
 
-    from trainer.checkpoint import export_checkpoint
-    from trainer.nets import EG_REPVGG, build_model
+    from stripnet.checkpoint import export_checkpoint
+    from stripnet.architectures import EG_REPVGG
+    from stripnet.network import build_model
 
     torch.manual_seed(seed)
     export_checkpoint(build_model(EG_REPVGG, len(classes)), dst, class_names=classes, model_name="tiny",

@@ -10,9 +10,10 @@ import torch
 
 from inspector.backends import BACKEND_NAMES, fold_gray_input, make_backend
 from schemas.checkpoint import InputSpec, Manifest, Normalization
-from trainer.checkpoint import export_checkpoint, load_checkpoint
-from trainer.data import to_input
-from trainer.nets import EG_REPVGG, RepNet, build_model
+from stripnet.architectures import EG_REPVGG
+from stripnet.checkpoint import export_checkpoint, load_checkpoint
+from stripnet.network import RepNet, build_model
+from stripnet.preprocess import normalize
 from tests.models import randomize_bn
 
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
@@ -44,7 +45,7 @@ def _pixels(batch: int, manifest: Manifest, seed: int = 1) -> torch.Tensor:
 
 def _frames(batch: int, manifest: Manifest, seed: int = 1) -> torch.Tensor:
     """Normalized gray frames replicated to the manifest's channels, as training prepares them."""
-    return to_input(_pixels(batch, manifest, seed), manifest.input.normalization, manifest.input.channels)
+    return normalize(_pixels(batch, manifest, seed), manifest.input)
 
 
 def _eager(model: RepNet, x: torch.Tensor) -> np.ndarray:
@@ -93,7 +94,7 @@ def test_prepare_normalizes_each_channel_with_its_own_statistics(tmp_path: Path)
     model, manifest = _checkpoint(tmp_path, spec)
     backend = make_backend("onnxruntime", model, manifest)
     pixels = _pixels(2, manifest)
-    expected = to_input(pixels, spec.normalization, 3)
+    expected = normalize(pixels, spec)
     np.testing.assert_allclose(backend.prepare(pixels), expected.numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(backend(backend.prepare(pixels)), _eager(model, expected), rtol=0, atol=ATOL)
 

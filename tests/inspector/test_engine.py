@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from inspector.engine import Engine, resize_gray, resolve_device
-from trainer.checkpoint import load_checkpoint
-from trainer.data import read_gray, to_input
+from stripnet.checkpoint import load_checkpoint
+from stripnet.preprocess import normalize
+from trainer.data import read_gray
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +28,7 @@ def test_predictions_match_the_training_preprocessing_and_forward(checkpoint, ne
     runner = Engine("cpu", max_batch=3).prepare(model, manifest)
     paths = sorted((neu_cls / "scratches").iterdir())[:3]
     images = [read_gray(p, manifest.input.size) for p in paths]
-    x = to_input(torch.from_numpy(np.stack(images)), manifest.input.normalization, manifest.input.channels)
+    x = normalize(torch.from_numpy(np.stack(images)), manifest.input)
     with torch.inference_mode():
         expected = torch.softmax(model(x), dim=1).numpy()
     got = runner.predict(images).probabilities
@@ -64,7 +65,7 @@ def test_prepare_refuses_a_model_with_non_finite_outputs(checkpoint):
 
 
 def test_locate_adds_boxes_in_frame_pixels(checkpoint):
-    from trainer.locate import LocateConfig
+    from stripnet.cam import LocateConfig
 
     model, manifest = checkpoint
     runner = Engine("cpu", max_batch=2, locate=LocateConfig()).prepare(model, manifest)

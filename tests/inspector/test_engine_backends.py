@@ -1,6 +1,6 @@
 """Backend selection: every CPU backend gives the events eager torch gives, through Engine and Runner.predict.
 
-The reference is the training-time path (trainer.data.to_input on 3 replicated channels, the fused
+The reference is the training-time path (stripnet.preprocess.normalize on 3 replicated channels, the fused
 module, softmax); each backend runs behind the engine's own preprocessing (gray folded into the first
 convolution), so the comparison covers the whole CPU inference path the service uses.
 """
@@ -23,9 +23,10 @@ from inspector.events import Frame, Record, defect_event
 from inspector.settings import Settings
 from schemas.checkpoint import InputSpec, Manifest
 from schemas.messages import FrameHeaders
-from trainer.checkpoint import export_checkpoint, load_checkpoint
-from trainer.data import to_input
-from trainer.nets import EG_REPVGG, RepNet, build_model
+from stripnet.architectures import EG_REPVGG
+from stripnet.checkpoint import export_checkpoint, load_checkpoint
+from stripnet.network import RepNet, build_model
+from stripnet.preprocess import normalize
 
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 ATOL = 1e-5  # on probabilities
@@ -54,7 +55,7 @@ def fused(tmp_path_factory: pytest.TempPathFactory) -> tuple[RepNet, Manifest]:
     with torch.no_grad():
         for seed in (100, 101):
             pixels = torch.from_numpy(np.stack(gray_frames(16, seed=seed, sizes=(200,))))
-            model(to_input(pixels, InputSpec().normalization, 3))
+            model(normalize(pixels, InputSpec()))
         model.head.fc.weight.mul_(HEAD_GAIN)
     root = tmp_path_factory.mktemp("engine-backends")
     export_checkpoint(model.eval(), root / "ckpt", class_names=CLASSES, model_name="t", model_version="v1")
@@ -84,7 +85,7 @@ def reference_probabilities(model: RepNet, manifest: Manifest, images: list[np.n
     from inspector.engine import resize_gray
 
     pixels = torch.from_numpy(np.stack([resize_gray(im, manifest.input.size) for im in images]))
-    x = to_input(pixels, manifest.input.normalization, manifest.input.channels)
+    x = normalize(pixels, manifest.input)
     with torch.inference_mode():
         return torch.softmax(model(x), dim=1).numpy()
 
@@ -132,7 +133,7 @@ def test_the_runner_does_not_change_the_callers_model(fused: tuple[RepNet, Manif
 
 
 def test_locate_runs_torch_whatever_the_backend(fused: tuple[RepNet, Manifest]) -> None:
-    from trainer.locate import LocateConfig
+    from stripnet.cam import LocateConfig
 
     model, manifest = fused
     engine = Engine("cpu", max_batch=2, locate=LocateConfig(), backend="onnxruntime")

@@ -8,8 +8,7 @@ from inspector.codec import dumps, loads
 from inspector.decode import Rejected
 from inspector.events import Frame, Record, dead_letter, defect_event
 from schemas.checkpoint import ArchitectureSpec, BlockSpec, Manifest
-from schemas.messages import DeadLetter, DefectEvent, FrameHeaders, event_id_for
-from trainer.locate import Box
+from schemas.messages import Box, DeadLetter, DefectEvent, FrameHeaders, event_id_for
 
 NOW = datetime.now(UTC)
 MANIFEST = Manifest(
@@ -40,7 +39,7 @@ def test_an_event_carries_the_best_class_and_a_threshold_status(probs, status):
 
 def test_located_boxes_are_copied_into_the_event():
     event = defect_event(frame(), np.array([0.8, 0.1, 0.1]), MANIFEST, threshold=0.5, inferred_at=NOW,
-                         boxes=(Box(1, 2, 5, 8, 0.9),))
+                         boxes=(Box(x0=1, y0=2, x1=5, y1=8, score=0.9),))
     assert [(b.x0, b.y0, b.x1, b.y1, b.score) for b in event.boxes] == [(1, 2, 5, 8, 0.9)]
 
 

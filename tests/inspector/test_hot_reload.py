@@ -27,12 +27,10 @@ from inspector.model_store import ModelStore
 from inspector.observability import PrometheusTelemetry
 from inspector.telemetry import NullTelemetry
 from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
-from trainer.checkpoint import sha256_file
-from trainer.publish import publish
-from tests.inspector.harness import (
-    Stream, Tail, export_tiny, record_figures, serving, version_dir_name, with_version,
-)
+from stripnet.checkpoint import sha256_file
+from tests.inspector.harness import Stream, Tail, export_tiny, record_figures, serving, version_dir_name, with_version
 from tests.inspector.streams import committed_positions, end_positions, service_settings
+from trainer.publish import publish
 
 pytestmark = pytest.mark.kafka
 

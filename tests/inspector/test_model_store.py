@@ -18,8 +18,9 @@ from inspector import model_store
 from inspector.model_store import ModelStore, NoValidModelError, ServingModel
 from inspector.telemetry import NullTelemetry
 from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, InputSpec, Manifest
-from trainer.checkpoint import export_checkpoint, read_manifest, sha256_file
-from trainer.nets import EG_REPVGG, RepNet, build_model
+from stripnet.architectures import EG_REPVGG
+from stripnet.checkpoint import export_checkpoint, read_manifest, sha256_file
+from stripnet.network import RepNet, build_model
 from trainer.publish import publish
 
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")

@@ -12,15 +12,16 @@ from structlog.testing import capture_logs
 
 from inspector.codec import loads
 from schemas.messages import DeadLetter, DefectEvent, event_id_for
+from stripnet.architectures import EG_REPVGG
+from stripnet.bundled import default_model_dir
+from stripnet.checkpoint import export_checkpoint
+from stripnet.network import build_model
 from tests.conftest import NEU_CLASSES
 from tests.inspector.streams import (
     Frame, committed_positions, encoded_frame, end_positions, image_frames, produce, raw_frames, read_records,
     running_service, service_settings,
 )
 from tests.inspector.test_decode import encoded, png_declaring
-from trainer.checkpoint import export_checkpoint
-from trainer.models import bundled_model_dir
-from trainer.nets import EG_REPVGG, build_model
 
 pytestmark = pytest.mark.kafka
 
@@ -75,8 +76,8 @@ def test_neu_frames_in_one_valid_event_each_out(kafka_broker, new_topic, publish
 
 
 def test_bundled_model_labels_neu_frames_right(kafka_broker, new_topic, neu_cls):
-    if not (bundled_model_dir() / "manifest.json").is_file():
-        pytest.skip("no bundled model yet (trainer/default_model/): the label check waits for it")
+    if not (default_model_dir() / "manifest.json").is_file():
+        pytest.skip("no bundled model yet (stripnet/default_model/): the label check waits for it")
     settings = service_settings(kafka_broker, new_topic(partitions=2), None)
     frames = image_frames(neu_cls, neu_sample(neu_cls, 8))
 

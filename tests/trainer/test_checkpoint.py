@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
-from trainer.checkpoint import CheckpointError, export_checkpoint, load_checkpoint
-from trainer.nets import EG_REPVGG, build_model
+from stripnet.architectures import EG_REPVGG
+from stripnet.checkpoint import CheckpointError, export_checkpoint, load_checkpoint
+from stripnet.network import build_model
 
 from tests.models import randomize_bn
 

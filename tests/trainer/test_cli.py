@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
+from stripnet.bundled import default_model_dir
 from trainer.cli import main
-from trainer.models import bundled_model_dir
 
 
 def test_summary_json_has_table1(capsys):
@@ -45,7 +45,7 @@ def test_reproduce_chains_the_protocol_on_a_tiny_subset(neu_cls, tmp_path, capsy
 
 
 def test_evaluate_json_on_a_trained_run(neu_cls, tmp_path, capsys):
-    if not (bundled_model_dir() / "manifest.json").is_file():
+    if not (default_model_dir() / "manifest.json").is_file():
         pytest.skip("no bundled model in this checkout")
     assert main(["evaluate", "--model", "default", "--data", str(neu_cls), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -54,11 +54,11 @@ def test_evaluate_json_on_a_trained_run(neu_cls, tmp_path, capsys):
 
 
 def test_bundled_model_classifies_shared_images(neu_cls):
-    from trainer.checkpoint import load_checkpoint
+    from stripnet.checkpoint import load_checkpoint
     from trainer.data import load_image_folder
     from trainer.evaluate import evaluate
 
-    model, manifest = load_checkpoint(bundled_model_dir())
+    model, manifest = load_checkpoint(default_model_dir())
     assert manifest.model_name == "kd-eg-repvgg" and manifest.parameters == 140_831
     data = load_image_folder(neu_cls, manifest.input.size, limit_per_class=4)
     assert evaluate(model, data, manifest.input, manifest.class_names).accuracy == 1.0

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from stripnet.architectures import EG_REPVGG
+from stripnet.network import build_model
 from trainer.data import dihedral
 from trainer.distill import FrozenTeacher, KDConfig, cache_dihedral_logits, kd_loss
-from trainer.nets import EG_REPVGG, build_model
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import export_checkpoint, load_checkpoint
-from trainer.cli import main
-from trainer.locate import (
-    LocateConfig, boxes_from_map, feature_stride, grad_cam, locate_batch, logits_and_cams, normalize_cam,
-    upsample_cam,
+from stripnet.architectures import EG_REPVGG
+from stripnet.cam import (
+    LocateConfig, boxes_from_map, feature_stride, locate_batch, logits_and_cams, normalize_cam, upsample_cam,
 )
+from stripnet.checkpoint import export_checkpoint, load_checkpoint
+from stripnet.network import build_model, reparameterize
+from trainer.cli import main
+from trainer.figures import grad_cam
 from trainer.locate_eval import best_iou, iou, iou_matrix, matched_at, pointing_hit
-from trainer.nets import EG_REPVGG, build_model, reparameterize
 from trainer.voc import VocError, read_voc
 
 BOXES = Path(__file__).resolve().parents[2] / "../shared/datasets/neu-det-boxes"
@@ -91,7 +92,7 @@ def test_coarser_step_snaps_the_box_to_its_grid():
     heat = upsample_cam(cam, 32, (200, 200), 200, step=4)
     assert heat.shape == (50, 50)
     (box,) = boxes_from_map(heat, LocateConfig(step=4), (200, 200))
-    assert all(v % 4 == 0 for v in box.as_tuple())
+    assert all(v % 4 == 0 for v in (box.x0, box.y0, box.x1, box.y1))
     assert abs(box.x0 - 112) <= 4 and abs(box.x1 - 145) <= 4 and abs(box.y0 - 48) <= 4 and abs(box.y1 - 81) <= 4
     cam[6, 6] = 1.0  # a box touching the edge is clipped to the frame
     edge = boxes_from_map(upsample_cam(cam, 32, (198, 198), 200, step=4), LocateConfig(step=4), (198, 198))
@@ -112,7 +113,7 @@ def test_separate_hot_regions_give_separate_boxes_best_first():
     heat[10:20, 10:30] = 0.6
     heat[60:90, 50:70] = 1.0
     boxes = boxes_from_map(heat, LocateConfig(threshold=0.5, step=1))
-    assert [b.as_tuple() for b in boxes] == [(50, 60, 70, 90), (10, 10, 30, 20)]
+    assert [(b.x0, b.y0, b.x1, b.y1) for b in boxes] == [(50, 60, 70, 90), (10, 10, 30, 20)]
     assert boxes[0].score == pytest.approx(1.0) and boxes[1].score == pytest.approx(0.6)
     assert len(boxes_from_map(heat, LocateConfig(threshold=0.7, step=1))) == 1
     assert len(boxes_from_map(heat, LocateConfig(min_area=0.03, step=1))) == 1
@@ -226,11 +227,11 @@ def test_cli_scores_a_handful_of_images_and_writes_examples(tmp_path, net, capsy
     load_checkpoint(tmp_path / "model")  # untouched
 
 
-def test_the_serving_module_pulls_in_no_training_or_plotting_code():
+def test_the_model_package_pulls_in_no_training_serving_or_plotting_code():
     import subprocess
     import sys
 
-    code = ("import sys, trainer.locate; bad = [m for m in sys.modules if m.startswith("
-            "('trainer.train', 'trainer.data', 'trainer.distill', 'trainer.locate_', 'matplotlib'))]; print(bad)")
+    code = ("import sys, stripnet.bundled, stripnet.cam, stripnet.checkpoint, stripnet.preprocess; bad = [m for m "
+            "in sys.modules if m.startswith(('trainer', 'inspector', 'matplotlib', 'torchvision'))]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -3,9 +3,10 @@ import torch
 from torch import nn
 
 from schemas.checkpoint import ArchitectureSpec, BlockSpec
-from trainer.nets import EG_REPVGG, REPVGG_A0, build_model, reparameterize
-from trainer.nets.blocks import RepVGGBlock
-from trainer.nets.profile import count_parameters, profile_rows
+from stripnet.architectures import EG_REPVGG, REPVGG_A0
+from stripnet.layers import RepVGGBlock
+from stripnet.network import build_model, reparameterize
+from stripnet.profile import count_parameters, profile_rows
 
 from tests.models import randomize_bn
 
@@ -80,7 +81,7 @@ def test_spec_is_data():
 
 @pytest.mark.parametrize("k", [3, 5])
 def test_eca_channel_conv_equals_conv1d(k):
-    from trainer.nets.blocks import ECA
+    from stripnet.layers import ECA
 
     eca = ECA(k)
     y = torch.randn(4, 19)

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, InputSpec
-from trainer.checkpoint import CheckpointError, export_checkpoint, load_checkpoint, sha256_file
+from stripnet.architectures import EG_REPVGG
+from stripnet.checkpoint import CheckpointError, export_checkpoint, load_checkpoint, sha256_file
+from stripnet.network import build_model
 from trainer.cli import main
-from trainer.nets import EG_REPVGG, build_model
 from trainer.publish import publish
 
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")

@@ -3,8 +3,9 @@ from dataclasses import replace
 
 import pytest
 
-from trainer.checkpoint import export_checkpoint, load_checkpoint
-from trainer.nets import EG_REPVGG, build_model
+from stripnet.architectures import EG_REPVGG
+from stripnet.checkpoint import export_checkpoint, load_checkpoint
+from stripnet.network import build_model
 from trainer.train import TrainConfig, fit
 
 

@@ -1,4 +1,4 @@
-"""The network: a chain of RepVGG blocks read from an ArchitectureSpec, a pooling head, and the converter."""
+"""The network: a chain of RepVGG blocks read from an ArchitectureSpec, a pooling head, and the converters."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from schemas.checkpoint import ArchitectureSpec
-from trainer.nets.blocks import RepVGGBlock
+from schemas.checkpoint import ArchitectureSpec, InputSpec, Normalization
+from stripnet.layers import RepVGGBlock
 
 
 @runtime_checkable
@@ -66,3 +66,34 @@ def reparameterize(model: nn.Module) -> nn.Module:
         if isinstance(module, Reparameterizable):
             module.reparameterize()
     return fused
+
+
+def can_fold_gray(spec: InputSpec) -> bool:
+    """Gray replicated to C > 1 channels that share one mean and std: the first conv can take one channel."""
+    norm = spec.normalization
+    return spec.channels > 1 and len(set(norm.mean)) == 1 and len(set(norm.std)) == 1
+
+
+def fold_gray(model: RepNet, spec: InputSpec) -> tuple[RepNet, InputSpec]:
+    """A copy of the fused `model` that takes one gray plane instead of C replicated ones, and its input spec.
+
+    Exact: a convolution is linear in its input and every replicated channel, zero padding included,
+    holds the same values, so the first kernel summed over its input channels gives the same output."""
+    if not can_fold_gray(spec):
+        raise ValueError("fold_gray needs C > 1 input channels with one mean and std; "
+                         f"the input has {spec.channels} channels, mean={spec.normalization.mean} "
+                         f"std={spec.normalization.std}")
+    folded = copy.deepcopy(model).eval()
+    first = folded.blocks[0].reparam_conv
+    if first is None or first.groups != 1 or first.in_channels != spec.channels:
+        raise ValueError("fold_gray needs a fused model whose first convolution takes the input's channels")
+    conv = nn.Conv2d(1, first.out_channels, first.kernel_size, first.stride, first.padding,  # type: ignore[arg-type]
+                     first.dilation, bias=first.bias is not None)  # type: ignore[arg-type]
+    with torch.no_grad():
+        conv.weight.copy_(first.weight.sum(dim=1, keepdim=True))
+        if first.bias is not None:
+            conv.bias.copy_(first.bias)  # type: ignore[union-attr]
+    folded.blocks[0].reparam_conv = conv
+    norm = spec.normalization
+    gray = Normalization(mean=norm.mean[:1], std=norm.std[:1])
+    return folded, spec.model_copy(update={"channels": 1, "normalization": gray})

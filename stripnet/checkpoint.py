@@ -3,30 +3,41 @@
 A directory holds `manifest.json` (schemas.checkpoint.Manifest) and a safetensors file. Reading
 checks the manifest schema, the weights' sha256 and that the weights fit the declared architecture,
 so a corrupt, truncated or tampered checkpoint fails with a `CheckpointError` that says why.
-This module imports only the network definition: serving never touches training code.
+
+`atomic_directory` is the one way a directory of files appears (a checkpoint here, a published
+version in trainer/publish.py): filled under a hidden name beside its final name, synced, renamed.
+`utc_stamp` is the one version format: sortable UTC time to the microsecond.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, InputSpec, Manifest
-from trainer.nets import RepNet, build_model, reparameterize
-from trainer.nets.profile import count_macs, count_parameters
+from stripnet.network import RepNet, build_model, reparameterize
+from stripnet.profile import count_macs, count_parameters
+
+TMP_PREFIX = ".tmp-"  # readers of a directory of versions ignore names starting with "."
+STAMP_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 
 
 class CheckpointError(ValueError):
     pass
+
+
+def utc_stamp(now: datetime | None = None) -> str:
+    return (now or datetime.now(UTC)).strftime(STAMP_FORMAT)
 
 
 def sha256_file(path: Path) -> str:
@@ -37,7 +48,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -45,18 +56,39 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _seal(root: Path) -> None:
-    """Readable by the service's user (mkdtemp makes 0700), and durable before the rename."""
-    root.chmod(0o755)
-    for path in root.iterdir():
-        path.chmod(0o644)
-        with path.open("rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(root)
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yields an empty hidden directory beside `final`; when the block ends, its files and the directory are
+    fsynced, it is renamed to `final` and the parent fsynced. A reader sees nothing or everything; on any
+    error the temporary directory is removed. An existing `final` is never replaced."""
+    final = Path(final)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; choose a new directory")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+    tmp.mkdir()  # not mkdtemp: its 0700 would hide the directory from a reader running as another user
+    try:
+        yield tmp
+        for path in tmp.iterdir():
+            _fsync(path)
+        _fsync(tmp)
+        _rename_new(tmp, final)
+        _fsync(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def default_version() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+def _rename_new(tmp: Path, final: Path) -> None:
+    # rename(2) would silently replace an empty directory of that name; a directory never replaces another.
+    if final.exists():
+        raise FileExistsError(f"{final} already exists")
+    try:
+        tmp.rename(final)
+    except OSError as err:
+        if final.exists():
+            raise FileExistsError(f"{final} already exists") from err
+        raise
 
 
 def export_checkpoint(
@@ -64,30 +96,19 @@ def export_checkpoint(
     model_version: str | None = None, input_spec: InputSpec = InputSpec(), metrics: dict[str, float] | None = None,
     data_fingerprint: str = "", teacher: str | None = None, notes: str = "",
 ) -> Manifest:
-    """Fuse `model` and write it as a checkpoint directory at `out_dir`, atomically (temp dir, then rename)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists; choose a new directory")
+    """Fuse `model` and write it as a checkpoint directory at `out_dir`, atomically."""
     fused = reparameterize(model).cpu()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(Path(out_dir)) as tmp:
         weights = tmp / WEIGHTS_NAME
         save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, weights)
         manifest = Manifest(
-            model_name=model_name, model_version=model_version or default_version(),
+            model_name=model_name, model_version=model_version or utc_stamp(),
             architecture=model.spec, class_names=class_names, input=input_spec,
             weights_sha256=sha256_file(weights), parameters=count_parameters(fused),
             macs=count_macs(fused, input_spec.size, input_spec.channels), metrics=metrics or {},
             data_fingerprint=data_fingerprint, teacher=teacher, created_at=datetime.now(UTC), notes=notes,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
-        _seal(tmp)
-        tmp.rename(out_dir)
-        fsync_dir(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -127,8 +148,3 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[RepNet, Manifest]:
         raise CheckpointError(f"{weights}: weights do not fit architecture {manifest.architecture.name!r} "
                               f"with {len(manifest.class_names)} classes ({summary})") from None
     return model.eval(), manifest
-
-
-def load_state(path: Path) -> dict:
-    """Training state (`last.pt`/`best.pt`): tensors and plain containers only, never arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)

@@ -7,8 +7,8 @@ input pixel (s·j, s·i), s = the product of the block strides (each stride-2 3�
 centres output j on input 2j), so the map is placed on the frame by that affine map, not by a
 generic resize. Boxes are the connected components of the map above `threshold` × its maximum.
 
-`grad_cam` serves figures (any layer, fused or not); serving uses `locate_batch`.
-Imports only torch, numpy, cv2 and the network: the inspector loads this module.
+Serving calls `locate_batch`; `trainer locate` scores the same boxes against annotations.
+Boxes are the contract's `schemas.messages.Box`.
 """
 
 from __future__ import annotations
@@ -23,21 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.nets import RepNet
-
-
-@dataclass(frozen=True)
-class Box:
-    """Frame pixels, half-open: x0 <= x < x1, y0 <= y < y1. `score` is the normalized CAM (0..1) inside."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-    score: float
-
-    def as_tuple(self) -> tuple[int, int, int, int]:
-        return self.x0, self.y0, self.x1, self.y1
+from schemas.messages import Box
+from stripnet.network import RepNet
 
 
 @dataclass(frozen=True)
@@ -124,7 +111,8 @@ def boxes_from_map(
             continue
         inside = cam01[y:y + h, x:x + w][labels[y:y + h, x:x + w] == label]
         score = float(inside.mean() if config.score == "mean" else inside.max())
-        boxes.append(Box(x * step, y * step, min((x + w) * step, width), min((y + h) * step, height), score))
+        boxes.append(Box(x0=x * step, y0=y * step, x1=min((x + w) * step, width), y1=min((y + h) * step, height),
+                         score=min(score, 1.0)))
     boxes.sort(key=lambda b: b.score, reverse=True)
     return tuple(boxes[:config.max_boxes])
 
@@ -153,36 +141,3 @@ def locate_batch(
         for cam, size in zip(cams_np, sizes)
     )
     return Located(logits, classes, cams_np, boxes)
-
-
-def grad_cam(
-    model: nn.Module, x: torch.Tensor, layer: nn.Module, classes: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grad-CAM (Selvaraju et al.) at `layer`'s output: ReLU(Σ_k mean_hw(∂y_c/∂A_k) · A_k).
-
-    Works on the training form or the fused network. Returns (maps (N, h, w) unnormalized, classes);
-    `classes` defaults to the predicted ones. At the last block of a GAP + linear head it equals the
-    CAM up to the factor 1/(h·w) after the ReLU.
-    """
-    captured: list[torch.Tensor] = []
-
-    def keep(_module: nn.Module, _inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        output.retain_grad()
-        captured.append(output)
-
-    was_training = model.training
-    model.eval()
-    handle = layer.register_forward_hook(keep)
-    try:
-        with torch.enable_grad():
-            logits = model(x.detach().clone().requires_grad_(True))  # clone: x may be an inference tensor
-            if classes is None:
-                classes = logits.argmax(dim=1)
-            logits.gather(1, classes[:, None]).sum().backward()
-    finally:
-        handle.remove()
-        model.train(was_training)
-        model.zero_grad(set_to_none=True)
-    activation = captured[-1]
-    weights = activation.grad.mean(dim=(2, 3), keepdim=True)
-    return torch.relu((weights * activation).sum(dim=1)).detach(), classes.detach()

@@ -1,4 +1,4 @@
-"""Where models live: the checkpoint bundled with the package, and resolving a user's `--model`."""
+"""The model bundled with the package (stripnet/default_model), and resolving a user's `--model`."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 from schemas.checkpoint import MANIFEST_NAME
 
 
-def bundled_model_dir() -> Path:
-    return Path(str(files("trainer") / "default_model"))
+def default_model_dir() -> Path:
+    return Path(str(files("stripnet") / "default_model"))
 
 
 def resolve_model_dir(model: str | Path) -> Path:
     if str(model) == "default":
-        path = bundled_model_dir()
+        path = default_model_dir()
         if not (path / MANIFEST_NAME).is_file():
             raise FileNotFoundError(f"no model is bundled with this package yet (looked in {path})")
         return path
