@@ -1,4 +1,9 @@
-"""Parameter and multiply-accumulate counts, per block and in total (the columns of Table 1)."""
+"""Parameter and multiply-accumulate counts, per block and in total (the columns of Table 1).
+
+MACs come from torch's own operator counter (`torch.utils.flop_counter.FlopCounterMode`): it counts
+2 FLOPs per multiply-accumulate of a convolution or matrix product and nothing for element-wise work
+(BN, activations, ECA's gate), which is how Table 1 counts.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)
@@ -21,14 +27,11 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _macs_hook(counter: list[int]):
-    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        if isinstance(module, nn.Conv2d | nn.Conv1d):
-            per_output = module.in_channels // module.groups * int(torch.tensor(module.kernel_size).prod())
-            counter[0] += output.numel() // output.shape[0] * per_output
-        elif isinstance(module, nn.Linear):
-            counter[0] += output.numel() // output.shape[0] * module.in_features
-    return hook
+def _forward_counting(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """module(x) and its multiply-accumulates per image (x holds one image)."""
+    with FlopCounterMode(display=False) as counter:
+        y = module(x)
+    return y, counter.get_total_flops() // 2
 
 
 @torch.no_grad()
@@ -40,25 +43,17 @@ def profile_rows(model: nn.Module, input_size: int, in_channels: int = 3) -> lis
     model.eval()
     stages = [(f"block{i + 1}", blk) for i, blk in enumerate(model.blocks)] + [("head", model.head)]
     for name, module in stages:
-        counter = [0]
-        handles = [m.register_forward_hook(_macs_hook(counter)) for m in module.modules()]
-        x = module(x)
-        for h in handles:
-            h.remove()
+        x, macs = _forward_counting(module, x)
         size = (x.shape[2], x.shape[3]) if x.dim() == 4 else (1, 1)
-        rows.append(LayerRow(name, size, x.shape[1], count_parameters(module), counter[0]))
+        rows.append(LayerRow(name, size, x.shape[1], count_parameters(module), macs))
     model.train(was_training)
     return rows
 
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
-    counter = [0]
-    handles = [m.register_forward_hook(_macs_hook(counter)) for m in model.modules()]
     was_training = model.training
     model.eval()
-    model(torch.zeros(1, in_channels, input_size, input_size))
+    _, macs = _forward_counting(model, torch.zeros(1, in_channels, input_size, input_size))
     model.train(was_training)
-    for h in handles:
-        h.remove()
-    return counter[0]
+    return macs

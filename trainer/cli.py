@@ -147,8 +147,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     from stripnet.checkpoint import load_checkpoint
     from trainer.data import load_image_folder, load_split
     from stripnet.cam import LocateConfig
-    from trainer.locate_plot import write_examples
-    from trainer.locate_report import format_table, pick_examples, run_locate
+    from trainer.locate import format_table, pick_examples, run_locate, write_examples
     from stripnet.bundled import resolve_model_dir
 
     model, manifest = load_checkpoint(resolve_model_dir(args.model))

@@ -13,6 +13,7 @@ from torch import nn
 from schemas.checkpoint import InputSpec
 from stripnet.preprocess import normalize
 from trainer.data import ImageSet
+from trainer.figures import figure
 
 
 @dataclass(frozen=True)
@@ -110,45 +111,22 @@ def measure_latency(model: nn.Module, spec: InputSpec, batch_size: int = 1, iter
 
 
 def plot_confusion(cm: list[list[int]], class_names: tuple[str, ...], path: Path, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     arr = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.imshow(arr, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(arr.shape[0]):
-        for j in range(arr.shape[1]):
-            ax.text(j, i, str(arr[i, j]), ha="center", va="center",
-                    color="white" if arr[i, j] > arr.max() / 2 else "black")
-    ax.set_title(title or "confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, size=(6, 5), dpi=120) as (_, ax):
+        ax.imshow(arr, cmap="Blues")
+        ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(len(class_names)), class_names)
+        ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+        for (i, j), count in np.ndenumerate(arr):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > arr.max() / 2 else "black")
 
 
 def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="validation")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [r["train_acc"] for r in rows], label="train")
-    ax_acc.plot(epochs, [r["val_acc"] for r in rows], label="validation")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("accuracy")
-    ax_acc.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, size=(10, 4), dpi=120) as (fig, (ax_loss, ax_acc)):
+        for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+            ax.plot(epochs, [r[f"train_{metric}"] for r in rows], label="train")
+            ax.plot(epochs, [r[f"val_{metric}"] for r in rows], label="validation")
+            ax.set(xlabel="epoch", ylabel="loss" if metric == "loss" else "accuracy")
+            ax.legend()
+        fig.suptitle(title)

@@ -1,8 +1,13 @@
-"""Figures of the results document: validation curves of several runs, Grad-CAM per class, feature maps (§3.4)."""
+"""Figures: the one plotting helper (`figure`), and the results document's validation curves of several runs,
+Grad-CAM per class and feature maps (§3.4)."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,11 +19,36 @@ from stripnet.preprocess import normalize
 from trainer.data import ImageSet
 
 
-def _plt():
+@contextmanager
+def figure(path: Path, rows: int = 1, cols: int = 1, *, size: tuple[float, float], dpi: int = 100,
+           palette: bool = False) -> Iterator[tuple[Any, Any]]:
+    """A matplotlib figure (off-screen) with `rows`×`cols` axes as `plt.subplots` gives them, written to `path`
+    when the block ends and closed whatever happens. `palette`: a 256-colour PNG (heat maps in RGB compress
+    poorly, and the figures go into the docs)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=size)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        if palette:
+            _save_palette_png(fig, path, dpi)
+        else:
+            fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
+def _save_palette_png(fig: Any, path: Path, dpi: int) -> None:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=256).save(path, optimize=True)
 
 
 def grad_cam(
@@ -56,18 +86,14 @@ def grad_cam(
 
 def plot_validation_curves(runs: dict[str, list[dict]], path: Path) -> None:
     """Validation accuracy and loss per epoch for every run (the paper's Figure 8, one line per run)."""
-    plt = _plt()
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, rows in runs.items():
-        epochs = [r["epoch"] for r in rows]
-        ax_acc.plot(epochs, [r["val_acc"] for r in rows], label=label, lw=1)
-        ax_loss.plot(epochs, [r["val_loss"] for r in rows], label=label, lw=1)
-    ax_acc.set(xlabel="epoch", ylabel="validation accuracy", ylim=(0.5, 1.005))
-    ax_loss.set(xlabel="epoch", ylabel="validation loss", yscale="log")
-    ax_acc.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 2, size=(11, 4), dpi=110) as (_, (ax_acc, ax_loss)):
+        for label, rows in runs.items():
+            epochs = [r["epoch"] for r in rows]
+            ax_acc.plot(epochs, [r["val_acc"] for r in rows], label=label, lw=1)
+            ax_loss.plot(epochs, [r["val_loss"] for r in rows], label=label, lw=1)
+        ax_acc.set(xlabel="epoch", ylabel="validation accuracy", ylim=(0.5, 1.005))
+        ax_loss.set(xlabel="epoch", ylabel="validation loss", yscale="log")
+        ax_acc.legend(fontsize=7)
 
 
 def one_per_class(data: ImageSet) -> list[int]:
@@ -76,48 +102,40 @@ def one_per_class(data: ImageSet) -> list[int]:
 
 def plot_grad_cam(model: RepNet, spec: InputSpec, class_names: tuple[str, ...], data: ImageSet, path: Path) -> None:
     """One image per class: the image, and Grad-CAM at the last block over it, titled with the prediction."""
-    plt = _plt()
     idx = one_per_class(data)
-    x = normalize(data.images[idx], spec)
-    maps, predicted = grad_cam(model, x, model.blocks[-1])
-    fig, axes = plt.subplots(2, len(idx), figsize=(2.1 * len(idx), 4.4))
-    for col, i in enumerate(idx):
-        image = data.images[i].numpy()
-        heat = frame_map(model, maps[col].numpy(), image.shape, spec.size)
-        axes[0, col].imshow(image, cmap="gray")
-        axes[0, col].set_title(data.class_names[data.labels[i]], fontsize=8)
-        axes[1, col].imshow(image, cmap="gray")
-        axes[1, col].imshow(heat, cmap="jet", alpha=0.45)
-        axes[1, col].set_title(f"→ {class_names[predicted[col]]}", fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    maps, predicted = grad_cam(model, normalize(data.images[idx], spec), model.blocks[-1])
+    with figure(path, 2, len(idx), size=(2.1 * len(idx), 4.4)) as (_, axes):
+        for col, i in enumerate(idx):
+            image = data.images[i].numpy()
+            heat = frame_map(model, maps[col].numpy(), image.shape, spec.size)
+            axes[0, col].imshow(image, cmap="gray")
+            axes[0, col].set_title(data.class_names[data.labels[i]], fontsize=8)
+            axes[1, col].imshow(image, cmap="gray")
+            axes[1, col].imshow(heat, cmap="jet", alpha=0.45)
+            axes[1, col].set_title(f"→ {class_names[predicted[col]]}", fontsize=8)
+        for ax in axes.flat:
+            ax.axis("off")
 
 
 @torch.no_grad()
 def plot_feature_maps(model: RepNet, spec: InputSpec, data: ImageSet, index: int, path: Path,
                       layers: tuple[int, int] = (0, -2), channels: int = 8) -> None:
     """The first `channels` maps of a shallow and a deep block for one image."""
-    plt = _plt()
     outputs: dict[int, torch.Tensor] = {}
     handles = [model.blocks[i].register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(i, out))
                for i in layers]
     model.eval()(normalize(data.images[index:index + 1], spec))
     for h in handles:
         h.remove()
-    fig, axes = plt.subplots(len(layers), channels + 1, figsize=(1.6 * (channels + 1), 1.9 * len(layers)))
-    for row, layer in enumerate(layers):
-        fmap = outputs[layer][0].numpy()
-        axes[row, 0].imshow(data.images[index].numpy(), cmap="gray")
-        axes[row, 0].set_title(f"block{layer % len(model.blocks) + 1}\n{fmap.shape[1]}×{fmap.shape[2]}", fontsize=7)
-        for c in range(channels):
-            axes[row, c + 1].imshow(fmap[c], cmap="viridis")
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, len(layers), channels + 1, size=(1.6 * (channels + 1), 1.9 * len(layers))) as (_, axes):
+        for row, layer in enumerate(layers):
+            fmap = outputs[layer][0].numpy()
+            axes[row, 0].imshow(data.images[index].numpy(), cmap="gray")
+            axes[row, 0].set_title(f"block{layer % len(model.blocks) + 1}\n{fmap.shape[1]}×{fmap.shape[2]}",
+                                   fontsize=7)
+            for c in range(channels):
+                axes[row, c + 1].imshow(fmap[c], cmap="viridis")
+        for ax in axes.flat:
+            ax.axis("off")
 
 

@@ -16,6 +16,7 @@ from stripnet.checkpoint import load_checkpoint
 from trainer.data import load_image_folder, load_split
 from trainer.evaluate import measure_latency, plot_confusion
 from trainer.figures import plot_feature_maps, plot_grad_cam, plot_validation_curves
+from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
 
 PAPER_ROWS = {  # Table 3 of the paper: accuracy, MCC (test set), time per image on an RTX 3060
@@ -70,7 +71,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
 
 def _run_summary(run: Path) -> dict:
     model, manifest = load_checkpoint(run / "model")
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    log = read_rows(run)
     return {
         "run": run.name, "accuracy": manifest.metrics["val_accuracy"], "mcc": manifest.metrics["val_mcc"],
         "macro_f1": manifest.metrics["val_macro_f1"], "best_epoch": int(manifest.metrics["best_epoch"]),
@@ -89,7 +90,7 @@ def write_figures(out: Path, data: Path, selected: str, runs: list[str]) -> None
     """Validation curves of every run; confusion matrix, Grad-CAM per class and feature maps of the selected one."""
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    logs = {run: [json.loads(line) for line in (out / run / "log.jsonl").read_text().splitlines()] for run in runs}
+    logs = {run: read_rows(out / run) for run in runs}
     plot_validation_curves(logs, figures / "validation_curves.png")
     model, manifest = load_checkpoint(out / selected / "model")
     metrics = json.loads((out / selected / "metrics.json").read_text())
@@ -131,6 +132,3 @@ def write_report(out: Path, data: Path, eg_runs: list[str], kd_runs: list[str]) 
                                                                  for k, v in r.items() if k != "run")
                                   for rows in groups.values() for r in rows) + "\n")
     return report
-
-
-

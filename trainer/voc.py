@@ -11,21 +11,16 @@ class VocError(ValueError):
     pass
 
 
+Corners = tuple[float, float, float, float]  # (x0, y0, x1, y1), half-open pixel box, 0-based
+
+
 @dataclass(frozen=True)
-class GtBox:
-    """Half-open pixel box, 0-based: VOC's 1-based inclusive (xmin, ymin, xmax, ymax) → (xmin-1, ymin-1, xmax, ymax)."""
+class VocObject:
+    """One annotated object: its class name and its box, VOC's 1-based inclusive (xmin, ymin, xmax, ymax)
+    as corners (xmin - 1, ymin - 1, xmax, ymax)."""
 
     name: str
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-
-    def as_tuple(self) -> tuple[float, float, float, float]:
-        return self.x0, self.y0, self.x1, self.y1
-
-    def scaled(self, sx: float, sy: float) -> GtBox:
-        return GtBox(self.name, self.x0 * sx, self.y0 * sy, self.x1 * sx, self.y1 * sy)
+    corners: Corners
 
 
 @dataclass(frozen=True)
@@ -33,7 +28,7 @@ class VocAnnotation:
     filename: str
     width: int
     height: int
-    boxes: tuple[GtBox, ...]
+    objects: tuple[VocObject, ...]
 
 
 def _number(node: ET.Element, tag: str, path: Path) -> float:
@@ -53,7 +48,7 @@ def read_voc(path: str | Path) -> VocAnnotation:
     size = root.find("size")
     if size is None:
         raise VocError(f"{path}: no <size> element")
-    boxes = []
+    objects = []
     for obj in root.iterfind("object"):
         bnd = obj.find("bndbox")
         if bnd is None:
@@ -61,10 +56,10 @@ def read_voc(path: str | Path) -> VocAnnotation:
         xmin, ymin, xmax, ymax = (_number(bnd, t, path) for t in ("xmin", "ymin", "xmax", "ymax"))
         if xmax < xmin or ymax < ymin:
             raise VocError(f"{path}: inverted box {(xmin, ymin, xmax, ymax)}")
-        boxes.append(GtBox((obj.findtext("name") or "").strip(), xmin - 1, ymin - 1, xmax, ymax))
+        objects.append(VocObject((obj.findtext("name") or "").strip(), (xmin - 1, ymin - 1, xmax, ymax)))
     return VocAnnotation(
         filename=(root.findtext("filename") or "").strip(),
-        width=int(_number(size, "width", path)), height=int(_number(size, "height", path)), boxes=tuple(boxes),
+        width=int(_number(size, "width", path)), height=int(_number(size, "height", path)), objects=tuple(objects),
     )
 
 

@@ -14,7 +14,7 @@ from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model, reparameterize
 from trainer.cli import main
 from trainer.figures import grad_cam
-from trainer.locate_eval import best_iou, iou, iou_matrix, matched_at, pointing_hit
+from trainer.locate import best_iou, iou, iou_matrix, matched_at, pointing_hit
 from trainer.voc import VocError, read_voc
 
 BOXES = Path(__file__).resolve().parents[2] / "../shared/datasets/neu-det-boxes"
@@ -171,7 +171,7 @@ def test_voc_parsing_of_a_shared_file():
         pytest.skip(f"shared NEU-DET boxes not found at {BOXES.resolve()}")
     ann = read_voc(path)
     assert (ann.filename, ann.width, ann.height) == ("crazing_1.jpg", 200, 200)
-    assert [(b.name, b.as_tuple()) for b in ann.boxes] == [("crazing", (1.0, 1.0, 193.0, 194.0))]
+    assert [(o.name, o.corners) for o in ann.objects] == [("crazing", (1.0, 1.0, 193.0, 194.0))]
 
 
 def test_voc_parsing_rejects_broken_files(tmp_path):
