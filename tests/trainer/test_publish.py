@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -172,3 +174,13 @@ def test_cli_publish_reports_a_broken_checkpoint(broken: Path, tmp_path: Path,
     err = capsys.readouterr().err
     assert err.startswith("trainer publish: error:") and "sha256" in err
     assert not model_dir.exists() or os.listdir(model_dir) == []
+
+
+def test_cli_publish_runs_without_the_training_extras(checkpoint: Path, tmp_path: Path) -> None:
+    """The runtime image has no tqdm, matplotlib or torchvision (pyproject's `train` and `bench` extras)."""
+    blocked = ("tqdm", "matplotlib", "torchvision")
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); from trainer.cli import main; "
+            f"sys.exit(main(['publish', {str(checkpoint)!r}, '--model-dir', {str(tmp_path)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(visible(tmp_path)) == 1
