@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from schemas.checkpoint import InputSpec
 
 
 def parse_split(text: str) -> tuple[float, ...]:
-    """'8:1:1' or '0.8,0.1,0.1' → fractions summing to 1 (two parts = train/val, test held elsewhere)."""
+    """'8:1:1' or '0.8,0.1,0.1' → fractions summing to 1 (two parts = train/val, one = train on everything)."""
     parts = [float(p) for p in text.replace(",", ":").split(":")]
-    if len(parts) not in (2, 3) or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"split needs 2 or 3 non-negative parts, got {text!r}")
+    if len(parts) not in (1, 2, 3) or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"split needs 1 to 3 non-negative parts, got {text!r}")
     return tuple(p / sum(parts) for p in parts)
 
 
@@ -61,11 +61,12 @@ def _train_config(args: argparse.Namespace):
         data=Path(args.data), out=Path(args.out), arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, warmup_epochs=args.warmup_epochs, seed=args.seed, split=args.split, split_seed=args.split_seed,
         split_file=Path(args.split_file) if args.split_file else None, input=InputSpec(size=args.size),
-        teacher=Path(args.teacher) if args.teacher else None,
+        teacher=Path(args.teacher) if getattr(args, "teacher", None) else None,
         kd=KDConfig(temperature=args.temperature, alpha=args.alpha, t_squared=args.t_squared),
         teacher_cache_dir=Path(args.teacher_cache_dir) if args.teacher_cache_dir else None,
         limit_per_class=args.limit_per_class, threads=args.threads, bf16=args.bf16, model_name=args.model_name,
-        model_version=args.model_version, progress=not args.no_progress,
+        model_version=args.model_version, progress=not args.no_progress, select=args.select,
+        label_smoothing=args.label_smoothing, ema_decay=args.ema, jitter=args.jitter,
     )
 
 
@@ -73,8 +74,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from trainer.train import fit
 
     result = fit(_train_config(args))
-    print(f"best epoch {result.best_epoch}: val accuracy {result.val.accuracy:.4f}, MCC {result.val.mcc:.4f}; "
-          f"fused checkpoint {result.out / 'model'} ({result.seconds:.0f} s)")
+    scores = f"val accuracy {result.val.accuracy:.4f}, MCC {result.val.mcc:.4f}" if result.val else "no validation part"
+    print(f"epoch {result.best_epoch}: {scores}; fused checkpoint {result.out / 'model'} ({result.seconds:.0f} s)")
     return 0
 
 
@@ -143,6 +144,20 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    from trainer.cv import CVConfig, cross_validate
+
+    recipe = _train_config(args)
+    teacher = (replace(recipe, arch="repvgg-a0", epochs=args.teacher_epochs, bf16=True, label_smoothing=0.0,
+                       ema_decay=None, jitter=False, model_name="repvgg-a0-teacher") if args.per_fold_teacher else None)
+    cfg = CVConfig(data=Path(args.data), out=Path(args.out), recipe=recipe, teacher=teacher, folds=args.folds,
+                   fold_seed=args.fold_seed, jobs=args.jobs, threads=args.threads or 1,
+                   limit_per_class=args.limit_per_class)
+    doc = cross_validate(cfg)
+    print((Path(args.out) / "cv.md").read_text())
+    return 0 if doc["n"] else 1
+
+
 def cmd_locate(args: argparse.Namespace) -> int:
     from stripnet.checkpoint import load_checkpoint
     from trainer.data import load_image_folder, load_split
@@ -163,7 +178,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_fit_args(p: argparse.ArgumentParser) -> None:
+def _add_fit_args(p: argparse.ArgumentParser, teacher_dir: bool = True) -> None:
     p.add_argument("--data", required=True, help="image folder: one sub-folder per class")
     p.add_argument("--out", required=True, help="run directory (resumes if it holds last.pt)")
     p.add_argument("--arch", default="eg-repvgg", choices=["eg-repvgg", "repvgg-a0"])
@@ -176,7 +191,8 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--split-file", help="reuse a split.json from another run")
     p.add_argument("--size", type=int, default=200, help="input side in pixels")
-    p.add_argument("--teacher", help="teacher checkpoint directory: turns on distillation")
+    if teacher_dir:
+        p.add_argument("--teacher", help="teacher checkpoint directory: turns on distillation")
     p.add_argument("--temperature", type=float, default=7.0)
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--t-squared", action="store_true", help="scale the KD term by T² (Hinton); off in the paper")
@@ -187,6 +203,11 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name")
     p.add_argument("--model-version")
     p.add_argument("--no-progress", action="store_true", help="plain per-epoch lines instead of a progress bar")
+    p.add_argument("--select", default="best", choices=["best", "last"],
+                   help="checkpoint the best epoch on validation, or the last one (no validation pick)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--ema", type=float, help="keep an exponential moving average of the weights with this decay")
+    p.add_argument("--jitter", action="store_true", help="camera jitter (exposure, blur, shift, scale) on top of D4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="train a teacher or a student (distilled with --teacher)")
     _add_fit_args(p)
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("cv", help="stratified K-fold cross-validation: every image predicted by a model that never saw it")
+    _add_fit_args(p, teacher_dir=False)
+    p.add_argument("--teacher", dest="per_fold_teacher", action="store_true",
+                   help="train a RepVGG-A0 teacher per fold, on that fold's training part only, and distill from it")
+    p.add_argument("--teacher-epochs", type=int, default=100)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--fold-seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="folds trained at the same time, one process each")
+    p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("export", help="fuse a training state (best.pt/last.pt) into a checkpoint directory")
     p.add_argument("state", help="best.pt or last.pt of a run")

@@ -137,3 +137,30 @@ def dihedral_batch(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
         sel = ks == k
         out[sel] = dihedral(x[sel], k)
     return out
+
+
+def camera_jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """What a line camera varies between frames, drawn per image: (N, H, W) uint8 → (N, H, W) uint8.
+
+    Exposure (brightness ±0.08, contrast ×0.8–1.25 about the image mean, gamma ×0.8–1.25), focus (a 3×3
+    Gaussian blur on a quarter of the images) and mounting (shift up to ±4 % of the side, scale ±7 %,
+    reflected at the border).
+    """
+    n = len(images)
+    u = lambda lo, hi: torch.empty(n, 1, 1, 1).uniform_(lo, hi, generator=gen)  # noqa: E731
+    x = images.unsqueeze(1).float().div_(255.0)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    x = ((x - mean) * u(0.8, 1.25) + mean + u(-0.08, 0.08)).clamp_(0.0, 1.0)
+    x = x.pow_(torch.exp(u(-0.22, 0.22)))
+    blurred = torch.rand(n, generator=gen) < 0.25
+    if blurred.any():
+        kernel = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (kernel[:, None] * kernel[None, :] / 16).view(1, 1, 3, 3)
+        x[blurred] = torch.nn.functional.conv2d(torch.nn.functional.pad(x[blurred], (1, 1, 1, 1), mode="reflect"), kernel)
+    scale = u(0.93, 1.07).view(n)
+    shift = torch.empty(n, 2).uniform_(-0.08, 0.08, generator=gen)  # normalized coordinates span 2
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = scale, scale, shift
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return x.squeeze(1).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)

@@ -22,6 +22,7 @@ class KDConfig:
 
 def kd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, cfg: KDConfig,
+    label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """loss = α·KL(q(u,T) ‖ q(z,T)) + (1−α)·CE(y, q(z,1)); returns every component for logging."""
     t = cfg.temperature
@@ -31,7 +32,7 @@ def kd_loss(
     )
     if cfg.t_squared:
         kd = kd * t * t
-    ce = F.cross_entropy(student_logits, targets)
+    ce = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
     return {"loss": cfg.alpha * kd + (1 - cfg.alpha) * ce, "kd": kd.detach(), "ce": ce.detach()}
 
 

@@ -63,3 +63,18 @@ def test_folder_needs_classes(tmp_path):
     (tmp_path / "only").mkdir()
     with pytest.raises(ValueError, match="one sub-folder per class"):
         load_image_folder(tmp_path)
+
+
+def test_camera_jitter_is_seeded_and_keeps_the_frame():
+    import torch
+
+    from trainer.data import camera_jitter
+
+    images = torch.randint(0, 256, (16, 40, 40), dtype=torch.uint8)
+    a = camera_jitter(images, torch.Generator().manual_seed(1))
+    assert a.shape == images.shape and a.dtype == torch.uint8
+    assert torch.equal(a, camera_jitter(images, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, images)
+    flat = camera_jitter(torch.full((16, 40, 40), 128, dtype=torch.uint8), torch.Generator().manual_seed(2))
+    assert all(int(f.max()) - int(f.min()) <= 1 for f in flat)  # geometry and blur leave a flat frame flat
+    assert len({int(f[0, 0]) for f in flat}) > 4  # exposure differs per image

@@ -48,3 +48,14 @@ def test_distillation_uses_the_teacher(smoke_cfg, tmp_path):
     assert rows[0]["train_kd"] > 0
     assert len(list((tmp_path / "cache").glob("teacher-logits-*.pt"))) == 1
     assert load_checkpoint(smoke_cfg.out / "model")[1].teacher == teacher.model_name
+
+
+def test_training_on_every_image_keeps_the_last_epoch(smoke_cfg):
+    cfg = replace(smoke_cfg, split=(1.0,), select="last", ema_decay=0.9, jitter=True, label_smoothing=0.1)
+    result = fit(cfg)
+    assert result.val is None and result.best_epoch == 2
+    assert not (cfg.out / "metrics.json").exists()
+    split = json.loads((cfg.out / "split.json").read_text())
+    assert len(split["train"]) == 72 and "val" not in split
+    _, manifest = load_checkpoint(cfg.out / "model")
+    assert manifest.metrics == {"epochs": 2.0}
