@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -194,7 +193,3 @@ def delivered_rate(offered: Offered, reader: EventReader, ramp_s: float) -> floa
     lo, hi = offered.started + ramp_s, offered.ended
     n = sum(1 for f in offered.sent if lo <= reader.received.get(f, -1.0) <= hi)
     return n / max(hi - lo, 1e-9)
-
-
-def received_in(offered: Offered, reader: EventReader) -> Sequence[float]:
-    return [reader.received[f] for f in offered.sent if f in reader.received]
