@@ -9,7 +9,7 @@ Inputs are 200×200 gray frames replicated to 3 channels and normalized as the e
 each engine's preferred layout (channels-last tensors for torch, NCHW arrays for ONNX Runtime,
 one channel for the gray-folded variants), prepared outside the timed region. Throughput is
 batch / median call time; batch-1 latency percentiles are over the individual batch-1 calls.
-The fused student is measured through inspector.backends, i.e. the code the service runs.
+The fused student is measured through inspector.runners, i.e. the code the service runs.
 
 Every call is also timed in process CPU time. On a machine that other jobs keep busy, wall time
 includes the time this process waits for a core; CPU time per call does not, so `batch / median
@@ -36,7 +36,7 @@ from torch import nn
 from torchvision import models as tv
 
 from benchmarks import BenchOptions, Section, markdown_table, percentile_ms
-from inspector.backends import make_backend
+from inspector.runners import RUNNERS, RunnerOptions
 from schemas.checkpoint import InputSpec, Manifest
 from stripnet.architectures import EG_REPVGG, REPVGG_A0
 from stripnet.bundled import resolve_model_dir
@@ -229,19 +229,23 @@ def student_cases(model: RepNet, manifest: Manifest, plan: Plan, threads: int) -
         log(f"setting up {STUDENT} / {engine}")
         t0 = time.perf_counter()
         try:
-            backend = make_backend(backend_name, model, manifest, plan.batch_sizes,  # type: ignore[arg-type]
-                                   threads=threads, **kwargs)
+            backend = RUNNERS[backend_name](model, manifest, RunnerOptions(  # type: ignore[index]
+                torch.device("cpu"), max(plan.batch_sizes), threads=threads, fold_gray=kwargs.get("fold_gray", False),
+                exporter=kwargs.get("exporter", "dynamo")))
+            for batch in plan.batch_sizes:  # warmed up, as the service's loader does
+                backend.forward(backend.prepare(torch.zeros(batch, SIZE, SIZE, dtype=torch.uint8)))
         except Exception as err:  # noqa: BLE001 - a backend that cannot be built is reported, not fatal
             cases.append(FailedCase(STUDENT, engine, f"{type(err).__name__}: {err}"[:300]))
             continue
         setup_s = time.perf_counter() - t0
         if getattr(backend, "exporter", "dynamo") != kwargs.get("exporter", "dynamo"):
             engine += f" ({backend.exporter} export: dynamo failed)"  # type: ignore[attr-defined]
-        diff = float(np.abs(backend(reference[:, : backend.in_channels]) - expected).max())
-        net = fold_gray(model, manifest.input)[0] if backend.in_channels == 1 else model
-        cases.append(Case(STUDENT, engine, backend, "numpy" if backend_name == "onnxruntime" else "torch",
-                          backend.in_channels, count_parameters(net), count_macs(net, SIZE, backend.in_channels),
-                          setup_s, diff, backend.prepare))
+        channels = backend.spec.channels
+        diff = float(np.abs(backend.forward(reference[:, :channels]) - expected).max())
+        net = fold_gray(model, manifest.input)[0] if channels == 1 else model
+        cases.append(Case(STUDENT, engine, backend.forward, "numpy" if backend_name == "onnxruntime" else "torch",
+                          channels, count_parameters(net), count_macs(net, SIZE, channels), setup_s, diff,
+                          backend.prepare))
     return cases
 
 

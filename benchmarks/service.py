@@ -46,8 +46,8 @@ from pydantic import BaseModel
 from benchmarks import BenchOptions, Section, markdown_table
 from benchmarks.loadgen import EventReader, Frames, Load, Offered, delivered_rate, latencies, load_frames
 from benchmarks.pyspy import Profile, record, summarize
+from inspector.app import build
 from inspector.broker import LocalBroker, free_port
-from inspector.engine import Engine
 from inspector.settings import Settings
 from inspector.topics import ensure_topics
 from stripnet.architectures import EG_REPVGG
@@ -478,8 +478,7 @@ class CeilingCase:
 
 def ceiling_cases(version: Path, images: list[np.ndarray], frames: Frames, settings: Settings) -> list[CeilingCase]:
     model, manifest = load_checkpoint(version)
-    engine = Engine("cpu", max_batch=settings.max_batch, backend=settings.backend)
-    runner = engine.prepare(model, manifest)
+    runner = build(settings.model_copy(update={"device": "cpu"})).loader.load(model, manifest)  # as the service
     b, n = settings.max_batch, len(images)
 
     def service_batch(i: int) -> object:
@@ -494,9 +493,9 @@ def ceiling_cases(version: Path, images: list[np.ndarray], frames: Frames, setti
     def decode(i: int) -> object:
         return cv2.imdecode(np.frombuffer(frames.values[i % len(frames.values)], np.uint8), cv2.IMREAD_GRAYSCALE)
 
-    return [CeilingCase("model-only ceiling: the inspector's engine on decoded frames", runner.backend, b,
+    return [CeilingCase("model-only ceiling: the inspector's engine on decoded frames", runner.name, b,
                         service_batch),
-            CeilingCase("the naive consumer's model step (to_input + eager forward + softmax)", "torch", 1,
+            CeilingCase("the naive consumer's model step (normalize + eager forward + softmax)", "torch", 1,
                         naive_model),
             CeilingCase("JPEG decode alone (cv2.imdecode, gray)", "OpenCV", 1, decode)]
 

@@ -6,11 +6,18 @@ producers and transactions are not supported by this build, which the inspector 
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import socket
 import subprocess
 import time
 from types import TracebackType
 from typing import IO
+
+import structlog
+
+from inspector.settings import Settings, kafka_client_kwargs
+from inspector.topics import ensure_topics
 
 
 def broker_binary() -> str:
@@ -87,3 +94,19 @@ class LocalBroker:
                  tb: TracebackType | None) -> None:
         self.stop()
 
+
+
+async def serve(settings: Settings, port: int, *, partitions: int, verbose: bool) -> None:
+    """`inspector broker`: tansu on 127.0.0.1:`port` with the settings' three topics, until SIGINT/SIGTERM."""
+    log = structlog.get_logger(__name__)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with LocalBroker(port, output=None if verbose else subprocess.DEVNULL) as broker:
+        topics = {settings.topic: partitions, settings.output_topic: partitions, settings.dead_letter_topic: partitions}
+        created = await ensure_topics(topics, client_kwargs=kafka_client_kwargs(settings))
+        log.info("broker_ready", bootstrap_servers=broker.bootstrap_servers, storage="memory (lost on exit)",
+                 topics_created=created, partitions=partitions)
+        await stop.wait()
+        log.info("broker_stopping")

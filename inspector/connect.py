@@ -1,7 +1,10 @@
-"""Starting an aiokafka client against a broker that may not be up yet: retry with capped backoff.
+"""The service's aiokafka clients, built from the settings, and starting them against a broker that may
+not be up yet: retry with capped backoff.
 
-The first failure is one warning line naming the servers and what happens next; later attempts log at
-debug, and success after a failure is one info line. Stopping (the `stop` event) ends the wait.
+The consumer commits manually only (the service commits, never aiokafka); the producer waits for every
+in-sync replica (acks=all). A start failure is one warning line naming the servers and what happens
+next; later attempts log at debug, and success after a failure is one info line. Stopping (the `stop`
+event) ends the wait.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from inspector.settings import Settings, kafka_client_kwargs
 
 
 class Startable(Protocol):
@@ -22,6 +28,23 @@ class Startable(Protocol):
 C = TypeVar("C", bound=Startable)
 
 FIRST_BACKOFF_S = 0.5
+
+
+def new_consumer(settings: Settings) -> AIOKafkaConsumer:
+    """Manual commits only; subscribed after it starts, together with the commit policy it serves."""
+    s = settings
+    fetch_bytes = s.max_frame_bytes + 64 * 1024  # one frame at the size limit must fit in a fetch
+    return AIOKafkaConsumer(
+        group_id=s.group_id, enable_auto_commit=False, auto_offset_reset=s.auto_offset_reset,
+        session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.heartbeat_interval_ms,
+        fetch_max_wait_ms=s.fetch_max_wait_ms, max_partition_fetch_bytes=max(fetch_bytes, 1024 * 1024),
+        fetch_max_bytes=max(fetch_bytes, 50 * 1024 * 1024),
+        **kafka_client_kwargs(s),
+    )
+
+
+def new_producer(settings: Settings) -> AIOKafkaProducer:
+    return AIOKafkaProducer(acks="all", linger_ms=2, **kafka_client_kwargs(settings))
 
 
 async def start_with_retry(factory: Callable[[], C], *, name: str, servers: str, stop: asyncio.Event,

@@ -16,36 +16,28 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer
 
+from inspector.app import build
 from inspector.broker import LocalBroker
 from inspector.codec import loads
-from inspector.engine import Engine, configure_threads
-from inspector.model_store import ModelStore
-from inspector.observability import PrometheusTelemetry
+from inspector.metrics import Metrics
 from inspector.replay import frame_files, replay
-from inspector.service import InspectorService
 from inspector.settings import Settings, kafka_client_kwargs
 from inspector.topics import ensure_topics
 from stripnet.bundled import resolve_model_dir
+
+if TYPE_CHECKING:
+    from inspector.cli import Demo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NEU_CLS = REPO_ROOT.parent / "shared" / "datasets" / "neu-cls"  # next to the repository, as `make demo` expects
 SYNTH_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 PARTITIONS = 3
-
-
-@dataclass(frozen=True)
-class DemoOptions:
-    images: Path | None = None
-    rate: float | None = 200.0
-    limit: int | None = None
-    port: int | None = None
-    timeout_s: float = 600.0
 
 
 class Tally:
@@ -116,17 +108,19 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-async def run_demo(base: Settings, options: DemoOptions) -> int:
-    with contextlib.ExitStack() as stack:
+async def run_demo(demo: Demo) -> int:
+    """`inspector demo`: the command's own fields choose the frames, the rate and the broker port; the rest
+    are the inspector's settings."""
+    async with contextlib.AsyncExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="inspector-demo-")))
-        images = options.images
+        images = demo.images
         if images is None and NEU_CLS.is_dir():
             images = NEU_CLS
             say(f"demo: frames from {images}")
         elif images is None:
             images = synthesize_frames(scratch / "frames")
             say(f"demo: {NEU_CLS} not found; using {len(frame_files(images)[0])} synthesized frames")
-        model_dir = base.model_dir
+        model_dir = demo.model_dir
         if model_dir is None:
             try:
                 resolve_model_dir("default")
@@ -134,28 +128,24 @@ async def run_demo(base: Settings, options: DemoOptions) -> int:
             except FileNotFoundError:
                 model_dir = untrained_model_dir(scratch / "models")
                 say("demo: no bundled model yet; using an UNTRAINED network (labels are noise)")
-        broker = stack.enter_context(LocalBroker(options.port))
+        broker = stack.enter_context(LocalBroker(demo.port))
         say(f"demo: broker (tansu, memory-only) on {broker.bootstrap_servers}")
-        settings = base.model_copy(update={
+        settings = demo.model_copy(update={
             "bootstrap_servers": broker.bootstrap_servers, "model_dir": model_dir,
             "session_timeout_ms": 3000, "heartbeat_interval_ms": 500,
         })
         client = kafka_client_kwargs(settings)
         await ensure_topics({settings.topic: PARTITIONS, settings.output_topic: PARTITIONS,
                              settings.dead_letter_topic: PARTITIONS}, client_kwargs=client)
-        configure_threads(settings.threads)
-        engine = Engine(settings.device, max_batch=settings.max_batch, fp16=settings.fp16, backend=settings.backend)
-        telemetry = PrometheusTelemetry()
-        service = InspectorService(settings, ModelStore(settings.model_dir, engine.prepare, telemetry=telemetry),
-                                   telemetry=telemetry)
-        expected = len(frame_files(images)[0][: options.limit])
+        inspector = build(settings)
+        expected = len(frame_files(images)[0][: demo.limit])
         stop = asyncio.Event()
-        serving = asyncio.create_task(service.run(stop))
+        serving = asyncio.create_task(inspector.service.run(stop))
         try:
-            await _until_ready(telemetry, serving, options.timeout_s)
-            say(f"demo: inspector ready (model {service.serving.version}); replaying {expected} frames"
-                + (f" at {options.rate:g} fps" if options.rate else ""))
-            tally = await _watch(settings, images, options, expected, client, serving)
+            await _until_ready(inspector.metrics, serving, demo.timeout)
+            say(f"demo: inspector ready (model {inspector.service.serving.version}); replaying {expected} frames"
+                + (f" at {demo.rate:g} fps" if demo.rate else ""))
+            tally = await _watch(settings, images, demo, expected, client, serving)
         finally:
             stop.set()
             await serving
@@ -163,17 +153,17 @@ async def run_demo(base: Settings, options: DemoOptions) -> int:
         return 0 if tally.events == expected else 1
 
 
-async def _until_ready(telemetry: PrometheusTelemetry, serving: asyncio.Task, timeout_s: float) -> None:
+async def _until_ready(metrics: Metrics, serving: asyncio.Task, timeout_s: float) -> None:
     """Wait until the inspector has a model and has joined its group, so latencies measure the pipeline."""
     async with asyncio.timeout(timeout_s):
-        while not telemetry.ready:
+        while not metrics.ready:
             if serving.done():
                 await serving  # raises what stopped it
                 raise RuntimeError("the inspector stopped before it was ready")
             await asyncio.sleep(0.05)
 
 
-async def _watch(settings: Settings, images: Path, options: DemoOptions, expected: int, client: dict,
+async def _watch(settings: Settings, images: Path, demo: Demo, expected: int, client: dict,
                  serving: asyncio.Task) -> Tally:
     """Replay the frames and read the events back until every frame has its event (or the timeout)."""
     class_names = {p.name for p in images.iterdir() if p.is_dir()}
@@ -181,8 +171,8 @@ async def _watch(settings: Settings, images: Path, options: DemoOptions, expecte
     await consumer.start()
     try:
         camera = asyncio.create_task(replay(images, topic=settings.topic, camera_id="demo-cam", client_kwargs=client,
-                                            rate=options.rate, limit=options.limit))
-        tally, deadline, shown = Tally(), time.monotonic() + options.timeout_s, 0.0
+                                            rate=demo.rate, limit=demo.limit))
+        tally, deadline, shown = Tally(), time.monotonic() + demo.timeout, 0.0
         tty = sys.stdout.isatty()
         while tally.events < expected and time.monotonic() < deadline and not serving.done():
             batch = await consumer.getmany(timeout_ms=250)

@@ -3,7 +3,7 @@
 A model directory holds one sub-directory per version (trainer/publish.py); names starting with
 "." are in-flight copies and ignored, and the newest version is the greatest name. A candidate is
 served only after `load_checkpoint` (manifest schema, sha256, architecture vs weights) and the
-engine's `prepare` (device, warm-up at every batch size, finite outputs) both succeed. A rejected
+runner loader's `load` (inspector/runners.py: device, warm-up, finite outputs) both succeed. A rejected
 version is remembered by its directory name and its files' sizes, mtimes and inodes, and is retried
 only when those change. Everything here blocks: the service calls it through `asyncio.to_thread`.
 """
@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from inspector.telemetry import NullTelemetry, Telemetry
+from inspector.metrics import Metrics
 from schemas.checkpoint import Manifest
 from stripnet.bundled import resolve_model_dir
 from stripnet.checkpoint import CheckpointError, load_checkpoint
@@ -46,10 +46,10 @@ class ServingModel(Generic[T]):
 
 class ModelStore(Generic[T]):
     def __init__(self, model_dir: Path | None, prepare: Callable[[RepNet, Manifest], T], *,
-                 telemetry: Telemetry = NullTelemetry()) -> None:
+                 metrics: Metrics) -> None:
         self._model_dir = Path(model_dir) if model_dir is not None else None
         self._prepare = prepare
-        self._telemetry = telemetry
+        self._metrics = metrics
         self._current: ServingModel[T] | None = None
         self._rejected: dict[str, Fingerprint] = {}
         self._lock = threading.Lock()
@@ -143,12 +143,12 @@ class ModelStore(Generic[T]):
         return ServingModel(runner=runner, manifest=manifest, path=path)
 
     def _reject(self, path: Path, reason: str, kind: str, exc_info: BaseException | None = None) -> None:
-        """One log line with the full reason; telemetry gets the bounded `kind` (a metric label)."""
+        """One log line with the full reason (and its bounded `kind`); one failed reload counted."""
         serving = self._current.version if self._current is not None else None
         extra = {"exc_info": exc_info} if exc_info is not None else {}
         self._log.warning("model_rejected", version=path.name, path=str(path), reason=reason, kind=kind,
                           serving=serving, **extra)
-        self._telemetry.model_reload(False, kind)
+        self._metrics.model_reload(False)
 
     def _activate(self, found: ServingModel[T]) -> None:
         previous = self._current
@@ -162,8 +162,8 @@ class ModelStore(Generic[T]):
         self._log.info("model_active", version=found.version, model_name=found.manifest.model_name,
                        path=str(found.path), classes=list(found.manifest.class_names),
                        previous_version=previous.version if previous is not None else None)
-        self._telemetry.model_reload(True)
-        self._telemetry.model_active(found.manifest)
+        self._metrics.model_reload(True)
+        self._metrics.model_active(found.manifest)
 
 
 def _fingerprint(path: Path) -> Fingerprint | None:

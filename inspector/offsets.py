@@ -88,16 +88,21 @@ class CommitPolicy:
         """Records fetched and not yet committed: the source's backpressure measure."""
         return self._tracker.in_flight(tps)
 
-    async def acknowledged(self, done: Iterable[tuple[TopicPartition, int]]) -> None:
-        """Records whose outputs the broker acknowledged: finish them and commit what is contiguous."""
+    def finish(self, done: Iterable[tuple[TopicPartition, int]]) -> None:
+        """Records whose outputs the broker acknowledged; the next `commit` commits what became contiguous."""
         for tp, offset in done:
             self._tracker.finish(tp, offset)
-        await self.commit()
-        async with self._progress:
-            self._progress.notify_all()
 
     async def commit(self, tps: Iterable[TopicPartition] | None = None) -> dict[TopicPartition, int]:
-        """Commit the finished prefixes; a failed commit is logged and retried with the next one."""
+        """Commit the finished prefixes; a failed commit is logged and retried with the next one. Wakes
+        whoever waits for room or for a drain."""
+        try:
+            return await self._commit_finished(tps)
+        finally:
+            async with self._progress:
+                self._progress.notify_all()
+
+    async def _commit_finished(self, tps: Iterable[TopicPartition] | None) -> dict[TopicPartition, int]:
         async with self._lock:
             positions = self._tracker.committable(tps)
             if not positions:

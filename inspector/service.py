@@ -1,19 +1,24 @@
-"""The inspector service: wires source → batcher → engine → sink, swaps models, stops cleanly.
+"""The inspector's pipeline: consume → decode → batch → infer → build events and dead letters → produce → commit.
 
-Start: the initial model is loaded (a missing or invalid model fails fast), then the producer and
-the consumer connect, retrying while the broker is unreachable. Run: the source fetches and decodes,
-the batcher groups frames, one inference thread runs the model, the sink publishes and its
-acknowledgements drive the commits. Models are swapped between batches when the store finds a newer
-valid version. Stop (the `stop` event, set by SIGINT/SIGTERM in the CLI): fetching stops, what is in
-flight is drained and committed within `shutdown_timeout_s`, and the consumer leaves its group.
+`Pipeline` holds one connected run's pieces and has one method per step, in that order: the source
+fetches within the in-flight budget and decodes off the loop (inspector/source.py); a frame goes to
+the batcher, an invalid record straight to its dead letter; one inference thread runs the model on
+each batch while the event loop builds and produces the previous batch's events (batches leave in
+order); once the broker acknowledges outputs, `commit` finishes their offsets and commits the
+finished prefix (inspector/offsets.py).
+
+`InspectorService` runs it. Start: the initial model is loaded (a missing or invalid one fails fast),
+then the producer and the consumer connect, retrying while the broker is unreachable. Models are
+swapped between batches when the store finds a newer valid version. Stop (the `stop` event, set by
+SIGINT/SIGTERM in `inspector run`): fetching stops, what is in flight is drained and committed within
+`shutdown_timeout_s`, and the consumer leaves its group.
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -24,19 +29,26 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from inspector.batcher import Batch, MicroBatcher
-from inspector.connect import Startable, start_with_retry
-from inspector.decode import DecodeLimits
-from inspector.engine import Prediction, Runner
-from inspector.events import Frame, defect_event, utc_now
+from inspector.connect import Startable, new_consumer, new_producer, start_with_retry
+from inspector.decode import DecodeLimits, Rejected
+from inspector.metrics import Metrics
 from inspector.model_store import ServingModel
 from inspector.offsets import CommitPolicy
-from inspector.settings import Settings, kafka_client_kwargs
+from inspector.outputs import Output, Outputs
+from inspector.records import Frame, Record, utc_now
+from inspector.runners import Prediction, Runner
+from inspector.settings import Settings
 from inspector.sink import Sink
 from inspector.source import DrainBeforeRevoke, FrameSource
-from inspector.summary import Fanout, Summary
-from inspector.telemetry import NullTelemetry, Telemetry
 
 C = TypeVar("C", bound=Startable)
+
+
+class Models(Protocol):
+    """The part of inspector.model_store.ModelStore the service uses."""
+
+    def load_initial(self) -> ServingModel[Runner]: ...
+    def poll(self) -> ServingModel[Runner] | None: ...
 
 
 @dataclass(frozen=True)
@@ -50,19 +62,96 @@ class Inferred:
     inference_s: float
 
 
-class Models(Protocol):
-    """The part of inspector.model_store.ModelStore the service uses."""
+class Pipeline:
+    """The data path of one connected run, step by step."""
 
-    def load_initial(self) -> ServingModel[Runner]: ...
-    def poll(self) -> ServingModel[Runner] | None: ...
+    def __init__(self, settings: Settings, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer,
+                 offsets: CommitPolicy, executor: ThreadPoolExecutor, metrics: Metrics,
+                 serving: Callable[[], ServingModel[Runner]]) -> None:
+        s = settings
+        self.source = FrameSource(consumer, offsets, limits=DecodeLimits(s.max_frame_bytes, s.max_pixels),
+                                  capacity=s.queue_frames, metrics=metrics)
+        self.batcher: MicroBatcher[Frame] = MicroBatcher(s.max_batch, s.max_wait_ms / 1000,
+                                                         capacity=max(s.queue_frames, s.max_batch))
+        self.sink = Sink(producer)
+        self.outputs = Outputs(settings)
+        self.offsets, self.executor, self.metrics, self.serving = offsets, executor, metrics, serving
+        self._log = structlog.get_logger(__name__)
+
+    # 1-2. consume and decode: frames to the batcher, invalid records to their dead letter
+    async def consume(self, stop: asyncio.Event) -> None:
+        await self.source.run(on_frame=self.batcher.put, on_reject=self.dead_letter, stop=stop)
+
+    async def dead_letter(self, record: Record, rejected: Rejected) -> None:
+        self._log.info("dead_letter", topic=record.tp.topic, partition=record.tp.partition, offset=record.offset,
+                       reason=rejected.reason, detail=rejected.detail)
+        await self.produce([self.outputs.dead_letter(record, rejected)])
+
+    # 3-4. batch and infer, in two stages one batch apart: while the inference thread runs batch k+1, the
+    # event loop builds and produces batch k's events. A failure in either stage stops both.
+    async def infer_and_publish(self) -> None:
+        inferred: asyncio.Queue[Inferred | None] = asyncio.Queue(maxsize=1)
+        async with asyncio.TaskGroup() as stages:
+            stages.create_task(self.publish(inferred))
+            await self.infer(inferred)
+
+    async def infer(self, inferred: asyncio.Queue[Inferred | None]) -> None:
+        loop = asyncio.get_running_loop()
+        while (batch := await self.batcher.next_batch()) is not None:
+            serving = self.serving()  # models change only between batches
+            started = time.perf_counter()
+            prediction = await loop.run_in_executor(self.executor, serving.runner.predict,
+                                                    [f.image for f in batch.items])
+            inference_s = time.perf_counter() - started
+            self.metrics.batch_done(len(batch.items), batch.queue_wait_s, inference_s)
+            await inferred.put(Inferred(batch, prediction, serving, utc_now(), inference_s))
+        await inferred.put(None)
+
+    # 5. build the events
+    async def publish(self, inferred: asyncio.Queue[Inferred | None]) -> None:
+        while (item := await inferred.get()) is not None:
+            frames = item.batch.items
+            await self.produce(self.outputs.events(frames, item.prediction.probabilities, item.prediction.boxes,
+                                                   item.serving.manifest, item.inferred_at))
+            self._log.debug("batch", size=len(frames), queue_wait_ms=round(item.batch.queue_wait_s * 1000, 2),
+                            inference_ms=round(item.inference_s * 1000, 2), model_version=item.serving.version)
+
+    # 6. produce
+    async def produce(self, outputs: Sequence[Output]) -> None:
+        await self.sink.produce(outputs, on_acked=self.commit)
+
+    # 7. commit: the broker acknowledged these outputs, so their input records are finished
+    async def commit(self, outputs: Sequence[Output]) -> None:
+        self.metrics.produced([o.message for o in outputs])
+        self.offsets.finish((o.source.tp, o.source.offset) for o in outputs)
+        await self.offsets.commit()
+
+    async def drain(self, inference: asyncio.Task[None], timeout_s: float) -> None:
+        """After the source stopped: finish queued frames, wait for acks, commit (each bounded in time)."""
+        started = time.monotonic()
+        self._log.info("draining", queued=len(self.batcher), in_flight=self.offsets.in_flight())
+        await self.batcher.close()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await inference
+                await self.sink.flush()
+        except TimeoutError:
+            inference.cancel()
+            self._log.warning("drain_timeout", uncommitted=self.offsets.in_flight(),
+                              note="uncommitted frames are re-delivered on the next start")
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.offsets.commit()
+        except TimeoutError:  # e.g. the topic vanished and aiokafka retries the commit without end
+            self._log.warning("commit_timeout", uncommitted=self.offsets.in_flight(),
+                              note="uncommitted frames are re-delivered on the next start")
+        self._log.info("drained", seconds=round(time.monotonic() - started, 3), uncommitted=self.offsets.in_flight())
 
 
 class InspectorService:
-    def __init__(self, settings: Settings, models: Models, *, telemetry: Telemetry = NullTelemetry()) -> None:
-        self.settings = settings
-        self.summary = Summary()
+    def __init__(self, settings: Settings, models: Models, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
         self._models = models
-        self._telemetry = Fanout(telemetry, self.summary)
         self._serving: ServingModel[Runner] | None = None
         self._log = structlog.get_logger(__name__).bind(topic=settings.topic, group_id=settings.group_id)
 
@@ -74,127 +163,49 @@ class InspectorService:
         """Serve until `stop` is set; returns after a clean drain, raises if the pipeline fails."""
         s = self.settings
         self._serving = await asyncio.to_thread(self._models.load_initial)
-        self.summary.model_active(self._serving.manifest)
         async with AsyncExitStack() as stack:
-            producer = await self._connect(self._new_producer, "producer", stop)
+            producer = await self._connect(lambda: new_producer(s), "producer", stop)
             if producer is None:
                 self._log.info("stopped_before_connecting")
                 return
             stack.push_async_callback(producer.stop)
-            consumer = await self._connect(self._new_consumer, "consumer", stop)
+            consumer = await self._connect(lambda: new_consumer(s), "consumer", stop)
             if consumer is None:
                 self._log.info("stopped_before_connecting")
                 return
             stack.push_async_callback(self._leave, consumer)
             offsets = CommitPolicy(consumer.commit)
-            consumer.subscribe([s.topic], listener=DrainBeforeRevoke(offsets, self._telemetry, s.shutdown_timeout_s))
+            consumer.subscribe([s.topic], listener=DrainBeforeRevoke(offsets, self.metrics, s.shutdown_timeout_s))
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
             stack.callback(executor.shutdown, wait=False, cancel_futures=True)
-            await self._serve(consumer, producer, offsets, executor, stop)
+            await self._serve(Pipeline(s, consumer, producer, offsets, executor, self.metrics, self._current), stop)
 
-    # -- wiring -----------------------------------------------------------------------------------
+    def _current(self) -> ServingModel[Runner]:
+        assert self._serving is not None, "run() loads the initial model first"
+        return self._serving
 
     async def _connect(self, factory: Callable[[], C], name: str, stop: asyncio.Event) -> C | None:
         s = self.settings
         return await start_with_retry(factory, name=name, servers=s.bootstrap_servers, stop=stop,
                                       backoff_max_s=s.connect_backoff_max_s)
 
-    def _new_producer(self) -> AIOKafkaProducer:
-        return AIOKafkaProducer(acks="all", linger_ms=2, **kafka_client_kwargs(self.settings))
-
-    def _new_consumer(self) -> AIOKafkaConsumer:
-        """Manual commits only; subscribed after it starts, together with the commit policy it serves."""
-        s = self.settings
-        fetch_bytes = s.max_frame_bytes + 64 * 1024  # one frame at the size limit must fit in a fetch
-        return AIOKafkaConsumer(
-            group_id=s.group_id, enable_auto_commit=False, auto_offset_reset=s.auto_offset_reset,
-            session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.heartbeat_interval_ms,
-            fetch_max_wait_ms=s.fetch_max_wait_ms, max_partition_fetch_bytes=max(fetch_bytes, 1024 * 1024),
-            fetch_max_bytes=max(fetch_bytes, 50 * 1024 * 1024),
-            **kafka_client_kwargs(s),
-        )
-
     async def _leave(self, consumer: AIOKafkaConsumer) -> None:
         await consumer.stop()
-        self._telemetry.group_joined(False)
+        self.metrics.group_joined(False)
 
-    # -- running ----------------------------------------------------------------------------------
-
-    async def _serve(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, offsets: CommitPolicy,
-                     executor: ThreadPoolExecutor, stop: asyncio.Event) -> None:
+    async def _serve(self, pipeline: Pipeline, stop: asyncio.Event) -> None:
         s = self.settings
-        source = FrameSource(consumer, offsets, limits=DecodeLimits(s.max_frame_bytes, s.max_pixels),
-                             capacity=s.queue_frames, telemetry=self._telemetry)
-        sink = Sink(producer, offsets, output_topic=s.output_topic, dead_letter_topic=s.dead_letter_topic,
-                    telemetry=self._telemetry)
-        batcher: MicroBatcher[Frame] = MicroBatcher(s.max_batch, s.max_wait_ms / 1000,
-                                                    capacity=max(s.queue_frames, s.max_batch))
-        self._log.info("inspector_started", model_version=self._serving.version, output_topic=s.output_topic,
+        self._log.info("inspector_started", model_version=self._current().version, output_topic=s.output_topic,
                        dead_letter_topic=s.dead_letter_topic, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms)
         async with asyncio.TaskGroup() as tasks:
             background = [tasks.create_task(coro) for coro in (
-                sink.failure(), self._watch_models(), self._log_summaries())]
-            inference = tasks.create_task(self._infer(batcher, sink, executor))
-            await source.run(on_frame=batcher.put, on_reject=sink.publish_dead_letter, stop=stop)
-            await self._drain(batcher, inference, sink, offsets)
+                pipeline.sink.failure(), self._watch_models(), self._log_summaries())]
+            inference = tasks.create_task(pipeline.infer_and_publish())
+            await pipeline.consume(stop)
+            await pipeline.drain(inference, s.shutdown_timeout_s)
             for task in background:
                 task.cancel()
-        self._log.info("inspector_stopped", **self.summary.snapshot().as_log())
-
-    async def _drain(self, batcher: MicroBatcher[Frame], inference: asyncio.Task, sink: Sink,
-                     offsets: CommitPolicy) -> None:
-        """After the source stopped: finish queued frames, wait for acks, commit (bounded in time)."""
-        started = time.monotonic()
-        self._log.info("draining", queued=len(batcher), in_flight=offsets.in_flight())
-        await batcher.close()
-        try:
-            async with asyncio.timeout(self.settings.shutdown_timeout_s):
-                await inference
-                await sink.flush()
-        except TimeoutError:
-            inference.cancel()
-            self._log.warning("drain_timeout", uncommitted=offsets.in_flight(),
-                              note="uncommitted frames are re-delivered on the next start")
-        try:
-            async with asyncio.timeout(self.settings.shutdown_timeout_s):
-                await offsets.commit()
-        except TimeoutError:  # e.g. the topic vanished and aiokafka retries the commit without end
-            self._log.warning("commit_timeout", uncommitted=offsets.in_flight(),
-                              note="uncommitted frames are re-delivered on the next start")
-        self._log.info("drained", seconds=round(time.monotonic() - started, 3), uncommitted=offsets.in_flight())
-
-    async def _infer(self, batcher: MicroBatcher[Frame], sink: Sink, executor: ThreadPoolExecutor) -> None:
-        """Two stages one batch apart: while the inference thread runs batch k+1, the event loop builds and
-        publishes batch k's events (batches leave in order). A failure in either stage stops both."""
-        inferred: asyncio.Queue[Inferred | None] = asyncio.Queue(maxsize=1)
-        async with asyncio.TaskGroup() as stages:
-            stages.create_task(self._publish(inferred, sink))
-            await self._predict(batcher, executor, inferred)
-
-    async def _predict(self, batcher: MicroBatcher[Frame], executor: ThreadPoolExecutor,
-                       inferred: asyncio.Queue[Inferred | None]) -> None:
-        loop = asyncio.get_running_loop()
-        while (batch := await batcher.next_batch()) is not None:
-            serving = self._serving  # models change only here, between batches
-            started = time.perf_counter()
-            prediction = await loop.run_in_executor(executor, serving.runner.predict, [f.image for f in batch.items])
-            inference_s = time.perf_counter() - started
-            self._telemetry.batch_done(len(batch.items), batch.queue_wait_s, inference_s)
-            await inferred.put(Inferred(batch, prediction, serving, utc_now(), inference_s))
-        await inferred.put(None)
-
-    async def _publish(self, inferred: asyncio.Queue[Inferred | None], sink: Sink) -> None:
-        threshold = self.settings.confidence_threshold
-        while (item := await inferred.get()) is not None:
-            frames, manifest = item.batch.items, item.serving.manifest
-            boxes = item.prediction.boxes or [None] * len(frames)
-            events = [defect_event(frame, probs, manifest, threshold=threshold, inferred_at=item.inferred_at,
-                                   boxes=frame_boxes)
-                      for frame, probs, frame_boxes in zip(frames, item.prediction.probabilities, boxes, strict=True)]
-            await sink.publish_events(frames, events)
-            self.summary.labelled([e.label for e in events])
-            self._log.debug("batch", size=len(frames), queue_wait_ms=round(item.batch.queue_wait_s * 1000, 2),
-                            inference_ms=round(item.inference_s * 1000, 2), model_version=item.serving.version)
+        self._log.info("inspector_stopped", **self.metrics.summary().as_log())
 
     async def _watch_models(self) -> None:
         while True:
@@ -202,74 +213,10 @@ class InspectorService:
             newer = await asyncio.to_thread(self._models.poll)
             if newer is not None:
                 previous, self._serving = self._serving, newer
-                self.summary.model_active(newer.manifest)
                 self._log.info("model_swapped", version=newer.version,
                                previous_version=previous.version if previous else None)
 
     async def _log_summaries(self) -> None:
         while True:
             await asyncio.sleep(self.settings.summary_interval_s)
-            self._log.info("summary", **self.summary.snapshot().as_log())
-
-
-async def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]], stop: asyncio.Event) -> None:
-    """Run `main(stop)`; SIGINT/SIGTERM set `stop`, a second signal cancels outright."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-
-    def on_signal() -> None:
-        if stop.is_set() and task is not None:
-            task.cancel()
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        await main(stop)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
-def first_error(err: BaseException) -> BaseException:
-    """The first leaf of a (nested) exception group, for a one-line report."""
-    while isinstance(err, BaseExceptionGroup):
-        err = err.exceptions[0]
-    return err
-
-
-async def run_inspector(settings: Settings) -> int:
-    """`inspector run`: engine, model store, metrics endpoint and service, until SIGINT/SIGTERM. Exit code."""
-    from inspector.engine import Engine, configure_threads
-    from inspector.model_store import ModelStore, NoValidModelError
-    from inspector.observability import PrometheusTelemetry, serve_http
-    from stripnet.cam import LocateConfig
-
-    log = structlog.get_logger(__name__)
-    configure_threads(settings.threads)
-    engine = Engine(settings.device, max_batch=settings.max_batch, fp16=settings.fp16,
-                    locate=LocateConfig() if settings.locate else None, backend=settings.backend)
-    telemetry = PrometheusTelemetry()
-    service = InspectorService(settings, ModelStore(settings.model_dir, engine.prepare, telemetry=telemetry),
-                               telemetry=telemetry)
-    log.info("inspector_starting", device=str(engine.device), backend=engine.backend, threads=torch_threads(),
-             bootstrap_servers=settings.bootstrap_servers, model_dir=str(settings.model_dir or "bundled"))
-    try:
-        async with serve_http(telemetry, settings.http_host, settings.http_port) as endpoint:
-            log.info("http_listening", url=endpoint.url, paths=["/metrics", "/live", "/ready"])
-            await run_until_signalled(service.run, asyncio.Event())
-    except NoValidModelError as err:
-        log.error("no_model", reason=str(err))
-        return 2
-    except Exception as group:  # noqa: BLE001 - one clear line instead of a traceback storm
-        err = first_error(group)
-        telemetry.set_failed(f"{type(err).__name__}: {err}")
-        log.error("inspector_failed", error=f"{type(err).__name__}: {err}", exc_info=err)
-        return 1
-    return 0
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+            self._log.info("summary", **self.metrics.summary().as_log())

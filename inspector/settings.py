@@ -1,8 +1,9 @@
-"""The inspector's settings: built once in the CLI and passed down.
+"""The inspector's settings: one frozen class, built once by the CLI and passed down.
 
-Precedence: CLI flags > environment (`INSPECTOR_…`, nested with `__`) > `.env` > defaults.
-Kafka security (SSL, SASL PLAIN/SCRAM) sits in `kafka` and becomes aiokafka client arguments
-through `kafka_client_kwargs`.
+Precedence: CLI flags > environment (`INSPECTOR_…`, nested with `__`) > `.env` > defaults. The CLI
+is generated from these fields (inspector/cli.py), their docstrings are its help. Kafka security
+(SSL, SASL PLAIN/SCRAM) sits in `kafka` and becomes aiokafka client arguments through
+`kafka_client_kwargs`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+# The CPU inference backends: the one list of their names. Each has one runner class (inspector/runners.py,
+# RUNNERS); CUDA and --locate always run torch.
+BackendName = Literal["torch", "onnxruntime", "compile"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 class KafkaSecurity(BaseModel):
@@ -37,48 +44,69 @@ class KafkaSecurity(BaseModel):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="INSPECTOR_", env_nested_delimiter="__", env_file=".env", extra="ignore", frozen=True,
+        use_attribute_docstrings=True,
     )
 
     bootstrap_servers: str = "localhost:9092"
+    """Kafka bootstrap servers (host:port, comma-separated)"""
     topic: str = "strip.frames"
+    """frames topic"""
     output_topic: str = "strip.defects"
+    """defect events topic"""
     dead_letter_topic: str = "strip.frames.dlq"
+    """invalid frames topic"""
     group_id: str = "strip-inspector"
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"  # a new group must not skip frames
+    """consumer group"""
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    """where a new group starts (earliest: a new group must not skip frames)"""
     session_timeout_ms: int = Field(default=10_000, gt=0)
     heartbeat_interval_ms: int = Field(default=3_000, gt=0)
-    fetch_max_wait_ms: int = Field(default=20, ge=0, description="how long the broker may hold a fetch for data")
+    fetch_max_wait_ms: int = Field(default=20, ge=0)
+    """how long the broker may hold a fetch for data"""
 
     model_dir: Path | None = None
+    """directory of published model versions (none: the bundled model)"""
     model_poll_s: float = Field(default=2.0, gt=0)
+    """how often the model directory is checked for a newer version"""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: DeviceName = "auto"
     fp16: bool = False
-    # Measured on the 2-core box (README): 1 intra-op thread beat 2 by 4-10x per batch once anything else
-    # ran (the event loop, decoding, a trainer); None = torch's default (one per core).
-    threads: int | None = Field(default=1, gt=0, description="torch intra-op threads for CPU inference")
-    # CPU inference runtime (inspector/backends.py); CUDA and --locate always run torch. ONNX Runtime is the
-    # default: measured side by side in one process through Runner.predict on this box, 1.2-2.2x the frames/s
-    # of eager torch at batch 1, 8 and 32 (README, Performance).
-    backend: Literal["torch", "onnxruntime", "compile"] = "onnxruntime"
+    """half precision on CUDA"""
+    threads: int | None = Field(default=1, gt=0)
+    """intra-op threads for CPU inference; measured on the 2-core box (README), 1 beat 2 by 4-10x per batch
+    once anything else ran (the event loop, decoding, a trainer)"""
+    backend: BackendName = "onnxruntime"
+    """CPU inference runtime (CUDA and --locate run torch); ONNX Runtime: 1.2-2.2x the frames/s of eager torch
+    at batch 1, 8 and 32, measured side by side on this box (README, Performance)"""
 
     max_batch: int = Field(default=32, gt=0)
+    """largest inference batch"""
     max_wait_ms: float = Field(default=10.0, ge=0)
-    queue_frames: int = Field(default=256, gt=0, description="frames in flight (fetched, not yet committed)")
+    """longest a frame waits for its batch to fill"""
+    queue_frames: int = Field(default=256, gt=0)
+    """frames in flight (fetched, not yet committed)"""
 
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=4096 * 4096, gt=0)
     confidence_threshold: float = Field(default=0.5, ge=0, le=1)
+    """below it an event's status is 'uncertain'"""
     locate: bool = False
+    """add class-activation boxes to events"""
 
     http_host: str = "0.0.0.0"
-    http_port: int = Field(default=9400, ge=0, le=65535)  # 0 = no HTTP endpoint
+    """address of /metrics, /live, /ready: all interfaces, because the kubelet's probes and Prometheus come
+    from outside the container (the endpoints are read-only); 127.0.0.1 keeps them on this machine"""
+    http_port: int = Field(default=9400, ge=0, le=65535)
+    """port of /metrics, /live, /ready; 0 = any free port (the bound address is logged: http_listening)"""
 
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    """auto: JSON lines unless stderr is a terminal"""
     summary_interval_s: float = Field(default=10.0, gt=0)
     shutdown_timeout_s: float = Field(default=5.0, gt=0)
+    """longest a stop (or a rebalance) waits for in-flight frames and their commit"""
     connect_backoff_max_s: float = Field(default=10.0, gt=0)
+    """longest pause between attempts to reach the broker"""
 
     kafka: KafkaSecurity = KafkaSecurity()
 
@@ -87,11 +115,6 @@ class Settings(BaseSettings):
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms should be at most a third of session_timeout_ms")
         return self
-
-
-def load_settings(**overrides: Any) -> Settings:
-    """Settings from env/.env/defaults with CLI flags on top; `None` means "flag not given"."""
-    return Settings(**{name: value for name, value in overrides.items() if value is not None})
 
 
 def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:

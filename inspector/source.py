@@ -1,4 +1,4 @@
-"""Frames in: the consumer, its group membership, decoding off the loop, backpressure and commits.
+"""Consume and decode: the consumer, its group membership, backpressure, and decoding off the loop.
 
 The source fetches only as many records as fit in the in-flight budget (`queue_frames`: fetched but
 not yet committed); when the budget is spent it pauses its partitions, so the consumer stops
@@ -17,9 +17,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from inspector.decode import Decoded, DecodeLimits, Rejected, decode_frame
-from inspector.events import Frame, Record, from_kafka_ms, utc_now
+from inspector.metrics import Metrics
 from inspector.offsets import CommitPolicy
-from inspector.telemetry import NullTelemetry, Telemetry
+from inspector.records import Frame, Record, from_kafka_ms, utc_now
 
 FETCH_TIMEOUT_MS = 200
 MAX_RECORDS = 500
@@ -29,12 +29,12 @@ OnReject = Callable[[Record, Rejected], Awaitable[None]]
 
 
 class DrainBeforeRevoke(ConsumerRebalanceListener):
-    def __init__(self, offsets: CommitPolicy, telemetry: Telemetry, timeout_s: float) -> None:
-        self._offsets, self._telemetry, self._timeout_s = offsets, telemetry, timeout_s
+    def __init__(self, offsets: CommitPolicy, metrics: Metrics, timeout_s: float) -> None:
+        self._offsets, self._metrics, self._timeout_s = offsets, metrics, timeout_s
         self._log = structlog.get_logger(__name__)
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self._telemetry.group_joined(False)
+        self._metrics.group_joined(False)
         if not revoked:
             return
         in_flight = self._offsets.in_flight(revoked)
@@ -42,7 +42,7 @@ class DrainBeforeRevoke(ConsumerRebalanceListener):
         self._log.info("partitions_revoked", partitions=_names(revoked), in_flight=in_flight, drained=drained)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._telemetry.group_joined(True)
+        self._metrics.group_joined(True)
         self._log.info("partitions_assigned", partitions=_names(assigned))
 
 
@@ -50,9 +50,9 @@ class FrameSource:
     """Owns a started consumer (subscribed with `DrainBeforeRevoke`) and the commit policy."""
 
     def __init__(self, consumer: AIOKafkaConsumer, offsets: CommitPolicy, *, limits: DecodeLimits,
-                 capacity: int, telemetry: Telemetry = NullTelemetry()) -> None:
+                 capacity: int, metrics: Metrics) -> None:
         self._consumer, self.offsets, self._limits = consumer, offsets, limits
-        self._capacity, self._telemetry = capacity, telemetry
+        self._capacity, self._metrics = capacity, metrics
         self._log = structlog.get_logger(__name__)
 
     async def run(self, on_frame: OnFrame, on_reject: OnReject, stop: asyncio.Event) -> None:
@@ -73,10 +73,10 @@ class FrameSource:
         received_at = utc_now()
         records = []
         for tp, batch in fetched.items():
-            self._telemetry.frames_consumed(tp.topic, tp.partition, len(batch))
+            self._metrics.frames_consumed(tp.topic, tp.partition, len(batch))
             highwater = self._consumer.highwater(tp)
             if highwater is not None:
-                self._telemetry.consumer_lag(tp.topic, tp.partition, max(highwater - batch[-1].offset - 1, 0))
+                self._metrics.consumer_lag(tp.topic, tp.partition, max(highwater - batch[-1].offset - 1, 0))
             for r in batch:
                 self.offsets.track(tp, r.offset)
                 records.append(Record(tp, r.offset, r.key, r.value, tuple(r.headers or ()),

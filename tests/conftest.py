@@ -2,7 +2,7 @@
 
 Kafka tests are marked `@pytest.mark.kafka`; they use one tansu broker per test session on a free
 loopback port (memory-only), so each test takes fresh topic and group names from `new_topic` /
-`unique_name` instead of cleaning up.
+`unique_name` (tests/helpers/streams.py) instead of cleaning up.
 
     def test_something(kafka_broker, new_topic):
         frames = new_topic(partitions=3)          # created, uniquely named
@@ -11,29 +11,14 @@ loopback port (memory-only), so each test takes fresh topic and group names from
 
 from __future__ import annotations
 
-import asyncio
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import structlog
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-NEU_CLS = REPO_ROOT / "../shared/datasets/neu-cls"
-NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
-
-
-def unique_name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def create_topics(bootstrap: str, partitions: Mapping[str, int]) -> None:
-    """Create topics (name -> partition count) on the broker; callable from sync tests and fixtures.
-    From inside a running event loop, await `inspector.topics.ensure_topics` instead."""
-    from inspector.topics import ensure_topics
-
-    asyncio.run(ensure_topics(partitions, client_kwargs={"bootstrap_servers": bootstrap}))
+from tests.helpers import NEU_CLS
+from tests.helpers.streams import create_topics, unique_name
 
 
 @pytest.fixture(scope="session")
@@ -76,16 +61,10 @@ def neu_cls() -> Path:
 def published_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model directory in the published layout (one version sub-directory) holding an untrained,
     fused EG-RepVGG for the six NEU classes, version "v1". Treat it as read-only."""
-    import torch
+    from tests.helpers.models import export_untrained
 
-    from stripnet.checkpoint import export_checkpoint
-    from stripnet.architectures import EG_REPVGG
-    from stripnet.network import build_model
-
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models")
-    export_checkpoint(build_model(EG_REPVGG, len(NEU_CLASSES)), root / "20250101T000000.000000Z-v1",
-                      class_names=NEU_CLASSES, model_name="test-eg-repvgg", model_version="v1")
+    export_untrained(root / "20250101T000000.000000Z-v1", "v1")
     return root
 
 

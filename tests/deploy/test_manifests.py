@@ -1,16 +1,14 @@
 """deploy/ agrees with the code: real CLI commands, real settings names, one port, the right probes.
 
-Every YAML file is parsed; commands are parsed by the real argparse parsers; every INSPECTOR_* name
-written anywhere under deploy/ must resolve to a field of inspector.settings.Settings.
+Every YAML file is parsed; commands are parsed by the real command lines (`inspector.cli.parse`, the
+trainer's argparse parser); every INSPECTOR_* name written anywhere under deploy/ must resolve to a
+field of inspector.settings.Settings.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import re
-import shlex
 import types
 import typing
 from pathlib import Path
@@ -18,113 +16,31 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-K8S = DEPLOY / "k8s"
+from inspector.cli import parse
+from inspector.settings import Settings
+from tests.helpers.deploy import (
+    DEPLOY, K8S, compose, compose_env, dockerfile_env, dockerfile_instructions, flag, k8s_docs, k8s_one,
+    load_yaml_docs, partitions_in, pod_containers, topics_in, yaml_files,
+)
+from trainer.cli import build_parser as trainer_parser
+
 PORT = 9400
 PROGRAMS = ("inspector", "trainer")
 ENV_NAME = re.compile(r"\bINSPECTOR_[A-Z0-9_]*[A-Z0-9]")
 
 
-# -- loading -----------------------------------------------------------------------------------------
-
-
-def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
-
-
-def yaml_files() -> list[Path]:
-    return sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml"))
-
-
-def compose() -> dict[str, Any]:
-    return load_yaml_docs(DEPLOY / "docker-compose.yml")[0]
-
-
-def k8s_docs() -> list[dict[str, Any]]:
-    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in load_yaml_docs(path)]
-
-
-def k8s_one(kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [d for d in k8s_docs() if d["kind"] == kind and (name is None or d["metadata"].get("name") == name)]
-    assert len(found) == 1, f"expected one {kind} {name or ''} in deploy/k8s, found {len(found)}"
-    return found[0]
-
-
-def dockerfile() -> str:
-    return (DEPLOY / "Dockerfile").read_text()
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(ln for ln in dockerfile().splitlines() if not ln.lstrip().startswith("#")))
-    out = []
-    for line in text.splitlines():
-        if line.strip():
-            keyword, _, rest = line.strip().partition(" ")
-            out.append((keyword.upper(), rest.strip()))
-    return out
-
-
-def dockerfile_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    for keyword, rest in dockerfile_instructions():
-        if keyword == "ENV":
-            env |= dict(item.split("=", 1) for item in shlex.split(rest))
-    return env
-
-
-def pod_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    spec = doc["spec"]["template"]["spec"]
-    return spec.get("initContainers", []) + spec["containers"]
-
-
-def compose_env(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment", {})
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
-    return {k: str(v) for k, v in env.items()}
-
-
-def flag(argv: list[str], name: str) -> str:
-    assert name in argv, f"{name} missing from {argv}"
-    return argv[argv.index(name) + 1]
-
-
-def partitions_in(script: str) -> int:
-    counts = {int(n) for n in re.findall(r"--partitions\s+(\d+)", script)}
-    assert len(counts) == 1, f"expected one --partitions value in {script!r}"
-    return counts.pop()
-
-
-def topics_in(script: str) -> set[str]:
-    match = re.search(r"for topic in ([^;]+);", script)
-    assert match, f"no topic loop in {script!r}"
-    return set(match.group(1).split())
-
-
-# -- the code under comparison (skipped while a colleague is still writing it) ------------------------
-
-
-def real_parser(program: str) -> argparse.ArgumentParser:
+def accepted(argv: list[str]) -> bool:
+    """Whether the real command line of argv[0] takes argv[1:] (argparse prints why when it does not)."""
     try:
-        module = importlib.import_module(f"{program}.cli")
-    except ImportError as err:
-        pytest.skip(f"{program}/cli.py cannot be imported yet ({err}); the {program} engineer is writing it")
-    if not hasattr(module, "build_parser"):
-        pytest.skip(f"{program}/cli.py has no build_parser() yet; the {program} engineer is writing it")
-    return module.build_parser()
-
-
-def settings_class() -> type[BaseModel]:
-    try:
-        module = importlib.import_module("inspector.settings")
-    except ImportError as err:
-        pytest.skip(f"inspector/settings.py cannot be imported yet ({err}); the inspector engineer is writing it")
-    if not hasattr(module, "Settings"):
-        pytest.skip("inspector/settings.py has no Settings yet; the inspector engineer is writing it")
-    return module.Settings
+        if argv[0] == "inspector":
+            parse(argv[1:])
+        else:
+            trainer_parser().parse_args(argv[1:])
+    except (SystemExit, ValidationError):
+        return False
+    return True
 
 
 def nested_model(annotation: Any) -> type[BaseModel] | None:
@@ -189,20 +105,20 @@ def test_the_deployment_runs_the_expected_commands() -> None:
 
 
 @pytest.mark.parametrize(("where", "argv"), COMMANDS, ids=[w for w, _ in COMMANDS])
-def test_commands_are_accepted_by_the_real_cli(where: str, argv: list[str]) -> None:
-    parser = real_parser(argv[0])
-    try:
-        parser.parse_args(argv[1:])
-    except SystemExit:
-        pytest.fail(f"{where}: `{' '.join(argv)}` is rejected by {argv[0]}'s argparse parser (message above)")
+def test_commands_are_accepted_by_the_real_cli(where: str, argv: list[str], monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    assert accepted(argv), f"{where}: `{' '.join(argv)}` is rejected by {argv[0]}'s command line (message above)"
 
 
-def test_the_inspector_cli_accepts_the_port_flag() -> None:
-    real_parser("inspector").parse_args(["run", "--http-port", str(PORT)])
+def test_the_inspector_cli_takes_the_port_flag_and_refuses_what_it_does_not_know() -> None:
+    assert parse(["run", "--http-port", str(PORT)])[1].http_port == PORT
+    assert not accepted(["inspector", "run", "--http-prot", str(PORT)])
+    assert not accepted(["inspector", "run", "--http-port", "65536"])
 
 
 def test_every_inspector_env_name_is_a_settings_field() -> None:
-    settings = settings_class()
+    settings = Settings
     names: dict[str, set[str]] = {}
     for path in [p for p in DEPLOY.rglob("*") if p.is_file()]:
         for name in ENV_NAME.findall(path.read_text()):
@@ -217,7 +133,7 @@ def test_every_inspector_env_name_is_a_settings_field() -> None:
 @pytest.mark.parametrize("where", ["k8s ConfigMap", "compose inspector", "Dockerfile ENV"])
 def test_deployed_env_values_build_valid_settings(where: str, monkeypatch: pytest.MonkeyPatch,
                                                  tmp_path: Path) -> None:
-    settings = settings_class()
+    settings = Settings
     env = {"k8s ConfigMap": lambda: k8s_one("ConfigMap")["data"],
            "compose inspector": lambda: compose_env(compose()["services"]["inspector"]),
            "Dockerfile ENV": dockerfile_env}[where]()
@@ -232,7 +148,7 @@ def test_deployed_env_values_build_valid_settings(where: str, monkeypatch: pytes
     assert str(built.model_dir) == "/models"
 
 def test_settings_default_port_is_the_deployed_port() -> None:
-    assert settings_class().model_fields["http_port"].default == PORT
+    assert Settings.model_fields["http_port"].default == PORT
 
 
 # -- ports and probes ---------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -25,24 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from inspector.broker import free_port
 from inspector.codec import loads
-from tests.conftest import create_topics, unique_name
-from tests.deploy.test_manifests import k8s_one
-from tests.inspector.streams import Frame, produce, raw_frames, read_records
+from tests.helpers.deploy import k8s_one
+from tests.helpers.http import http_get
+from tests.helpers.streams import Frame, create_topics, produce, raw_frames, read_records, unique_name
 
 pytestmark = pytest.mark.kafka
 
 PARTITIONS = 4
 FRAMES = 48
-
-
-def get(url: str) -> tuple[int | None, dict[str, str], bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read()
-    except OSError:
-        return None, {}, b""
 
 
 def metric_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -64,7 +52,7 @@ class Replica:
         self.process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def status(self, path: str) -> int | None:
-        return get(self.url + path)[0]
+        return http_get(self.url + path, timeout_s=2)[0]
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
@@ -131,10 +119,10 @@ def test_two_replicas_share_the_partitions_and_emit_one_event_per_frame(kafka_br
         records = asyncio.run(read_records(kafka_broker, f"{topic}.events", FRAMES, timeout_s=60))
         dead = asyncio.run(read_records(kafka_broker, f"{topic}.dlq", 1, timeout_s=30))
 
-        pages = [get(r.url + "/metrics") for r in replicas]
-        ready = [get(r.url + "/ready") for r in replicas]
-        live = [get(r.url + "/live") for r in replicas]
-        missing = [get(r.url + "/nothing-here")[0] for r in replicas]
+        pages = [http_get(r.url + "/metrics") for r in replicas]
+        ready = [http_get(r.url + "/ready") for r in replicas]
+        live = [http_get(r.url + "/live") for r in replicas]
+        missing = [http_get(r.url + "/nothing-here")[0] for r in replicas]
         late = asyncio.run(read_records(kafka_broker, f"{topic}.events", FRAMES + 1, timeout_s=1.0))
     finally:
         stopped = [r.stop() for r in replicas]

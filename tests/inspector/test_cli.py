@@ -9,8 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import cv2
@@ -19,8 +17,8 @@ import pytest
 
 from inspector.broker import LocalBroker, free_port, port_open
 from inspector.codec import loads
-from tests.conftest import create_topics, unique_name
-from tests.inspector.streams import produce, raw_frames, read_records
+from tests.helpers.http import http_get
+from tests.helpers.streams import create_topics, produce, raw_frames, read_records, unique_name
 
 pytestmark = pytest.mark.kafka
 
@@ -53,13 +51,7 @@ def wait_until(check, timeout_s: float, what: str, process: subprocess.Popen[str
 
 
 def http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return None
+    return http_get(url, timeout_s=1)[0]
 
 
 def json_lines(text: str) -> list[dict]:
@@ -108,7 +100,7 @@ def test_run_waits_for_the_broker_serves_and_stops_cleanly_on_sigterm(published_
             wait_until(lambda: http_status(f"http://127.0.0.1:{http_port}/ready") == 200, 30, "/ready", run)
             asyncio.run(produce(bootstrap, topic, raw_frames(6)))
             events = asyncio.run(read_records(bootstrap, f"{topic}.events", 6))
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5).read().decode()
+            metrics = http_get(f"http://127.0.0.1:{http_port}/metrics")[2].decode()
             code, _, err, seconds = stop(run)
     finally:
         if run.poll() is None:
@@ -120,6 +112,8 @@ def test_run_waits_for_the_broker_serves_and_stops_cleanly_on_sigterm(published_
     names = [line["event"] for line in logs]
     assert names.count("kafka_unreachable") == 1, "one clear line while the broker is away"
     assert "kafka_connected" in names and "drained" in names
+    (listening,) = [line for line in logs if line["event"] == "http_listening"]
+    assert (listening["host"], listening["port"]) == ("0.0.0.0", http_port)  # the bound address, as it is
     assert "Traceback" not in err
 
 
@@ -136,3 +130,18 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path):
                               "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith("inspector replay: error:") and "nope" in missing.stderr
+
+
+def test_help_lists_every_command_and_every_setting_with_its_default():
+    top = subprocess.run([INSPECTOR, "--help"], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([INSPECTOR, "run", "--help"], capture_output=True, text=True, timeout=60)
+    assert top.returncode == run.returncode == 0
+    assert all(name in top.stdout for name in ("run", "broker", "replay", "demo"))
+    assert "--max-batch int" in run.stdout and "(default: 32)" in run.stdout
+    assert "--kafka.security-protocol" in run.stdout
+
+
+def test_an_invalid_value_is_one_line_naming_the_flag_and_exits_2():
+    bad = subprocess.run([INSPECTOR, "run", "--max-batch", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "inspector run: error: --max-batch: Input should be greater than 0"

@@ -1,13 +1,11 @@
-import struct
-import zlib
 from datetime import UTC, datetime
 
-import cv2
 import numpy as np
 import pytest
 
 from inspector.decode import Decoded, DecodeLimits, Rejected, bmp_size, decode_frame, jpeg_size, png_size
 from schemas.messages import FrameHeaders
+from tests.helpers.poison import encode, png_header
 
 LIMITS = DecodeLimits(max_bytes=1 << 20, max_pixels=1 << 20)
 IMAGE = (np.arange(120 * 200) % 251).astype(np.uint8).reshape(120, 200)  # H=120, W=200
@@ -22,17 +20,8 @@ def replaced(hdrs: list[tuple[str, bytes]], name: str, value: bytes) -> list[tup
     return [(k, value if k == name else v) for k, v in hdrs]
 
 
-def encoded(ext: str, image: np.ndarray = IMAGE) -> bytes:
-    ok, buf = cv2.imencode(ext, image)
-    assert ok
-    return buf.tobytes()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG signature and IHDR chunk declaring width×height, and no pixel data at all."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
-            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+def encoded(ext: str) -> bytes:
+    return encode(ext, IMAGE)
 
 
 @pytest.mark.parametrize(("encoding", "ext"), [("png", ".png"), ("jpeg", ".jpg"), ("bmp", ".bmp")])
@@ -57,7 +46,7 @@ def test_header_readers_report_width_and_height_without_decoding(reader, ext):
 
 
 def test_a_decompression_bomb_is_rejected_from_its_header_alone():
-    bomb = png_declaring(100_000, 100_000)
+    bomb = png_header(100_000, 100_000)
     assert len(bomb) < 64
     result = decode_frame(headers("png"), bomb, LIMITS)
     assert result == Rejected("too_many_pixels", result.detail) and "100000×100000" in result.detail

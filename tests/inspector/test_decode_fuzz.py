@@ -23,9 +23,10 @@ from hypothesis import strategies as st
 from inspector import decode
 from inspector.codec import dumps
 from inspector.decode import SIZE_READERS, Decoded, DecodeLimits, Rejected, decode_frame
-from inspector.events import Record, dead_letter
+from inspector.outputs import dead_letter
+from inspector.records import Record
 from schemas.messages import DeadLetter, DeadLetterReason, FrameHeaders
-from tests.inspector.poison import bmp_declaring, jpeg_declaring, png_header
+from tests.helpers.poison import bmp_declaring, jpeg_declaring, png_header
 
 REASONS = set(typing.get_args(DeadLetterReason))
 LIMITS = DecodeLimits(max_bytes=64 * 1024, max_pixels=128 * 128)

@@ -21,8 +21,8 @@ from aiokafka import AIOKafkaProducer
 
 from inspector.broker import LocalBroker, free_port
 from inspector.topics import ensure_topics
-from tests.inspector.harness import InspectorProcess, Tail, record_figures, tiny_frame
-from tests.inspector.streams import committed_positions, produce, service_settings
+from tests.helpers.harness import InspectorProcess, Tail, record_figures
+from tests.helpers.streams import committed_positions, produce, service_settings, tiny_frame
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

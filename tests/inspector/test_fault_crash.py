@@ -22,9 +22,11 @@ from datetime import UTC, datetime
 import pytest
 
 from schemas.messages import event_id_for
-from tests.conftest import create_topics
-from tests.inspector.harness import FRAME_SIZE, InspectorProcess, Tail, export_tiny, record_figures, version_dir_name
-from tests.inspector.streams import committed_positions, end_positions, produce, raw_frames, service_settings
+from tests.helpers.harness import InspectorProcess, Tail, record_figures
+from tests.helpers.models import export_tiny, version_dir_name
+from tests.helpers.streams import (
+    FRAME_SIZE, committed_positions, create_topics, end_positions, produce, raw_frames, service_settings,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -20,9 +20,8 @@ import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from tests.conftest import create_topics
-from tests.inspector.harness import InspectorProcess, Tail, peak_rss_bytes, record_figures
-from tests.inspector.streams import encoded_frame, service_settings
+from tests.helpers.harness import InspectorProcess, Tail, peak_rss_bytes, record_figures
+from tests.helpers.streams import create_topics, encoded_frame, service_settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

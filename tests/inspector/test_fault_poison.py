@@ -12,13 +12,11 @@ from collections import Counter
 import pytest
 import torch
 
-from inspector.engine import Engine
-from inspector.model_store import ModelStore
-from inspector.observability import PrometheusTelemetry
 from schemas.messages import DeadLetter, DefectEvent
-from tests.inspector.harness import Tail, export_tiny, record_figures, serving, version_dir_name
-from tests.inspector.poison import KINDS, MAX_FRAME_BYTES, MAX_PIXELS, poison, valid
-from tests.inspector.streams import committed_positions, end_positions, produce, service_settings
+from tests.helpers.harness import Tail, record_figures
+from tests.helpers.models import export_tiny, version_dir_name
+from tests.helpers.poison import KINDS, MAX_FRAME_BYTES, MAX_PIXELS, poison, valid
+from tests.helpers.streams import committed_positions, end_positions, produce, running_service, service_settings
 
 pytestmark = pytest.mark.kafka
 
@@ -42,13 +40,11 @@ def test_a_thousand_poison_records_go_to_the_dead_letter_topic_and_every_valid_f
     export_tiny(models / version_dir_name(0, "v1"), "v1")
     settings = service_settings(kafka_broker, new_topic(partitions=2), models, max_batch=16,
                                 max_frame_bytes=MAX_FRAME_BYTES, max_pixels=MAX_PIXELS)
-    telemetry = PrometheusTelemetry()
-    store = ModelStore(models, Engine("cpu", max_batch=settings.max_batch).prepare, telemetry=telemetry)
 
     async def scenario():
         async with (Tail(kafka_broker, settings.output_topic) as events,
                     Tail(kafka_broker, settings.dead_letter_topic) as letters,
-                    serving(settings, store, telemetry) as run):
+                    running_service(settings) as run):
             started = time.monotonic()
             acks = await produce(kafka_broker, settings.topic, [frame for frame, _ in stream])
             await events.wait_until(lambda rs: len(rs) >= VALID, 60, "an event per valid frame")
@@ -56,9 +52,9 @@ def test_a_thousand_poison_records_go_to_the_dead_letter_topic_and_every_valid_f
             seconds = time.monotonic() - started
             await asyncio.gather(events.settle(0.5), letters.settle(0.5))
             assert not run.task.done(), "the inspector is still serving"
-            return events.records, letters.records, acks, seconds
+            return events.records, letters.records, acks, seconds, run.inspector.metrics
 
-    event_records, letter_records, acks, seconds = asyncio.run(scenario())
+    event_records, letter_records, acks, seconds, metrics = asyncio.run(scenario())
     committed = asyncio.run(committed_positions(kafka_broker, settings.topic, settings.group_id))
     assert {p: c for p, c in committed.items() if c is not None} == end_positions(acks)
 
@@ -82,7 +78,7 @@ def test_a_thousand_poison_records_go_to_the_dead_letter_topic_and_every_valid_f
 
     reasons = Counter(letter.reason for letter in dead)
     for reason, count in reasons.items():
-        assert telemetry.registry.get_sample_value("inspector_dead_lettered_total", {"reason": reason}) == count
+        assert metrics.registry.get_sample_value("inspector_dead_lettered_total", {"reason": reason}) == count
     record_figures("poison", {
         "poison_records": POISON, "valid_frames": VALID, "kinds": len(KINDS), "dead_letters": len(dead),
         "events": len(events), "by_reason": dict(sorted(reasons.items())), "seconds_to_drain": round(seconds, 2),

@@ -22,14 +22,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from structlog.testing import capture_logs
 
-from inspector.engine import Engine
+from inspector.metrics import Metrics
 from inspector.model_store import ModelStore
-from inspector.observability import PrometheusTelemetry
-from inspector.telemetry import NullTelemetry
+from inspector.runners import Loader
 from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
 from stripnet.checkpoint import sha256_file
-from tests.inspector.harness import Stream, Tail, export_tiny, record_figures, serving, version_dir_name, with_version
-from tests.inspector.streams import committed_positions, end_positions, service_settings
+from tests.helpers.harness import Stream, Tail, record_figures
+from tests.helpers.models import export_tiny, version_dir_name, with_version
+from tests.helpers.streams import committed_positions, end_positions, running_service, service_settings
 from trainer.publish import publish
 
 pytestmark = pytest.mark.kafka
@@ -86,25 +86,26 @@ class TimedStore:
         return found
 
 
-class Inference(NullTelemetry):
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
+def longest_inference_s(metrics: Metrics) -> float:
+    """An upper bound of the longest batch inference so far: the smallest histogram bucket holding them all."""
+    total = metrics.registry.get_sample_value("inspector_inference_seconds_count")
+    buckets = sorted((float(s.labels["le"]), s.value) for family in metrics.registry.collect()
+                     for s in family.samples if s.name == "inspector_inference_seconds_bucket")
+    return next(le for le, count in buckets if count >= total)
 
-    def batch_done(self, size: int, queue_wait_s: float, inference_s: float) -> None:
-        self.seconds.append(inference_s)
 
+def timed_store(settings, model_dir: Path, metrics: Metrics, prepare_seconds: list[float]) -> TimedStore:
+    """The service's model store on the service's runner loader, each load timed (validation + warm-up)."""
+    load = Loader(settings).load
 
-def timed_engine(prepare_seconds: list[float]):
-    engine = Engine("cpu", max_batch=MAX_BATCH)
-
-    def prepare(model, manifest):
+    def timed(model, manifest):
         started = time.perf_counter()
         try:
-            return engine.prepare(model, manifest)
+            return load(model, manifest)
         finally:
             prepare_seconds.append(time.perf_counter() - started)
 
-    return prepare
+    return TimedStore(ModelStore(model_dir, timed, metrics=metrics))
 
 
 def settings_for(kafka_broker, new_topic, models):
@@ -151,11 +152,11 @@ def test_a_swap_during_a_live_stream_loses_no_frame_and_comes_within_poll_plus_w
     settings = settings_for(kafka_broker, new_topic, model_dir)
     staged = with_version(base_checkpoint, tmp_path / "staged-v2", "v2")
     prepare_seconds: list[float] = []
-    store = TimedStore(ModelStore(model_dir, timed_engine(prepare_seconds)))
-    inference = Inference()
+    metrics = Metrics()
+    store = timed_store(settings, model_dir, metrics, prepare_seconds)
 
     async def scenario():
-        async with Tail(kafka_broker, settings.output_topic) as tail, serving(settings, store, inference) as run:
+        async with Tail(kafka_broker, settings.output_topic) as tail, running_service(settings, metrics=metrics, models=store) as run:
             async with Stream(kafka_broker, settings.topic, RATE) as stream:
                 await tail.wait_until(lambda rs: len(rs) >= 100, 30, "100 events from v1")
                 published_at = datetime.now(UTC)
@@ -182,7 +183,7 @@ def test_a_swap_during_a_live_stream_loses_no_frame_and_comes_within_poll_plus_w
     switch_s = (first_v2 - published_done).total_seconds()
     swap_poll = next(p for p in store.polls if p.version == "v2")
     polls_waited = [p for p in store.polls if published_at < p.ended_at <= swap_poll.ended_at]
-    bound = (POLL_S + sum(p.seconds for p in polls_waited) + MAX_WAIT_MS / 1000 + 2 * max(inference.seconds)
+    bound = (POLL_S + sum(p.seconds for p in polls_waited) + MAX_WAIT_MS / 1000 + 2 * longest_inference_s(metrics)
              + SLACK_S)
     assert 0 < switch_s <= bound, f"switch took {switch_s:.3f}s; poll {POLL_S}s + polls {polls_waited} + one batch"
     assert last_v1 <= first_v2, "one inference thread: no v1 batch after the first v2 batch"
@@ -194,7 +195,7 @@ def test_a_swap_during_a_live_stream_loses_no_frame_and_comes_within_poll_plus_w
         "swap_poll_s": round(swap_poll.seconds, 3), "warm_up_s": round(prepare_seconds[-1], 3),
         "publish_s": round((published_done - published_at).total_seconds(), 3),
         "switch_s": round(switch_s, 3), "switch_bound_s": round(bound, 3),
-        "max_batch_inference_s": round(max(inference.seconds), 4),
+        "max_batch_inference_bound_s": longest_inference_s(metrics),
     })
 
 
@@ -261,13 +262,13 @@ def test_broken_checkpoints_are_rejected_once_each_while_the_old_model_serves_on
         kafka_broker, new_topic, model_dir, base_checkpoint, tmp_path):
     settings = settings_for(kafka_broker, new_topic, model_dir)
     broken = break_checkpoints(base_checkpoint, tmp_path / "staging")
-    telemetry = PrometheusTelemetry()
-    store = TimedStore(ModelStore(model_dir, Engine("cpu", max_batch=MAX_BATCH).prepare, telemetry=telemetry))
-    failures = lambda: telemetry.registry.get_sample_value("inspector_model_reloads_total", {"result": "failure"})  # noqa: E731
+    metrics = Metrics()
+    store = timed_store(settings, model_dir, metrics, [])
+    failures = lambda: metrics.registry.get_sample_value("inspector_model_reloads_total", {"result": "failure"})  # noqa: E731
     partial = model_dir / version_dir_name(99, "v2")  # a non-atomic `cp -r` caught half-way: newest of all
 
     async def scenario():
-        async with Tail(kafka_broker, settings.output_topic) as tail, serving(settings, store, telemetry) as run:
+        async with Tail(kafka_broker, settings.output_topic) as tail, running_service(settings, metrics=metrics, models=store) as run:
             async with Stream(kafka_broker, settings.topic, RATE) as stream:
                 await tail.wait_until(lambda rs: len(rs) >= 50, 30, "the first events")
                 for stamp, (name, (ckpt, _)) in enumerate(broken.items(), start=1):
@@ -302,7 +303,7 @@ def test_broken_checkpoints_are_rejected_once_each_while_the_old_model_serves_on
     assert still == "v1"
     assert rejected_while_serving == len(broken) + 1  # the eight broken ones and the partial copy, once each
     assert failures() == len(broken) + 1
-    assert telemetry.registry.get_sample_value("inspector_model_reloads_total", {"result": "success"}) == 2
+    assert metrics.registry.get_sample_value("inspector_model_reloads_total", {"result": "success"}) == 2
     rejections = {}
     for entry in logs:
         if entry["event"] == "model_rejected":
@@ -330,10 +331,11 @@ def test_quick_successive_publishes_end_on_the_newest(kafka_broker, new_topic, m
     settings = settings_for(kafka_broker, new_topic, model_dir)
     versions = ["v1", "v2", "v3", "v4", "v5", "v6"]
     staged = [with_version(base_checkpoint, tmp_path / f"staged-{v}", v) for v in versions[1:]]
-    store = TimedStore(ModelStore(model_dir, Engine("cpu", max_batch=MAX_BATCH).prepare))
+    metrics = Metrics()
+    store = timed_store(settings, model_dir, metrics, [])
 
     async def scenario():
-        async with Tail(kafka_broker, settings.output_topic) as tail, serving(settings, store) as run:
+        async with Tail(kafka_broker, settings.output_topic) as tail, running_service(settings, metrics=metrics, models=store) as run:
             async with Stream(kafka_broker, settings.topic, RATE) as stream:
                 await tail.wait_until(lambda rs: len(rs) >= 50, 30, "the first events")
                 started = time.monotonic()

@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from inspector import model_store
 from inspector.model_store import ModelStore, NoValidModelError, ServingModel
-from inspector.telemetry import NullTelemetry
+from inspector.metrics import Metrics
 from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, InputSpec, Manifest
 from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, read_manifest, sha256_file
@@ -32,7 +32,7 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-# -- a fake engine and telemetry -------------------------------------------------------------------------
+# -- a fake runner loader -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -52,16 +52,14 @@ def prepare(model: RepNet, manifest: Manifest) -> Runner:
     return Runner(model, BATCH_SIZES)
 
 
-class RecordingTelemetry(NullTelemetry):
-    def __init__(self) -> None:
-        self.reloads: list[tuple[bool, str]] = []
-        self.active: list[str] = []
+def reloads(metrics: Metrics) -> tuple[int, int]:
+    """(successful, failed) model reloads the store counted."""
+    count = lambda result: metrics.registry.get_sample_value("inspector_model_reloads_total", {"result": result})  # noqa: E731
+    return int(count("success")), int(count("failure"))
 
-    def model_reload(self, ok: bool, reason: str = "") -> None:
-        self.reloads.append((ok, reason))
 
-    def model_active(self, manifest: Manifest) -> None:
-        self.active.append(manifest.model_version)
+def serving_version(metrics: Metrics) -> str | None:
+    return metrics.health().model_version
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
@@ -112,13 +110,13 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def telemetry() -> RecordingTelemetry:
-    return RecordingTelemetry()
+def metrics() -> Metrics:
+    return Metrics()
 
 
 @pytest.fixture
-def store(model_dir: Path, telemetry: RecordingTelemetry) -> ModelStore[Runner]:
-    return ModelStore(model_dir, prepare, telemetry=telemetry)
+def store(model_dir: Path, metrics: Metrics) -> ModelStore[Runner]:
+    return ModelStore(model_dir, prepare, metrics=metrics)
 
 
 @pytest.fixture
@@ -200,7 +198,7 @@ BREAKAGES = {
 
 def test_load_initial_serves_the_newest_version_warmed_up(store: ModelStore[Runner], model_dir: Path,
                                                          variant: Callable[..., Path],
-                                                         telemetry: RecordingTelemetry) -> None:
+                                                         metrics: Metrics) -> None:
     publish(variant("v1"), model_dir)
     newest = publish(variant("v2"), model_dir)
 
@@ -210,7 +208,7 @@ def test_load_initial_serves_the_newest_version_warmed_up(store: ModelStore[Runn
     assert (serving.version, serving.path) == ("v2", newest)
     assert serving.runner.warmed_batch_sizes == BATCH_SIZES
     assert store.current is serving
-    assert telemetry.active == ["v2"] and telemetry.reloads == [(True, "")]
+    assert serving_version(metrics) == "v2" and reloads(metrics) == (1, 0)
 
 
 def test_poll_returns_a_newer_version_once(store: ModelStore[Runner], model_dir: Path,
@@ -272,7 +270,7 @@ def test_an_older_version_appearing_later_is_ignored(store: ModelStore[Runner], 
 @pytest.mark.parametrize("breakage", list(BREAKAGES))
 def test_a_broken_version_is_rejected_and_the_old_model_stays(breakage: str, store: ModelStore[Runner],
                                                               model_dir: Path, variant: Callable[..., Path],
-                                                              telemetry: RecordingTelemetry) -> None:
+                                                              metrics: Metrics) -> None:
     break_it, reason = BREAKAGES[breakage]
     publish(variant("v1"), model_dir)
     serving = store.load_initial()
@@ -288,13 +286,13 @@ def test_a_broken_version_is_rejected_and_the_old_model_stays(breakage: str, sto
     assert line["version"] == bad.name and line["serving"] == "v1"
     assert line["kind"] == "invalid_checkpoint"
     assert re.search(reason, line["reason"]), line["reason"]
-    assert telemetry.reloads[-1] == (False, "invalid_checkpoint")
-    assert telemetry.active == ["v1"]
+    assert reloads(metrics) == (1, 1)
+    assert serving_version(metrics) == "v1"
 
 
 def test_non_finite_outputs_are_rejected_by_the_warm_up(store: ModelStore[Runner], model_dir: Path,
                                                         variant: Callable[..., Path], nan_checkpoint: Path,
-                                                        telemetry: RecordingTelemetry) -> None:
+                                                        metrics: Metrics) -> None:
     publish(variant("v1"), model_dir)
     store.load_initial()
     bad = publish(nan_checkpoint, model_dir)  # publish cannot tell: schema, sha and shapes are all fine
@@ -305,18 +303,18 @@ def test_non_finite_outputs_are_rejected_by_the_warm_up(store: ModelStore[Runner
     [line] = rejections(logs)
     assert (line["version"], line["kind"]) == (bad.name, "prepare_failed")
     assert "non-finite" in line["reason"]
-    assert telemetry.reloads[-1] == (False, "prepare_failed")
+    assert reloads(metrics) == (1, 1)
     assert store.current.version == "v1"
 
 
 def test_an_unexpected_prepare_error_is_a_rejection_not_a_crash(model_dir: Path, variant: Callable[..., Path],
-                                                                telemetry: RecordingTelemetry) -> None:
+                                                                metrics: Metrics) -> None:
     def fragile(model: RepNet, manifest: Manifest) -> Runner:
         if manifest.model_version == "v2":
             raise RuntimeError("CUDA out of memory")
         return prepare(model, manifest)
 
-    store = ModelStore(model_dir, fragile, telemetry=telemetry)
+    store = ModelStore(model_dir, fragile, metrics=metrics)
     publish(variant("v1"), model_dir)
     store.load_initial()
     publish(variant("v2"), model_dir)
@@ -331,7 +329,7 @@ def test_an_unexpected_prepare_error_is_a_rejection_not_a_crash(model_dir: Path,
 
 def test_a_rejected_version_is_not_retried_until_its_files_change(store: ModelStore[Runner], model_dir: Path,
                                                                   variant: Callable[..., Path],
-                                                                  telemetry: RecordingTelemetry) -> None:
+                                                                  metrics: Metrics) -> None:
     publish(variant("v1"), model_dir)
     store.load_initial()
     bad = publish(variant("v2"), model_dir)
@@ -342,7 +340,7 @@ def test_a_rejected_version_is_not_retried_until_its_files_change(store: ModelSt
         for _ in range(3):
             assert store.poll() is None
     assert len(rejections(logs)) == 1
-    assert telemetry.reloads.count((False, "invalid_checkpoint")) == 1
+    assert reloads(metrics)[1] == 1
 
     # an operator repairs the manifest in place; same size, so move the mtime as a later write would
     (bad / MANIFEST_NAME).write_bytes(good_manifest)
@@ -363,12 +361,12 @@ def test_a_newest_broken_version_falls_back_to_a_newer_valid_one(store: ModelSto
 
 
 def test_load_initial_skips_broken_versions(store: ModelStore[Runner], model_dir: Path,
-                                            variant: Callable[..., Path], telemetry: RecordingTelemetry) -> None:
+                                            variant: Callable[..., Path], metrics: Metrics) -> None:
     publish(variant("v1"), model_dir)
     (publish(variant("v2"), model_dir) / WEIGHTS_NAME).unlink()
 
     assert store.load_initial().version == "v1"
-    assert telemetry.reloads == [(False, "invalid_checkpoint"), (True, "")]
+    assert reloads(metrics) == (1, 1)
 
 
 def test_a_class_set_change_is_served_with_a_warning(store: ModelStore[Runner], model_dir: Path,
@@ -399,14 +397,14 @@ def test_the_same_class_set_logs_no_warning(store: ModelStore[Runner], model_dir
     assert [e for e in logs if e["log_level"] == "warning"] == []
 
 
-def test_without_a_model_dir_the_bundled_model_serves(bundled: Path, telemetry: RecordingTelemetry) -> None:
-    store = ModelStore(None, prepare, telemetry=telemetry)
+def test_without_a_model_dir_the_bundled_model_serves(bundled: Path, metrics: Metrics) -> None:
+    store = ModelStore(None, prepare, metrics=metrics)
 
     serving = store.load_initial()
 
     assert (serving.version, serving.path) == ("bundled", bundled)
     assert store.poll() is None
-    assert telemetry.active == ["bundled"]
+    assert serving_version(metrics) == "bundled"
 
 
 def test_an_empty_model_dir_serves_the_bundled_model_until_a_version_arrives(
@@ -423,7 +421,7 @@ def test_an_empty_model_dir_serves_the_bundled_model_until_a_version_arrives(
 
 def test_a_model_dir_that_does_not_exist_yet_is_watched(bundled: Path, tmp_path: Path,
                                                         variant: Callable[..., Path]) -> None:
-    store = ModelStore(tmp_path / "later", prepare)
+    store = ModelStore(tmp_path / "later", prepare, metrics=Metrics())
     assert store.load_initial().version == "bundled"
 
     publish(variant("v1"), tmp_path / "later")
@@ -441,7 +439,7 @@ def test_nothing_valid_anywhere_is_a_clear_error(nothing_bundled: None, store: M
 
 def test_no_model_dir_and_nothing_bundled_is_a_clear_error(nothing_bundled: None) -> None:
     with pytest.raises(NoValidModelError, match="no model directory given.*bundled"):
-        ModelStore(None, prepare).load_initial()
+        ModelStore(None, prepare, metrics=Metrics()).load_initial()
 
 
 def test_poll_before_load_initial_is_a_usage_error(store: ModelStore[Runner]) -> None:

@@ -46,15 +46,21 @@ class FakeConsumer:
         self.commits.append(dict(offsets))
 
 
+async def acknowledged(policy: CommitPolicy, done: list) -> None:
+    """What the service does once the broker acknowledges outputs: finish their records, commit."""
+    policy.finish(done)
+    await policy.commit()
+
+
 def test_acknowledgements_commit_and_a_failed_commit_is_retried_with_the_next():
     async def scenario():
         consumer = FakeConsumer(fail_first=1)
         policy = CommitPolicy(consumer.commit)
         for offset in range(3):
             policy.track(P0, offset)
-        await policy.acknowledged([(P0, 0)])  # this commit fails
-        await policy.acknowledged([(P0, 2)])  # offset 1 is still in flight; the failed position 1 is retried
-        await policy.acknowledged([(P0, 1)])
+        await acknowledged(policy, [(P0, 0)])  # this commit fails
+        await acknowledged(policy, [(P0, 2)])  # offset 1 is still in flight; the failed position 1 is retried
+        await acknowledged(policy, [(P0, 1)])
         return consumer.commits
 
     assert asyncio.run(scenario()) == [{P0: 1}, {P0: 3}]
@@ -70,7 +76,7 @@ def test_drain_waits_for_in_flight_records_then_commits_and_forgets():
         async def acks_arrive():
             for offset in range(4):
                 await asyncio.sleep(0.01)
-                await policy.acknowledged([(P0, offset)])
+                await acknowledged(policy, [(P0, offset)])
 
         acks = asyncio.create_task(acks_arrive())
         drained = await policy.drain([P0], timeout_s=2.0)
@@ -86,7 +92,7 @@ def test_drain_gives_up_after_its_timeout_and_commits_what_is_done():
         policy = CommitPolicy(consumer.commit)
         for offset in range(3):
             policy.track(P0, offset)
-        await policy.acknowledged([(P0, 0)])
+        await acknowledged(policy, [(P0, 0)])
         drained = await policy.drain([P0], timeout_s=0.05)
         return drained, consumer.commits
 

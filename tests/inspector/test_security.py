@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from inspector import service as service_module
+from inspector import connect
 from inspector.decode import Decoded, DecodeLimits, Rejected, decode_frame
+from inspector.metrics import Metrics
 from inspector.model_store import ModelStore
-from inspector.service import InspectorService
 from inspector.settings import KafkaSecurity, Settings
 from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
 from schemas.messages import FrameHeaders
 from stripnet.checkpoint import CheckpointError, load_checkpoint, sha256_file
-from tests.conftest import REPO_ROOT
-from tests.inspector.harness import export_tiny
+from tests.helpers import REPO_ROOT
+from tests.helpers.models import export_tiny
 from trainer.state import load_state
 
 
@@ -70,7 +70,7 @@ def test_a_pickled_checkpoint_is_refused_without_running_it(checkpoint, tmp_path
     models = tmp_path / "models"
     shutil.copytree(checkpoint, models / "20250101T000000.000000Z-v1")
     shutil.copytree(evil, models / "20250102T000000.000000Z-evil")
-    store = ModelStore(models, lambda model, manifest: model)
+    store = ModelStore(models, lambda model, manifest: model, metrics=Metrics())
     assert store.load_initial().version == "v1"  # the newer, pickled version was rejected
     assert not marker.exists()
 
@@ -170,12 +170,11 @@ class Recorder:
 
 def test_the_service_gives_its_consumer_and_producer_the_security_settings(tls_files, monkeypatch):
     consumer, producer = Recorder(), Recorder()
-    monkeypatch.setattr(service_module, "AIOKafkaConsumer", consumer)
-    monkeypatch.setattr(service_module, "AIOKafkaProducer", producer)
+    monkeypatch.setattr(connect, "AIOKafkaConsumer", consumer)
+    monkeypatch.setattr(connect, "AIOKafkaProducer", producer)
     settings = secure_settings(tls_files)
-    service = InspectorService(settings, models=None)
-    service._new_consumer()
-    service._new_producer()
+    connect.new_consumer(settings)
+    connect.new_producer(settings)
     for kwargs in (consumer.calls[0], producer.calls[0]):
         assert kwargs["bootstrap_servers"] == "kafka-1:9093,kafka-2:9093"
         assert (kwargs["security_protocol"], kwargs["sasl_mechanism"]) == ("SASL_SSL", "SCRAM-SHA-512")
@@ -193,10 +192,9 @@ def test_the_service_gives_its_consumer_and_producer_the_security_settings(tls_f
 
 def test_real_aiokafka_clients_carry_the_security_settings(tls_files):
     settings = secure_settings(tls_files)
-    service = InspectorService(settings, models=None)
 
     async def build():  # aiokafka clients need a running loop; they are built and closed, never started
-        consumer, producer = service._new_consumer(), service._new_producer()
+        consumer, producer = connect.new_consumer(settings), connect.new_producer(settings)
         inner = [consumer._client, producer.client]
         await consumer.stop()
         await producer.stop()
@@ -213,8 +211,8 @@ def test_ssl_and_sasl_come_from_the_environment(tls_files, monkeypatch, tmp_path
     for name, value in {"SECURITY_PROTOCOL": "SSL", "SSL_CAFILE": tls_files["ssl_cafile"]}.items():
         monkeypatch.setenv(f"INSPECTOR_KAFKA__{name}", str(value))
     consumer = Recorder()
-    monkeypatch.setattr(service_module, "AIOKafkaConsumer", consumer)
-    InspectorService(Settings(device="cpu"), models=None)._new_consumer()
+    monkeypatch.setattr(connect, "AIOKafkaConsumer", consumer)
+    connect.new_consumer(Settings(device="cpu"))
     kwargs = consumer.calls[0]
     assert kwargs["security_protocol"] == "SSL" and kwargs["ssl_context"].get_ca_certs()
     assert "sasl_mechanism" not in kwargs

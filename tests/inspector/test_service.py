@@ -10,18 +10,18 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
+from inspector.app import build
+from inspector.broker import free_port
 from inspector.codec import loads
 from schemas.messages import DeadLetter, DefectEvent, event_id_for
-from stripnet.architectures import EG_REPVGG
 from stripnet.bundled import default_model_dir
-from stripnet.checkpoint import export_checkpoint
-from stripnet.network import build_model
-from tests.conftest import NEU_CLASSES
-from tests.inspector.streams import (
+from tests.helpers import NEU_CLASSES
+from tests.helpers.models import export_untrained
+from tests.helpers.poison import encode, png_header
+from tests.helpers.streams import (
     Frame, committed_positions, encoded_frame, end_positions, image_frames, produce, raw_frames, read_records,
     running_service, service_settings,
 )
-from tests.inspector.test_decode import encoded, png_declaring
 
 pytestmark = pytest.mark.kafka
 
@@ -99,10 +99,10 @@ def test_bad_frames_go_to_the_dead_letter_topic_and_the_stream_goes_on(kafka_bro
         good[0],
         encoded_frame("empty", b"", "png"),
         good[1],
-        encoded_frame("bomb", png_declaring(50_000, 50_000), "png"),
-        Frame(b"cam-1", encoded(".png"), [("camera_id", b"cam-1")], "no-headers"),
+        encoded_frame("bomb", png_header(50_000, 50_000), "png"),
+        Frame(b"cam-1", encode(".png"), [("camera_id", b"cam-1")], "no-headers"),
         good[2],
-        encoded_frame("truncated", encoded(".jpg")[:300], "jpeg"),
+        encoded_frame("truncated", encode(".jpg")[:300], "jpeg"),
         good[3],
     ]
 
@@ -180,17 +180,14 @@ def test_the_source_pauses_under_backpressure_and_still_delivers_everything(
 
 def test_a_newer_published_model_is_swapped_in_between_batches(kafka_broker, new_topic, tmp_path):
     models = tmp_path / "models"
-    export_checkpoint(build_model(EG_REPVGG, 6), models / "20250101T000000.000000Z-v1", class_names=NEU_CLASSES,
-                      model_name="t", model_version="v1")
+    export_untrained(models / "20250101T000000.000000Z-v1", "v1")
     settings = service_settings(kafka_broker, new_topic(partitions=1), models, model_poll_s=0.1)
 
     async def scenario():
         async with running_service(settings) as run:
             await produce(kafka_broker, settings.topic, raw_frames(4))
             await read_records(kafka_broker, settings.output_topic, 4)
-            await asyncio.to_thread(
-                export_checkpoint, build_model(EG_REPVGG, 6), models / "20250102T000000.000000Z-v2",
-                class_names=NEU_CLASSES, model_name="t", model_version="v2")
+            await asyncio.to_thread(export_untrained, models / "20250102T000000.000000Z-v2", "v2", seed=1)
             async with asyncio.timeout(20):
                 while run.service.serving.version != "v2":
                     await asyncio.sleep(0.05)
@@ -202,17 +199,11 @@ def test_a_newer_published_model_is_swapped_in_between_batches(kafka_broker, new
 
 
 def test_an_unreachable_broker_is_one_warning_then_quiet_retries_until_stopped(published_model_dir):
-    from inspector.broker import free_port
-    from inspector.engine import Engine
-    from inspector.model_store import ModelStore
-    from inspector.service import InspectorService
-
     settings = service_settings(f"127.0.0.1:{free_port()}", "frames", published_model_dir, connect_backoff_max_s=0.1)
 
     async def scenario():
-        service = InspectorService(settings, ModelStore(settings.model_dir, Engine("cpu", max_batch=4).prepare))
         stop = asyncio.Event()
-        task = asyncio.create_task(service.run(stop))
+        task = asyncio.create_task(build(settings).service.run(stop))
         await asyncio.sleep(1.5)
         stop.set()
         await asyncio.wait_for(task, 2.0)

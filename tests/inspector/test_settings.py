@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from inspector.settings import KafkaSecurity, Settings, kafka_client_kwargs, load_settings
+from inspector.cli import parse
+from inspector.settings import KafkaSecurity, Settings, kafka_client_kwargs
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +28,7 @@ def test_cli_flags_beat_environment_which_beats_dotenv(monkeypatch, tmp_path):
     (tmp_path / ".env").write_text("INSPECTOR_TOPIC=from-dotenv\nINSPECTOR_GROUP_ID=dotenv-group\n")
     monkeypatch.setenv("INSPECTOR_TOPIC", "from-env")
     monkeypatch.setenv("INSPECTOR_MAX_BATCH", "8")
-    s = load_settings(topic=None, max_batch=4, model_dir=Path("/models"))
+    _, s = parse(["run", "--max-batch", "4", "--model-dir", "/models"])
     assert (s.topic, s.group_id, s.max_batch, s.model_dir) == ("from-env", "dotenv-group", 4, Path("/models"))
 
 

@@ -8,7 +8,7 @@ from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import CheckpointError, export_checkpoint, load_checkpoint
 from stripnet.network import build_model
 
-from tests.models import randomize_bn
+from tests.helpers.models import randomize_bn
 
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
 

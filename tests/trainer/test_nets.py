@@ -8,7 +8,7 @@ from stripnet.layers import RepVGGBlock
 from stripnet.network import build_model, reparameterize
 from stripnet.profile import count_parameters, profile_rows
 
-from tests.models import randomize_bn
+from tests.helpers.models import randomize_bn
 
 TABLE1_TRAIN = [309, 849, 1789, 3727, 7375, 14671, 14671, 14671, 98307, 1542]
 TABLE1_FUSED = [252, 738, 1558, 3268, 6536, 13034, 13034, 13034, 87808, 1542]  # without the 3 ECA weights

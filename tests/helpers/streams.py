@@ -1,7 +1,7 @@
-"""Helpers for tests that run the inspector against the local broker: frames in, records out.
+"""Frames in, records out: helpers for tests that run the inspector against the local broker.
 
     settings = service_settings(kafka_broker, new_topic(partitions=2), published_model_dir)
-    async with running_service(settings) as service:
+    async with running_service(settings) as run:
         await produce(settings.bootstrap_servers, settings.topic, raw_frames(10))
         events = await read_records(settings.bootstrap_servers, settings.output_topic, 10)
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,15 +22,24 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
-from inspector.engine import Engine
-from inspector.model_store import ModelStore
+from inspector.app import Inspector, build
+from inspector.metrics import Metrics
 from inspector.service import InspectorService, Models
 from inspector.settings import Settings
-from inspector.summary import Fanout
-from inspector.telemetry import NullTelemetry, Telemetry
 from inspector.topics import ensure_topics
 from schemas.messages import FrameHeaders
-from tests.conftest import unique_name
+
+FRAME_SIZE = 32  # the side of tiny_frame's frames, and of tests.helpers.models.TINY_INPUT
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def create_topics(bootstrap: str, partitions: Mapping[str, int]) -> None:
+    """Create topics (name -> partition count) on the broker; callable from sync tests and fixtures.
+    From inside a running event loop, await `inspector.topics.ensure_topics` instead."""
+    asyncio.run(ensure_topics(partitions, client_kwargs={"bootstrap_servers": bootstrap}))
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,13 @@ def raw_frames(n: int, *, start: int = 0, cameras: int = 2, size: int = 64, seed
     return [encoded_frame(f"f{i:05d}", rng.integers(0, 256, (size, size), dtype=np.uint8).tobytes(), "raw",
                           camera_id=f"cam-{i % cameras}", width=size, height=size)
             for i in range(start, start + n)]
+
+
+def tiny_frame(frame_id: str, camera: int = 0, seed: int | None = None) -> Frame:
+    """A valid raw FRAME_SIZE×FRAME_SIZE frame from camera `cam-<camera>`."""
+    rng = np.random.default_rng(seed if seed is not None else zlib.crc32(frame_id.encode()))
+    pixels = rng.integers(0, 256, (FRAME_SIZE, FRAME_SIZE), dtype=np.uint8).tobytes()
+    return encoded_frame(frame_id, pixels, "raw", camera_id=f"cam-{camera}", width=FRAME_SIZE, height=FRAME_SIZE)
 
 
 def image_frames(root: Path, paths: Sequence[Path], camera_id: str = "cam-1") -> list[Frame]:
@@ -115,8 +133,12 @@ def end_positions(produced: Sequence[RecordMetadata]) -> dict[int, int]:
 
 @dataclass
 class Running:
-    service: InspectorService
+    inspector: Inspector
     task: asyncio.Task[None]
+
+    @property
+    def service(self) -> InspectorService:
+        return self.inspector.service
 
     async def crash(self) -> None:
         """Cancel the service outright: no drain, no final commit (clients still close)."""
@@ -126,38 +148,25 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running_service(settings: Settings, telemetry: Telemetry = NullTelemetry(),
-                          ready_timeout_s: float = 20.0, models: Models | None = None) -> AsyncIterator[Running]:
-    """An inspector serving in this event loop, ready (model loaded, group joined) when the block starts;
-    stopped (drained and committed) when it ends, unless the block crashed it. `models` defaults to the
-    model store of `settings.model_dir` on an engine of `settings`."""
+async def running_service(settings: Settings, *, metrics: Metrics | None = None, models: Models | None = None,
+                          ready_timeout_s: float = 30.0) -> AsyncIterator[Running]:
+    """The inspector `build(settings)` assembles, serving in this event loop: joined to its group when the
+    block starts, stopped (drained and committed) when it ends, unless the block crashed it. A test that
+    wraps or replaces the model store passes it as `models` (built with the same `metrics`)."""
     await ensure_topics({settings.output_topic: 1, settings.dead_letter_topic: 1},
                         client_kwargs={"bootstrap_servers": settings.bootstrap_servers})
-    joined = _JoinWatch()
-    if models is None:
-        engine = Engine(settings.device, max_batch=settings.max_batch, backend=settings.backend)
-        models = ModelStore(settings.model_dir, engine.prepare, telemetry=telemetry)
-    service = InspectorService(settings, models, telemetry=Fanout(telemetry, joined))
+    inspector = build(settings, metrics=metrics, models=models)
     stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
+    task = asyncio.create_task(inspector.service.run(stop))
     try:
         async with asyncio.timeout(ready_timeout_s):
-            while not joined.joined:
+            while not inspector.metrics.health().group_joined:
                 if task.done():
                     await task
                     raise RuntimeError("the service stopped before joining its group")
                 await asyncio.sleep(0.02)
-        yield Running(service, task)
+        yield Running(inspector, task)
     finally:
         stop.set()
         if not task.done():
             await asyncio.wait_for(task, settings.shutdown_timeout_s + 5)
-
-
-class _JoinWatch(NullTelemetry):
-    """Remembers whether the consumer holds partitions."""
-
-    joined = False
-
-    def group_joined(self, joined: bool) -> None:
-        self.joined = joined

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from tests.inspector.streams import Frame, encoded_frame
+from tests.helpers.streams import Frame, encoded_frame
 
 MAX_FRAME_BYTES = 64 * 1024
 MAX_PIXELS = 4096 * 4096
@@ -32,6 +32,7 @@ class Poison:
 
 
 def encode(ext: str, image: np.ndarray = IMAGE) -> bytes:
+    """`image` in the format of extension `ext` (".png", ".jpg", ".bmp")."""
     ok, buf = cv2.imencode(ext, image)
     assert ok
     return buf.tobytes()
@@ -42,6 +43,7 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk declaring width×height, and no pixel data at all."""
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
 
 

@@ -1,3 +1,5 @@
+"""Outputs: a defect event per frame and a dead letter per invalid record, built in one place, as Kafka records."""
+
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -6,7 +8,9 @@ from aiokafka import TopicPartition
 
 from inspector.codec import dumps, loads
 from inspector.decode import Rejected
-from inspector.events import Frame, Record, dead_letter, defect_event
+from inspector.outputs import Outputs, dead_letter, defect_event
+from inspector.records import Frame, Record
+from inspector.settings import Settings
 from schemas.checkpoint import ArchitectureSpec, BlockSpec, Manifest
 from schemas.messages import Box, DeadLetter, DefectEvent, FrameHeaders, event_id_for
 
@@ -48,3 +52,18 @@ def test_a_dead_letter_names_the_reason_and_the_frame_position():
     assert (letter.reason, letter.key, letter.value_bytes) == ("undecodable", "cam-3", 3)
     assert letter.headers["frame_id"] == "coil/17.png" and letter.source.offset == 41
     assert DeadLetter.model_validate_json(dumps(letter)) == letter
+
+
+def test_outputs_are_the_records_to_produce_each_finishing_its_input_record():
+    outputs = Outputs(Settings(output_topic="events", dead_letter_topic="dlq", confidence_threshold=0.9))
+    frames = [frame(), frame(coil_id="C1")]
+    events = outputs.events(frames, np.array([[0.1, 0.7, 0.2], [0.95, 0.03, 0.02]], np.float32), None, MANIFEST, NOW)
+    assert [(o.topic, o.key, o.source) for o in events] == [("events", b"cam-3", f.record) for f in frames]
+    assert [o.message.status for o in events] == ["uncertain", "defect"]
+    assert all(DefectEvent.model_validate_json(o.value) == o.message for o in events)
+    assert dict(events[0].headers) == {"schema_version": b"1", "content-type": b"application/json"}
+    record = frames[0].record
+    letter = outputs.dead_letter(record, Rejected("empty", "the record has no value"))
+    assert (letter.topic, letter.key, letter.source, dict(letter.headers)["reason"]) == ("dlq", b"cam-3", record,
+                                                                                         b"empty")
+    assert DeadLetter.model_validate_json(letter.value) == letter.message

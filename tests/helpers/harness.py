@@ -1,8 +1,8 @@
-"""Helpers for the fault and hot-reload tests: tiny checkpoints, `inspector run` as a subprocess, a live
-tail of an output topic, and the figures each test measured.
+"""Helpers for the fault and hot-reload tests: `inspector run` as a subprocess, a live tail of an output
+topic, a live stream of tiny frames, and the figures each test measured.
 
-Models here take 32×32 inputs and frames are 32×32 raw bytes, so inference is cheap and a test's time
-goes into what it is testing (restarts, backlogs, swaps), not into convolutions.
+With tiny checkpoints (tests.helpers.models.export_tiny: 32×32 inputs) and 32×32 raw frames, inference is
+cheap and a test's time goes into what it is testing (restarts, backlogs, swaps), not into convolutions.
 
 Figures: `record_figures(name, {...})` prints one `FIGURES name {json}` line (visible with `-s`) and, when
 RELIABILITY_FIGURES_DIR is set, writes `name.json` there; docs/reliability.md quotes them.
@@ -13,28 +13,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
-import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from inspector.settings import Settings
-from schemas.checkpoint import MANIFEST_NAME, InputSpec
-from tests.conftest import NEU_CLASSES
-
-TINY_INPUT = InputSpec(size=32)
-FRAME_SIZE = 32
+from tests.helpers.http import http_get
+from tests.helpers.streams import Frame, tiny_frame
 
 
 # -- figures ----------------------------------------------------------------------------------------
@@ -46,36 +40,6 @@ def record_figures(name: str, figures: dict[str, Any]) -> None:
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / f"{name}.json").write_text(text + "\n")
-
-
-# -- checkpoints -------------------------------------------------------------------------------------
-
-def export_tiny(dst: Path, version: str, *, classes: tuple[str, ...] = NEU_CLASSES, seed: int = 0) -> Path:
-    """A fused, untrained EG-RepVGG checkpoint taking 32×32 inputs, written at `dst` (about a second)."""
-    import torch
-
-    from stripnet.checkpoint import export_checkpoint
-    from stripnet.architectures import EG_REPVGG
-    from stripnet.network import build_model
-
-    torch.manual_seed(seed)
-    export_checkpoint(build_model(EG_REPVGG, len(classes)), dst, class_names=classes, model_name="tiny",
-                      model_version=version, input_spec=TINY_INPUT)
-    return dst
-
-
-def with_version(src: Path, dst: Path, version: str) -> Path:
-    """A copy of checkpoint `src` at `dst` that only differs by its manifest's model_version (same weights)."""
-    shutil.copytree(src, dst)
-    manifest = json.loads((dst / MANIFEST_NAME).read_text())
-    manifest["model_version"] = version
-    (dst / MANIFEST_NAME).write_text(json.dumps(manifest))
-    return dst
-
-
-def version_dir_name(stamp: int, version: str) -> str:
-    """A model-directory entry name in the published layout; a greater `stamp` is a newer version."""
-    return f"20250101T{stamp:06d}.000000Z-{version}"
 
 
 # -- the inspector as a subprocess -------------------------------------------------------------------
@@ -192,9 +156,9 @@ class InspectorProcess:
         """One sample of the child's /metrics (blocking; call through asyncio.to_thread in a loop)."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        with urllib.request.urlopen(self.metrics_url(), timeout=5) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
+        status, _, body = http_get(self.metrics_url())
+        assert status == 200, f"/metrics answered {status}"
+        for family in text_string_to_metric_families(body.decode()):
             for sample in family.samples:
                 if sample.name == name and (labels is None or all(sample.labels.get(k) == v
                                                                   for k, v in labels.items())):
@@ -217,27 +181,23 @@ class Tail:
     as they arrive, `frames` counts them by frame_id."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
-        self._consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                          enable_auto_commit=False)
         self.records: list[ConsumerRecord] = []
         self.docs: list[dict[str, Any]] = []
         self.frames: Counter[str] = Counter()
-        self._task: asyncio.Task[None] | None = None
+        self._consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                          enable_auto_commit=False)
 
     async def __aenter__(self) -> Tail:
         await self._consumer.start()
-        self._task = asyncio.create_task(self._run())
+        self._task: asyncio.Task[None] = asyncio.create_task(self._run())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
         self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise  # we are being cancelled ourselves: do not swallow it
+        await asyncio.wait([self._task])  # the reader's cancellation stays here; a cancellation of ours does not
         await self._consumer.stop()
+        if not self._task.cancelled() and self._task.exception() is not None:
+            raise self._task.exception()  # type: ignore[misc]
 
     async def _run(self) -> None:
         while True:
@@ -270,15 +230,7 @@ class Tail:
         return time.monotonic() - started
 
 
-# -- the inspector in this process, and a live stream of frames -----------------------------------------
-
-def serving(settings: Settings, models: Any, telemetry: Any = None, ready_timeout_s: float = 30.0):
-    """streams.running_service with the model store (or a wrapper of it) and telemetry chosen by the test."""
-    from inspector.telemetry import NullTelemetry
-    from tests.inspector.streams import running_service
-
-    return running_service(settings, telemetry or NullTelemetry(), ready_timeout_s, models=models)
-
+# -- a live stream of frames ---------------------------------------------------------------------------
 
 class Stream:
     """Produces raw frames at `rate` per second in the background until the block ends (or `limit`);
@@ -288,7 +240,7 @@ class Stream:
                  prefix: str = "s") -> None:
         self._bootstrap, self._topic, self._rate, self._limit = bootstrap, topic, rate, limit
         self._cameras, self._prefix = cameras, prefix
-        self.frames: list[Any] = []
+        self.frames: list[Frame] = []
         self.acks: list[Any] = []
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -310,8 +262,6 @@ class Stream:
         return self._task is not None and self._task.done()
 
     async def _run(self) -> None:
-        from aiokafka import AIOKafkaProducer
-
         producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all", linger_ms=2)
         await producer.start()
         pending = []
@@ -330,14 +280,3 @@ class Stream:
             self.acks = list(await asyncio.gather(*pending))
         finally:
             await producer.stop()
-
-
-def tiny_frame(frame_id: str, camera: int = 0, seed: int | None = None) -> Any:
-    """A valid raw FRAME_SIZE×FRAME_SIZE frame (streams.Frame) from camera `cam-<camera>`."""
-    import numpy as np
-
-    from tests.inspector.streams import encoded_frame
-
-    rng = np.random.default_rng(seed if seed is not None else zlib.crc32(frame_id.encode()))
-    pixels = rng.integers(0, 256, (FRAME_SIZE, FRAME_SIZE), dtype=np.uint8).tobytes()
-    return encoded_frame(frame_id, pixels, "raw", camera_id=f"cam-{camera}", width=FRAME_SIZE, height=FRAME_SIZE)

@@ -1,0 +1,301 @@
+"""Inference: gray frames → class probabilities, by one runner per backend behind one small protocol.
+
+A runner holds one fused model ready on one device and maps a batch of (H, W) uint8 gray frames of
+any size to probabilities (and, with `locate`, boxes in each frame's own pixels): stripnet's
+preprocessing, one forward pass, softmax. Which runner serves is chosen once, by `Loader`, from the
+settings: the CUDA device runs `CudaRunner`; on the CPU `locate` runs eager torch (the boxes need
+its feature map) and otherwise `Settings.backend` names the runner. `Loader.load` is the model
+store's `prepare`: it builds the runner for a checkpoint's model, warms it up and refuses a model
+whose outputs are not finite — once per model load. Everything here blocks: the service calls
+`predict` on its single inference thread.
+
+On the CPU the gray → C-channel replication is folded into the first convolution when every channel
+shares one mean and std (stripnet.network.fold_gray: exact, and one plane to normalize instead of C).
+CUDA (not exercised by the tests; no GPU here): frames are copied into a pinned host buffer,
+uploaded with non-blocking copies as uint8, normalized on the device and run on a dedicated stream,
+optionally in fp16; only uint8 pixels cross the bus.
+
+Adding a backend: one class with `name`, `requires`, `__init__(model, manifest, options)` and
+`predict`; its name in `inspector.settings.BackendName` and the class in `RUNNERS`.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import io
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Protocol
+
+import numpy as np
+import structlog
+import torch
+from torch import nn
+
+from inspector.settings import BackendName, DeviceName, Settings
+from schemas.checkpoint import InputSpec, Manifest
+from schemas.messages import Box
+from stripnet.cam import LocateConfig, locate_batch
+from stripnet.network import RepNet, can_fold_gray, fold_gray
+from stripnet.preprocess import normalize, preprocess, resize
+
+Exporter = Literal["dynamo", "torchscript"]
+WARM_UP_SEED = 0
+
+
+class BackendUnavailableError(ValueError):
+    """The selected backend's runtime is not installed."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probabilities: np.ndarray  # (N, classes) float32, rows sum to 1
+    boxes: tuple[tuple[Box, ...], ...] | None  # per frame, in the frame's own pixels; None without locate
+
+
+class Runner(Protocol):
+    name: str
+
+    def predict(self, images: Sequence[np.ndarray]) -> Prediction:
+        """1..max_batch (H, W) uint8 gray frames of any size → probabilities (and boxes)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    device: torch.device
+    max_batch: int
+    fp16: bool = False  # CUDA only
+    locate: LocateConfig | None = None  # torch runners only
+    threads: int | None = None  # ONNX Runtime intra-op threads; None = torch's (set process-wide at start-up)
+    fold_gray: bool = True  # benchmarks/model.py measures both
+    # The TorchScript ONNX exporter: the same graph speed and outputs as the dynamo one here, but ~0.3 s
+    # instead of 5-10 s to export, measured on this loaded box, paid at every start, restart and hot reload.
+    exporter: Exporter = "torchscript"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
+
+
+def _check_batch(images: Sequence[np.ndarray], max_batch: int) -> None:
+    if not 0 < len(images) <= max_batch:
+        raise ValueError(f"batch of {len(images)} frames; this runner takes 1..{max_batch}")
+
+
+def _served_copy(model: RepNet, spec: InputSpec, fold: bool) -> tuple[RepNet, InputSpec]:
+    """A copy of the fused model in eval mode (the caller's stays untouched), gray folded in if asked and exact."""
+    if not model.is_deploy:
+        raise ValueError("runners serve fused models; reparameterize the model first")
+    if fold and can_fold_gray(spec):
+        return fold_gray(model, spec)
+    return copy.deepcopy(model).eval(), spec
+
+
+# -- the CPU runners ----------------------------------------------------------------------------------
+
+
+class TorchRunner:
+    """Eager torch on the CPU: channels-last under inference_mode; with `locate`, boxes from the same pass."""
+
+    name: ClassVar[str] = "torch"
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: RepNet, manifest: Manifest, options: RunnerOptions) -> None:
+        net, self.spec = _served_copy(model, manifest.input, options.fold_gray)
+        self._net = net.to(memory_format=torch.channels_last)
+        self._forward = self._compiled(self._net)
+        self._max_batch, self._locate = options.max_batch, options.locate
+
+    @staticmethod
+    def _compiled(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        return net
+
+    def prepare(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(N, S, S) uint8 → the normalized input, channels-last."""
+        return normalize(pixels, self.spec, channels_last=True)
+
+    def forward(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(N, spec.channels, S, S) normalized float32 → (N, classes) logits."""
+        with torch.inference_mode():
+            return self._forward(torch.as_tensor(x).contiguous(memory_format=torch.channels_last)).numpy()
+
+    def predict(self, images: Sequence[np.ndarray]) -> Prediction:
+        _check_batch(images, self._max_batch)
+        x = preprocess(images, self.spec, channels_last=True)
+        if self._locate is None:
+            return Prediction(softmax(self.forward(x)), None)
+        with torch.inference_mode():
+            located = locate_batch(self._net, x, self._locate, [image.shape[:2] for image in images])
+        return Prediction(softmax(located.logits.numpy()), located.boxes)
+
+
+class CompiledRunner(TorchRunner):
+    """torch.compile'd eager torch. Batch 1 gets its own graph; every other batch size shares one dynamic one."""
+
+    name: ClassVar[str] = "compile"
+
+    @staticmethod
+    def _compiled(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        return torch.compile(net)
+
+
+class OnnxRuntimeRunner:
+    """The model exported to ONNX (dynamic batch axis) and run by ONNX Runtime's CPU provider."""
+
+    name: ClassVar[str] = "onnxruntime"
+    requires: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnx")  # onnx: to export the graph
+
+    def __init__(self, model: RepNet, manifest: Manifest, options: RunnerOptions) -> None:
+        import onnxruntime as ort  # only this runner needs it
+
+        net, self.spec = _served_copy(model, manifest.input, options.fold_gray)
+        self.exporter, graph = export_onnx(net, self.spec, options.exporter)
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.threads or torch.get_num_threads()
+        session_options.inter_op_num_threads = 1
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options.log_severity_level = 3
+        self._session = ort.InferenceSession(graph, session_options, providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+        self._max_batch = options.max_batch
+
+    def prepare(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N, S, S) uint8 → the normalized input, a contiguous NCHW float32 array."""
+        return normalize(pixels, self.spec).numpy()
+
+    def forward(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+        return self._session.run(None, {self._input: np.ascontiguousarray(array, dtype=np.float32)})[0]
+
+    def predict(self, images: Sequence[np.ndarray]) -> Prediction:
+        _check_batch(images, self._max_batch)
+        return Prediction(softmax(self.forward(preprocess(images, self.spec).numpy())), None)
+
+
+def export_onnx(model: nn.Module, spec: InputSpec, exporter: Exporter) -> tuple[Exporter, bytes]:
+    """ONNX bytes with a dynamic batch axis. If the dynamo exporter (torch's default and future) fails, the
+    TorchScript one is the fallback. Returns the exporter that produced the graph."""
+    example = torch.zeros(2, spec.channels, spec.size, spec.size)  # 2: an example of 1 would fix the batch axis
+    with warnings.catch_warnings():  # the exporters' notes on the graph would break JSON log lines
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            try:
+                batch = torch.export.Dim("batch", min=1, max=65536)
+                program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, input_names=["x"],
+                                            output_names=["logits"], dynamic_shapes=({0: batch},))
+                return "dynamo", program.model_proto.SerializeToString()
+            except Exception as err:  # noqa: BLE001 - any exporter failure means: try the other exporter
+                structlog.get_logger(__name__).warning("onnx_dynamo_export_failed", error=str(err)[:500])
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    return "torchscript", buffer.getvalue()
+
+
+# -- the CUDA runner ------------------------------------------------------------------------------------
+
+
+class CudaRunner:
+    """torch on a CUDA device: pinned host buffer, non-blocking uint8 upload, normalization on the device, a
+    dedicated stream, optionally fp16; with `locate`, boxes from the same pass."""
+
+    name: ClassVar[str] = "cuda"
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: RepNet, manifest: Manifest, options: RunnerOptions) -> None:
+        self.spec, self.device = manifest.input, options.device
+        self._dtype = torch.float16 if options.fp16 else torch.float32
+        served, _ = _served_copy(model, self.spec, fold=False)
+        self._net = served.to(device=self.device, dtype=self._dtype, memory_format=torch.channels_last)
+        self._max_batch, self._locate = options.max_batch, options.locate
+        self._stream = torch.cuda.Stream(self.device)
+        size = self.spec.size
+        self._host = torch.empty((options.max_batch, size, size), dtype=torch.uint8).pin_memory()
+
+    def predict(self, images: Sequence[np.ndarray]) -> Prediction:
+        _check_batch(images, self._max_batch)
+        pixels = np.stack([resize(image, self.spec.size) for image in images])
+        with torch.inference_mode(), torch.cuda.stream(self._stream):
+            host = self._host[: len(pixels)]
+            host.copy_(torch.from_numpy(pixels))
+            x = normalize(host.to(self.device, non_blocking=True), self.spec, dtype=self._dtype, channels_last=True)
+            if self._locate is None:
+                return Prediction(softmax(self._net(x).float().cpu().numpy()), None)
+            located = locate_batch(self._net, x, self._locate, [image.shape[:2] for image in images])
+            return Prediction(softmax(located.logits.float().cpu().numpy()), located.boxes)
+
+
+RunnerClass = type[TorchRunner] | type[OnnxRuntimeRunner] | type[CudaRunner]
+RUNNERS: dict[BackendName, RunnerClass] = {
+    "torch": TorchRunner,
+    "onnxruntime": OnnxRuntimeRunner,
+    "compile": CompiledRunner,
+}
+
+
+# -- choosing once, loading per model ---------------------------------------------------------------------
+
+
+def resolve_device(name: DeviceName) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use auto or cpu)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_available(runner: RunnerClass) -> None:
+    """Fail at start-up, with the remedy, when the runner's runtime cannot be imported."""
+    for module in runner.requires:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise BackendUnavailableError(
+                f"backend {runner.name!r} needs the Python package {module!r}, which cannot be imported ({err}); "
+                f"install it (pip install {module}) or choose --backend torch") from None
+
+
+def warm_up(runner: Runner, spec: InputSpec, max_batch: int) -> None:
+    """Batch 1 and a full batch (the shapes torch.compile and ONNX Runtime specialize on; other sizes reuse
+    them) through the whole predict path; ValueError if an output is not finite."""
+    rng = np.random.default_rng(WARM_UP_SEED)
+    for batch in sorted({1, max_batch}):
+        frames = list(rng.integers(0, 256, (batch, spec.size, spec.size), dtype=np.uint8))
+        if not np.isfinite(runner.predict(frames).probabilities).all():
+            raise ValueError(f"{runner.name} runner gives non-finite outputs at batch size {batch}")
+
+
+class Loader:
+    """The runner chosen once from the settings; `load` makes it ready for one model (the model store's
+    `prepare`). Raises BackendUnavailableError at start-up when the chosen backend is not installed."""
+
+    def __init__(self, settings: Settings) -> None:
+        device = resolve_device(settings.device)
+        locate = LocateConfig() if settings.locate else None
+        self.options = RunnerOptions(device, settings.max_batch, fp16=settings.fp16, locate=locate,
+                                     threads=settings.threads)
+        self.runner: RunnerClass = self._choose(settings.backend, device, locate)
+        check_available(self.runner)
+
+    @staticmethod
+    def _choose(backend: BackendName, device: torch.device, locate: LocateConfig | None) -> RunnerClass:
+        chosen = CudaRunner if device.type == "cuda" else TorchRunner if locate is not None else RUNNERS[backend]
+        if chosen is not RUNNERS[backend]:
+            structlog.get_logger(__name__).info(
+                "backend_not_used", requested=backend, serving=chosen.name,
+                reason=f"the {device.type} device runs torch" if device.type == "cuda"
+                else "--locate needs the torch module's feature map")
+        return chosen
+
+    def load(self, model: RepNet, manifest: Manifest) -> Runner:
+        """A warmed-up runner for `model`; ValueError if it does not fit its manifest or gives non-finite outputs."""
+        if model.num_classes != len(manifest.class_names):
+            raise ValueError(f"model has {model.num_classes} outputs, manifest names {len(manifest.class_names)}")
+        runner = self.runner(model, manifest, self.options)
+        warm_up(runner, manifest.input, self.options.max_batch)
+        return runner

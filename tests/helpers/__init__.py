@@ -1,0 +1,15 @@
+"""What the tests share. Test modules import these helpers and the code under test, never each other.
+
+- streams: frames, producing and reading topics, committed positions, the inspector in this process;
+- harness: the inspector as a subprocess, a live tail of a topic, a live stream of frames, figures;
+- poison: every way a record can be unusable, generated, with the dead-letter reason it must get;
+- models: tiny checkpoints and BN statistics worth testing against;
+- deploy: the files under deploy/, parsed;
+- http: one blocking GET.
+"""
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NEU_CLS = REPO_ROOT / "../shared/datasets/neu-cls"
+NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
