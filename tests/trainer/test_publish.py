@@ -13,24 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, InputSpec
-from stripnet.architectures import EG_REPVGG
-from stripnet.checkpoint import CheckpointError, export_checkpoint, load_checkpoint, sha256_file
-from stripnet.network import build_model
+from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
+from stripnet.checkpoint import CheckpointError, load_checkpoint, sha256_file
 from trainer.cli import main
 from trainer.publish import publish
 
-CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+from tests.helpers.models import export_tiny
+
 VERSION_NAME = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-(?P<version>[A-Za-z0-9._-]+)$")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("ckpt") / "model"
-    export_checkpoint(build_model(EG_REPVGG, 6), out, class_names=CLASSES, model_name="t", model_version="v1",
-                      input_spec=InputSpec(size=32))
-    return out
+    return export_tiny(tmp_path_factory.mktemp("ckpt") / "model", "v1")
 
 
 @pytest.fixture

@@ -1,42 +1,15 @@
+"""The network: exact fusion of every block and of the whole chain, architectures as data, gray folding."""
+
 import pytest
 import torch
 from torch import nn
 
-from schemas.checkpoint import ArchitectureSpec, BlockSpec
 from stripnet.architectures import EG_REPVGG, REPVGG_A0
 from stripnet.layers import RepVGGBlock
-from stripnet.network import build_model, reparameterize
-from stripnet.profile import count_parameters, profile_rows
+from schemas.checkpoint import ArchitectureSpec, BlockSpec, InputSpec, Normalization
+from stripnet.network import build_model, can_fold_gray, fold_gray, reparameterize
 
 from tests.helpers.models import randomize_bn
-
-TABLE1_TRAIN = [309, 849, 1789, 3727, 7375, 14671, 14671, 14671, 98307, 1542]
-TABLE1_FUSED = [252, 738, 1558, 3268, 6536, 13034, 13034, 13034, 87808, 1542]  # without the 3 ECA weights
-TABLE1_SIZES = [100, 50, 25, 25, 13, 13, 13, 13, 7, 1]
-TABLE1_CHANNELS = [9, 9, 19, 19, 38, 38, 38, 38, 256, 6]
-
-
-def test_table1_training_rows():
-    rows = profile_rows(build_model(EG_REPVGG, 6), 200)
-    assert [r.parameters for r in rows] == TABLE1_TRAIN
-    assert [r.output_size[0] for r in rows] == TABLE1_SIZES
-    assert [r.out_channels for r in rows] == TABLE1_CHANNELS
-    assert sum(TABLE1_TRAIN) == 157_911
-
-
-def test_table1_fused_rows():
-    rows = profile_rows(reparameterize(build_model(EG_REPVGG, 6)), 200)
-    eca = [3] * 9 + [0]
-    assert [r.parameters - e for r, e in zip(rows, eca)] == TABLE1_FUSED
-    assert sum(r.parameters for r in rows) == 140_804 + 27
-
-
-def test_teacher_is_repvgg_a0_size():
-    fused = reparameterize(build_model(REPVGG_A0, 6))
-    assert count_parameters(fused) == pytest.approx(7.04e6, rel=0.005)
-    widths = [b.out_channels for b in REPVGG_A0.blocks]
-    assert widths.count(48) == 3 and widths.count(96) == 4 and widths.count(192) == 14 and widths[-1] == 1280
-
 
 @pytest.mark.parametrize("in_ch,out_ch,stride", [(8, 8, 1), (8, 16, 1), (8, 8, 2), (3, 9, 2)])
 @pytest.mark.parametrize("act,attention", [("gelu", "eca"), ("relu", "none")])
@@ -86,3 +59,24 @@ def test_eca_channel_conv_equals_conv1d(k):
     eca = ECA(k)
     y = torch.randn(4, 19)
     torch.testing.assert_close(eca._channel_conv(y), eca.conv(y.unsqueeze(1)).squeeze(1))
+
+
+def test_fold_gray_takes_one_plane_and_gives_the_same_logits():
+    fused = reparameterize(randomize_bn(build_model(EG_REPVGG, 6), seed=2))
+    spec = InputSpec()
+    folded, gray = fold_gray(fused, spec)
+    assert (gray.channels, gray.normalization.mean, gray.normalization.std) == (1, (0.5,), (0.25,))
+    x = torch.randn(2, 1, 200, 200)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), fused(x.expand(-1, 3, -1, -1)), atol=1e-5, rtol=0)
+    assert fused.blocks[0].reparam_conv.in_channels == 3  # a copy: the served model is untouched
+
+
+def test_fold_gray_refuses_what_it_cannot_fold_exactly():
+    fused = reparameterize(build_model(EG_REPVGG, 6))
+    per_channel = InputSpec(normalization=Normalization(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3)))
+    assert can_fold_gray(InputSpec()) and not can_fold_gray(per_channel)
+    with pytest.raises(ValueError, match="one mean and std"):
+        fold_gray(fused, per_channel)
+    with pytest.raises(ValueError, match="fused model"):
+        fold_gray(build_model(EG_REPVGG, 6), InputSpec())
