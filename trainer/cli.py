@@ -98,10 +98,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from stripnet.bundled import resolve_model_dir
     from stripnet.checkpoint import load_checkpoint
     from trainer.data import load_image_folder, load_split
-    from trainer.evaluate import evaluate, measure_latency, plot_confusion
-    from stripnet.bundled import resolve_model_dir
+    from trainer.evaluate import evaluate, measure_latency, plot_confusion, predict_logits, predictions_doc
 
     model, manifest = load_checkpoint(resolve_model_dir(args.model))
     data = load_image_folder(args.data, manifest.input.size)
@@ -114,6 +116,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         doc["latency"] = asdict(measure_latency(model, manifest.input))
     if args.plot:
         plot_confusion(metrics.confusion, manifest.class_names, Path(args.plot), f"{manifest.model_name}")
+    if args.predictions:
+        probs = torch.softmax(predict_logits(model, data, manifest.input), dim=1)
+        Path(args.predictions).write_text(json.dumps(predictions_doc(data, probs, manifest.class_names), indent=0))
     if args.json:
         _print_json(doc)
     else:
@@ -251,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", default="val", choices=["train", "val", "test"])
     p.add_argument("--latency", action="store_true", help="also measure per-image latency on this machine")
     p.add_argument("--plot", help="write the confusion matrix as a PNG")
+    p.add_argument("--predictions", help="write every image's class probabilities as JSON")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

@@ -28,7 +28,7 @@ import torch
 
 from stripnet.checkpoint import load_checkpoint
 from trainer.data import ImageSet, load_image_folder
-from trainer.evaluate import Metrics, compute_metrics, plot_confusion, predict_logits
+from trainer.evaluate import Metrics, compute_metrics, plot_confusion, predict_logits, predictions_doc
 from trainer.train import TrainConfig, fit
 
 
@@ -109,10 +109,8 @@ def run_fold(cfg: CVConfig, k: int) -> Path:
     where = {p: i for i, p in enumerate(data.paths)}
     test = data.subset([where[p] for p in held_out])
     probs = torch.softmax(predict_logits(model, test, manifest.input), dim=1)
-    rows = [{"path": path, "true": test.class_names[int(y)], "probabilities": [round(float(v), 6) for v in p]}
-            for path, y, p in zip(test.paths, test.labels, probs, strict=True)]
     tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fold": k, "class_names": manifest.class_names, "predictions": rows}, indent=0))
+    tmp.write_text(json.dumps({"fold": k} | predictions_doc(test, probs, manifest.class_names), indent=0))
     tmp.replace(done)
     return done
 

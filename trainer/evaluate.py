@@ -86,6 +86,14 @@ def evaluate(model: nn.Module, data: ImageSet, spec: InputSpec, class_names: tup
     return compute_metrics(y_true, y_pred, class_names)
 
 
+def predictions_doc(data: ImageSet, probabilities: torch.Tensor, class_names: tuple[str, ...]) -> dict:
+    """Per image: its path, true class and every class's probability (in `class_names` order)."""
+    return {"class_names": list(class_names), "predictions": [
+        {"path": path, "true": data.class_names[int(y)], "probabilities": [round(float(v), 7) for v in probs]}
+        for path, y, probs in zip(data.paths, data.labels, probabilities, strict=True)
+    ]}
+
+
 @dataclass(frozen=True)
 class Latency:
     batch_size: int
