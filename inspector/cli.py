@@ -4,7 +4,7 @@ Each command is a `Settings` subclass, so every setting is a flag (`--topic`, `-
 `--kafka.security-protocol`…) with its docstring as help and its default shown by pydantic-settings;
 a command adds its own fields. CLI flags > environment (INSPECTOR_…) > .env > defaults. Heavy modules
 (torch, OpenCV) are imported only by the commands that need them, so `broker` and `replay` start
-quickly. A new command is a `Command` subclass with `execute()` and one field of `Inspector`.
+quickly. A new command is a `Command` subclass with `execute()` and one field of `Commands`.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class Demo(Command):
             return EXIT_FAILED
 
 
-class Inspector(BaseModel):
+class Commands(BaseModel):
     """Strip-steel line inspector: Kafka frames in, defect events out."""
 
     model_config = ConfigDict(use_attribute_docstrings=True)
@@ -122,9 +122,9 @@ class Inspector(BaseModel):
 def parse(argv: Sequence[str] | None = None) -> tuple[str, Command]:
     """The command named by `argv` (default: sys.argv[1:]) and its settings. Usage errors exit 2 (argparse);
     invalid values raise pydantic's ValidationError."""
-    cli = CliApp.run(Inspector, cli_args=None if argv is None else list(argv))
+    cli = CliApp.run(Commands, cli_args=None if argv is None else list(argv))
     command = get_subcommand(cli, is_required=True, cli_exit_on_error=False)
-    name = next(name for name in Inspector.model_fields if getattr(cli, name) is command)
+    name = next(name for name in Commands.model_fields if getattr(cli, name) is command)
     return name, command
 
 

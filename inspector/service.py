@@ -1,4 +1,4 @@
-"""The inspector's pipeline: consume → decode → batch → infer → build events and dead letters → produce → commit.
+"""The pipeline: consume → decode → batch → infer → build events and dead letters → produce → commit.
 
 `Pipeline` holds one connected run's pieces and has one method per step, in that order: the source
 fetches within the in-flight budget and decodes off the loop (inspector/source.py); a frame goes to

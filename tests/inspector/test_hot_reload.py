@@ -156,7 +156,8 @@ def test_a_swap_during_a_live_stream_loses_no_frame_and_comes_within_poll_plus_w
     store = timed_store(settings, model_dir, metrics, prepare_seconds)
 
     async def scenario():
-        async with Tail(kafka_broker, settings.output_topic) as tail, running_service(settings, metrics=metrics, models=store) as run:
+        async with (Tail(kafka_broker, settings.output_topic) as tail,
+                    running_service(settings, metrics=metrics, models=store) as run):
             async with Stream(kafka_broker, settings.topic, RATE) as stream:
                 await tail.wait_until(lambda rs: len(rs) >= 100, 30, "100 events from v1")
                 published_at = datetime.now(UTC)
@@ -268,7 +269,8 @@ def test_broken_checkpoints_are_rejected_once_each_while_the_old_model_serves_on
     partial = model_dir / version_dir_name(99, "v2")  # a non-atomic `cp -r` caught half-way: newest of all
 
     async def scenario():
-        async with Tail(kafka_broker, settings.output_topic) as tail, running_service(settings, metrics=metrics, models=store) as run:
+        async with (Tail(kafka_broker, settings.output_topic) as tail,
+                    running_service(settings, metrics=metrics, models=store) as run):
             async with Stream(kafka_broker, settings.topic, RATE) as stream:
                 await tail.wait_until(lambda rs: len(rs) >= 50, 30, "the first events")
                 for stamp, (name, (ckpt, _)) in enumerate(broken.items(), start=1):
@@ -335,7 +337,8 @@ def test_quick_successive_publishes_end_on_the_newest(kafka_broker, new_topic, m
     store = timed_store(settings, model_dir, metrics, [])
 
     async def scenario():
-        async with Tail(kafka_broker, settings.output_topic) as tail, running_service(settings, metrics=metrics, models=store) as run:
+        async with (Tail(kafka_broker, settings.output_topic) as tail,
+                    running_service(settings, metrics=metrics, models=store) as run):
             async with Stream(kafka_broker, settings.topic, RATE) as stream:
                 await tail.wait_until(lambda rs: len(rs) >= 50, 30, "the first events")
                 started = time.monotonic()

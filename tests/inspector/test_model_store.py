@@ -54,8 +54,8 @@ def prepare(model: RepNet, manifest: Manifest) -> Runner:
 
 def reloads(metrics: Metrics) -> tuple[int, int]:
     """(successful, failed) model reloads the store counted."""
-    count = lambda result: metrics.registry.get_sample_value("inspector_model_reloads_total", {"result": result})  # noqa: E731
-    return int(count("success")), int(count("failure"))
+    get = metrics.registry.get_sample_value
+    return tuple(int(get("inspector_model_reloads_total", {"result": r})) for r in ("success", "failure"))
 
 
 def serving_version(metrics: Metrics) -> str | None:
