@@ -12,12 +12,12 @@ LOOP = ("run (asyncio/runners.py:190);BaseEventLoop.run_forever (asyncio/base_ev
         "Handle._run (asyncio/events.py:80)")
 WORKER = "Thread._bootstrap (threading.py:1002);_WorkItem.run (concurrent/futures/thread.py:58)"
 RAW = f"""\
-thread (11): inference_0;{WORKER};Runner.predict (inspector/engine.py:122);OnnxRuntimeBackend.__call__ (inspector/backends.py:150);Session.run (onnxruntime/capi/onnxruntime_inference_collection.py:406) 300
-thread (11): inference_0;{WORKER};Runner.predict (inspector/engine.py:122);stack (numpy/_core/shape_base.py:465) 20
+thread (11): inference_0;{WORKER};OnnxRuntimeRunner.predict (inspector/runners.py:172);OnnxRuntimeRunner.forward (inspector/runners.py:168);Session.run (onnxruntime/capi/onnxruntime_inference_collection.py:406) 300
+thread (11): inference_0;{WORKER};OnnxRuntimeRunner.predict (inspector/runners.py:172);preprocess (stripnet/preprocess.py:50);stack (numpy/_core/shape_base.py:465) 20
 thread (12): asyncio_0;{WORKER};_decode_all (inspector/source.py:111);decode_frame (inspector/decode.py:60);_pixels (inspector/decode.py:101) 100
 thread (13): asyncio_1;{WORKER};_decode_all (inspector/source.py:111);decode_frame (inspector/decode.py:60);_pixels (inspector/decode.py:101) 50
-thread (10): MainThread;{LOOP};Sink.publish_events (inspector/sink.py:47);dumps (inspector/codec.py:13) 10
-thread (10): MainThread;{LOOP};Sink.publish_events (inspector/sink.py:48);AIOKafkaProducer.send (aiokafka/producer/producer.py:470);_SelectorSocketTransport.write (asyncio/selector_events.py:1057) 15
+thread (10): MainThread;{LOOP};Pipeline.publish (inspector/service.py:104);Outputs.events (inspector/outputs.py:48);dumps (inspector/codec.py:13) 10
+thread (10): MainThread;{LOOP};Sink.produce (inspector/sink.py:34);AIOKafkaProducer.send (aiokafka/producer/producer.py:470);_SelectorSocketTransport.write (asyncio/selector_events.py:1057) 15
 thread (10): MainThread;{LOOP};EpollSelector.select (selectors.py:468) 5
 """
 
@@ -29,7 +29,7 @@ def test_samples_are_grouped_by_stage_thread_and_innermost_frame(tmp_path: Path)
     assert profile.samples == 500
     stages = {s.name: s for s in profile.categories}
     assert stages["inference (ONNX Runtime / torch)"].cores == pytest.approx(1.5)
-    assert stages["preprocessing (resize, normalize, softmax)"].cores == pytest.approx(0.1)  # numpy inside the engine
+    assert stages["preprocessing (resize, normalize)"].cores == pytest.approx(0.1)  # numpy inside stripnet.preprocess
     assert stages["decode (OpenCV, header checks)"].share == pytest.approx(0.3)
     assert stages["events and JSON (pydantic, orjson, uuid)"].cores == pytest.approx(0.05)
     assert stages["Kafka client (aiokafka)"].cores == pytest.approx(0.075)  # asyncio frames under aiokafka skipped
