@@ -11,9 +11,10 @@ whose outputs are not finite — once per model load. Everything here blocks: th
 
 On the CPU the gray → C-channel replication is folded into the first convolution when every channel
 shares one mean and std (stripnet.network.fold_gray: exact, and one plane to normalize instead of C).
-CUDA (not exercised by the tests; no GPU here): frames are copied into a pinned host buffer,
-uploaded with non-blocking copies as uint8, normalized on the device and run on a dedicated stream,
-optionally in fp16; only uint8 pixels cross the bus.
+CUDA (tests/gpu, `pytest -m gpu`, and scripts/gpu-check run it on a CUDA machine): frames are
+resized straight into a pinned host buffer, uploaded with non-blocking copies as uint8, normalized on
+the device and run on the loader's one dedicated stream, in IEEE float32, float16 or bfloat16; only
+uint8 pixels cross the bus.
 
 Adding a backend: one class with `name`, `requires`, `__init__(model, manifest, options)` and
 `predict`; its name in `inspector.settings.BackendName` and the class in `RUNNERS`.
@@ -67,7 +68,10 @@ class Runner(Protocol):
 class RunnerOptions:
     device: torch.device
     max_batch: int
-    fp16: bool = False  # CUDA only
+    dtype: torch.dtype = torch.float32  # CUDA only: float32, float16 or bfloat16
+    # CUDA: the stream every model of one loader runs on. PyTorch keeps a cuBLAS workspace per (handle, stream)
+    # for the life of the process, so a new stream per hot reload would leave one more workspace behind each time.
+    stream: torch.cuda.Stream | None = None
     locate: LocateConfig | None = None  # torch runners only
     threads: int | None = None  # ONNX Runtime intra-op threads; None = torch's (set process-wide at start-up)
     fold_gray: bool = True  # benchmarks/model.py measures both
@@ -201,29 +205,38 @@ def export_onnx(model: nn.Module, spec: InputSpec, exporter: Exporter) -> tuple[
 
 
 class CudaRunner:
-    """torch on a CUDA device: pinned host buffer, non-blocking uint8 upload, normalization on the device, a
-    dedicated stream, optionally fp16; with `locate`, boxes from the same pass."""
+    """torch on a CUDA device: frames resized into a pinned host buffer, a non-blocking uint8 upload,
+    normalization on the device, the loader's dedicated stream, IEEE float32, float16 or bfloat16; with
+    `locate`, boxes from the same pass."""
 
     name: ClassVar[str] = "cuda"
     requires: ClassVar[tuple[str, ...]] = ()
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
 
     def __init__(self, model: RepNet, manifest: Manifest, options: RunnerOptions) -> None:
-        self.spec, self.device = manifest.input, options.device
-        self._dtype = torch.float16 if options.fp16 else torch.float32
+        if options.dtype not in self.dtypes:
+            raise ValueError(f"the CUDA runner runs {', '.join(map(str, self.dtypes))}, not {options.dtype}")
+        if options.dtype == torch.float32:
+            # cuDNN runs float32 convolutions in TF32 unless told otherwise (~1e-3 from the CPU's results).
+            # Process-wide, and without effect on float16 and bfloat16 convolutions.
+            torch.backends.cudnn.allow_tf32 = False
+        self.spec, self.device, self.dtype = manifest.input, options.device, options.dtype
         served, _ = _served_copy(model, self.spec, fold=False)
-        self._net = served.to(device=self.device, dtype=self._dtype, memory_format=torch.channels_last)
+        self._net = served.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
         self._max_batch, self._locate = options.max_batch, options.locate
-        self._stream = torch.cuda.Stream(self.device)
+        self.stream = options.stream if options.stream is not None else torch.cuda.Stream(self.device)
         size = self.spec.size
         self._host = torch.empty((options.max_batch, size, size), dtype=torch.uint8).pin_memory()
+        self._host_pixels = self._host.numpy()  # the same pinned memory, for resizing straight into it
 
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:
         _check_batch(images, self._max_batch)
-        pixels = np.stack([resize(image, self.spec.size) for image in images])
-        with torch.inference_mode(), torch.cuda.stream(self._stream):
-            host = self._host[: len(pixels)]
-            host.copy_(torch.from_numpy(pixels))
-            x = normalize(host.to(self.device, non_blocking=True), self.spec, dtype=self._dtype, channels_last=True)
+        n = len(images)
+        # Safe to overwrite: the previous predict returned only after its .cpu(), which waited for its upload.
+        np.stack([resize(image, self.spec.size) for image in images], out=self._host_pixels[:n])
+        with torch.inference_mode(), torch.cuda.stream(self.stream):
+            pixels = self._host[:n].to(self.device, non_blocking=True)
+            x = normalize(pixels, self.spec, dtype=self.dtype, channels_last=True)
             if self._locate is None:
                 return Prediction(softmax(self._net(x).float().cpu().numpy()), None)
             located = locate_batch(self._net, x, self._locate, [image.shape[:2] for image in images])
@@ -277,8 +290,9 @@ class Loader:
     def __init__(self, settings: Settings) -> None:
         device = resolve_device(settings.device)
         locate = LocateConfig() if settings.locate else None
-        self.options = RunnerOptions(device, settings.max_batch, fp16=settings.fp16, locate=locate,
-                                     threads=settings.threads)
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.options = RunnerOptions(device, settings.max_batch, locate=locate, threads=settings.threads,
+                                     dtype=torch.float16 if settings.fp16 else torch.float32, stream=stream)
         self.runner: RunnerClass = self._choose(settings.backend, device, locate)
         check_available(self.runner)
 

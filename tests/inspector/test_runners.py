@@ -168,8 +168,9 @@ def test_frames_of_other_sizes_are_resized_like_training(fused: tuple[RepNet, Ma
                                reference_probabilities(model, manifest, [big, small]), atol=ATOL)
 
 
-def test_batch_sizes_outside_1_to_max_batch_are_refused(fused: tuple[RepNet, Manifest]) -> None:
-    runner = Loader(cpu()).load(*fused)
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", pytest.param("compile", marks=pytest.mark.slow)])
+def test_batch_sizes_outside_1_to_max_batch_are_refused(fused: tuple[RepNet, Manifest], backend: str) -> None:
+    runner = Loader(cpu(backend=backend)).load(*fused)  # the CUDA runner: tests/gpu
     for batch in ([], gray_frames(MAX_BATCH + 1)):
         with pytest.raises(ValueError, match=rf"takes 1..{MAX_BATCH}"):
             runner.predict(batch)
