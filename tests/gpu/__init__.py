@@ -1,0 +1,1 @@
+"""Tests that need a CUDA device (pytest -m gpu): skipped without one; scripts/gpu-check runs them."""
