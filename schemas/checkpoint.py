@@ -59,6 +59,20 @@ class InputSpec(_Frozen):
     normalization: Normalization = Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
+class OODSpec(_Frozen):
+    """The unknown (out-of-distribution) detector saved with the weights as `ood.*` tensors (stripnet/ood.py):
+    a frame whose score exceeds `threshold` is unknown."""
+
+    method: Literal["mahalanobis"] = "mahalanobis"
+    threshold: float = Field(ge=0, description="score above which a frame is unknown")
+    false_unknown_rate: float = Field(gt=0, lt=1, description="the share of held-in images it was calibrated to flag")
+    calibrated_on: Literal["validation", "training"] = Field(
+        description="the held-in images the threshold comes from: the validation part, or (without one) the "
+                    "training images, whose scores are lower than new images' (more false unknowns)")
+    calibration_images: int = Field(gt=0)
+    fitted_images: int = Field(gt=0, description="training images the class means and covariance come from")
+
+
 class Manifest(_Frozen):
     format_version: Literal[1] = CHECKPOINT_FORMAT_VERSION
     model_name: str
@@ -74,6 +88,7 @@ class Manifest(_Frozen):
     metrics: dict[str, float] = {}
     data_fingerprint: str = ""
     teacher: str | None = None
+    ood: OODSpec | None = Field(default=None, description="the unknown detector; none: every frame gets a class")
     created_at: datetime
     notes: str = ""
 

@@ -96,8 +96,11 @@ def export_checkpoint(
     model_version: str | None = None, input_spec: InputSpec = InputSpec(), metrics: dict[str, float] | None = None,
     data_fingerprint: str = "", teacher: str | None = None, notes: str = "",
 ) -> Manifest:
-    """Fuse `model` and write it as a checkpoint directory at `out_dir`, atomically."""
+    """Fuse `model` (with its unknown detector, if it carries one) and write it as a checkpoint directory at
+    `out_dir`, atomically."""
     fused = reparameterize(model).cpu()
+    if fused.ood is not None and fused.ood.spec is None:
+        raise ValueError("the model's unknown detector has no calibrated threshold (stripnet.ood.with_detector)")
     with atomic_directory(Path(out_dir)) as tmp:
         weights = tmp / WEIGHTS_NAME
         save_file({k: v.contiguous() for k, v in fused.state_dict().items()}, weights)
@@ -107,6 +110,7 @@ def export_checkpoint(
             weights_sha256=sha256_file(weights), parameters=count_parameters(fused),
             macs=count_macs(fused, input_spec.size, input_spec.channels), metrics=metrics or {},
             data_fingerprint=data_fingerprint, teacher=teacher, created_at=datetime.now(UTC), notes=notes,
+            ood=fused.ood.spec if fused.ood is not None else None,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
     return manifest
@@ -140,7 +144,7 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[RepNet, Manifest]:
         state = load_file(weights)
     except SafetensorError as err:
         raise CheckpointError(f"{weights}: unreadable safetensors file ({err})") from None
-    model = build_model(manifest.architecture, len(manifest.class_names), deploy=manifest.deploy)
+    model = build_model(manifest.architecture, len(manifest.class_names), deploy=manifest.deploy, ood=manifest.ood)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -8,8 +8,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from schemas.checkpoint import ArchitectureSpec, InputSpec, Normalization
+from schemas.checkpoint import ArchitectureSpec, InputSpec, Normalization, OODSpec
 from stripnet.layers import RepVGGBlock
+from stripnet.ood import OODHead
 
 
 @runtime_checkable
@@ -24,14 +25,21 @@ class ClassifierHead(nn.Module):
         super().__init__()
         self.fc = nn.Linear(in_ch, num_classes)
 
+    @staticmethod
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        """(N, K, h, w) feature map → (N, K) pooled features."""
+        return x.mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.mean(dim=(2, 3)))
+        return self.fc(self.pool(x))
 
 
 class RepNet(nn.Module):
-    """One definition for training (multi-branch) and inference (plain 3×3 chain, `deploy=True`)."""
+    """One definition for training (multi-branch) and inference (plain 3×3 chain, `deploy=True`). With `ood`,
+    it carries an unknown detector on its pooled features (stripnet/ood.py; fitted after training)."""
 
-    def __init__(self, spec: ArchitectureSpec, num_classes: int, *, deploy: bool = False) -> None:
+    def __init__(self, spec: ArchitectureSpec, num_classes: int, *, deploy: bool = False,
+                 ood: OODSpec | None = None) -> None:
         super().__init__()
         self.spec, self.num_classes = spec, num_classes
         blocks, in_ch = [], spec.in_channels
@@ -43,6 +51,7 @@ class RepNet(nn.Module):
             in_ch = row.out_channels
         self.blocks = nn.Sequential(*blocks)
         self.head = ClassifierHead(in_ch, num_classes)
+        self.ood: OODHead | None = OODHead(num_classes, in_ch, ood) if ood is not None else None
 
     @property
     def is_deploy(self) -> bool:
@@ -54,9 +63,15 @@ class RepNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass → (logits (N, classes), the pooled features (N, K) they are computed from)."""
+        pooled = self.head.pool(self.forward_features(x))
+        return self.head.fc(pooled), pooled
 
-def build_model(spec: ArchitectureSpec, num_classes: int, *, deploy: bool = False) -> RepNet:
-    return RepNet(spec, num_classes, deploy=deploy)
+
+def build_model(spec: ArchitectureSpec, num_classes: int, *, deploy: bool = False,
+                ood: OODSpec | None = None) -> RepNet:
+    return RepNet(spec, num_classes, deploy=deploy, ood=ood)
 
 
 def reparameterize(model: nn.Module) -> nn.Module:

@@ -1,0 +1,97 @@
+"""The unknown detector: how far a frame's pooled features lie from every class the model learned.
+
+The pooled features f (the (N, K) input of the linear head, from the same forward pass as the logits)
+are modelled per class as Gaussians that share one covariance Σ (Lee et al., NeurIPS 2018). A frame's
+score is the Mahalanobis distance to the nearest class mean,
+
+    d(f) = min_c ‖(f − μ_c) W‖ = min_c ‖f W − μ_c W‖,   W Wᵀ = Σ⁻¹,
+
+so serving costs one K×K product per frame (65 k MACs at K = 256, against the network's 19.2 M). Σ is
+the Ledoit–Wolf shrinkage estimate (no parameter to tune: ~1,000 images in 256 dimensions make the
+sample covariance ill-conditioned). A frame is unknown when d(f) exceeds a threshold calibrated as the
+(1 − rate) quantile of held-in images' scores (`calibrate`). The choice of this score over energy, kNN
+and max-softmax was made by measurement: docs/openset.md.
+
+`OODHead` is the fitted detector as a module of two buffers. A RepNet that carries one (`model.ood`,
+see `with_detector`) saves it in its weights file, and the manifest describes it (`Manifest.ood`), so a
+checkpoint's sha256 covers the detector too.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from schemas.checkpoint import OODSpec
+
+if TYPE_CHECKING:
+    from stripnet.network import RepNet
+
+
+class OODHead(nn.Module):
+    """Pooled features (N, K) → (N,) float32 Mahalanobis distance to the nearest class mean. `spec` (threshold,
+    calibration) is set once the threshold is calibrated (`with_detector`); a checkpoint needs it."""
+
+    def __init__(self, num_classes: int, dim: int, spec: OODSpec | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("whiten", torch.eye(dim))  # W, (K, K)
+        self.register_buffer("centres", torch.zeros(num_classes, dim))  # μ_c W, (C, K)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        # fp32 whatever the caller's precision: a sum of 256 squares loses too much in bf16 or fp16.
+        with torch.autocast(pooled.device.type, enabled=False):
+            z = pooled.float() @ self.whiten.float()
+            centres = self.centres.float()
+            squared = (z * z).sum(dim=1, keepdim=True) - 2 * z @ centres.T + (centres * centres).sum(dim=1)
+            return squared.min(dim=1).values.clamp(min=0).sqrt()
+
+
+def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
+    """Shrunk covariance of centred samples x (N, K): (1 − s)·S + s·(tr S / K)·I with the Ledoit–Wolf (2004) s."""
+    n, k = x.shape
+    sample = x.T @ x / n
+    mu = torch.trace(sample) / k
+    target_distance = ((sample - mu * torch.eye(k, dtype=x.dtype)) ** 2).sum()
+    # β² = Σ_i ‖x_i x_iᵀ − S‖²_F / n², how far S is from the true covariance; Σ_i x_iᵀ S x_i = n‖S‖²_F
+    spread = (((x * x).sum(dim=1) ** 2).sum() - n * (sample**2).sum()) / n**2
+    shrinkage = torch.clamp(spread / target_distance, 0.0, 1.0) if target_distance > 0 else torch.tensor(1.0)
+    return (1 - shrinkage) * sample + shrinkage * mu * torch.eye(k, dtype=x.dtype)
+
+
+def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> OODHead:
+    """The detector for held-in features (N, K) with class labels (N,): class means, shared shrunk covariance."""
+    x = features.double()
+    if not all((labels == c).any() for c in range(num_classes)):
+        raise ValueError("every class needs training images to fit the unknown detector")
+    means = torch.stack([x[labels == c].mean(dim=0) for c in range(num_classes)])
+    covariance = ledoit_wolf(x - means[labels])
+    # W = L⁻ᵀ for Σ = L Lᵀ, so W Wᵀ = Σ⁻¹ and ‖(f − μ) W‖² = (f − μ)ᵀ Σ⁻¹ (f − μ)
+    chol = torch.linalg.cholesky(covariance)
+    whiten = torch.linalg.solve_triangular(chol, torch.eye(x.shape[1], dtype=x.dtype), upper=False).T
+    head = OODHead(num_classes, x.shape[1])
+    head.whiten.copy_(whiten.float())
+    head.centres.copy_((means @ whiten).float())
+    return head
+
+
+def calibrate(scores: np.ndarray, rate: float) -> float:
+    """The threshold above which a share `rate` of held-in `scores` lies (their (1 − rate) quantile)."""
+    if not 0.0 < rate < 1.0 or len(scores) == 0:
+        raise ValueError(f"calibration needs held-in scores and a rate in (0, 1), got {len(scores)} scores, {rate}")
+    return float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - rate))
+
+
+def with_detector(model: RepNet, head: OODHead, spec: OODSpec) -> RepNet:
+    """A copy of `model` that carries a copy of `head`, calibrated as `spec`, as `model.ood` (export_checkpoint
+    saves it with the weights)."""
+    if head.centres.shape != (model.num_classes, model.head.fc.in_features):
+        raise ValueError(f"detector for {tuple(head.centres.shape)} (classes, features) does not fit the model")
+    out = copy.deepcopy(model)
+    out.ood = copy.deepcopy(head)
+    out.ood.spec = spec
+    return out

@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+import torch
+
+from schemas.checkpoint import InputSpec, OODSpec
+from stripnet.architectures import EG_REPVGG
+from stripnet.checkpoint import export_checkpoint, load_checkpoint
+from stripnet.network import build_model
+from stripnet.ood import calibrate, fit_head, ledoit_wolf, with_detector
+
+SPEC = OODSpec(threshold=3.0, false_unknown_rate=0.01, calibrated_on="validation", calibration_images=30,
+               fitted_images=90)
+
+
+def _clusters(n_per_class: int = 200, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three Gaussian classes with one shared, correlated covariance: (features, labels, true means)."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(3, dim, generator=gen) * 6
+    mixing = torch.randn(dim, dim, generator=gen) / dim**0.5 + torch.eye(dim)
+    labels = torch.arange(3).repeat_interleave(n_per_class)
+    return means[labels] + torch.randn(len(labels), dim, generator=gen) @ mixing.T, labels, means
+
+
+def test_the_score_is_the_mahalanobis_distance_to_the_nearest_class_under_the_fitted_covariance():
+    features, labels, _ = _clusters()
+    head = fit_head(features, labels, 3)
+    x = features.double()
+    means = torch.stack([x[labels == c].mean(0) for c in range(3)])
+    precision = torch.linalg.inv(ledoit_wolf(x - means[labels]))
+    probe = torch.randn(16, x.shape[1], dtype=torch.float64) * 5
+    d = probe[:, None, :] - means[None]
+    expected = torch.einsum("nck,kl,ncl->nc", d, precision, d).min(dim=1).values.sqrt()
+    torch.testing.assert_close(head(probe.float()).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_far_away_features_score_higher_than_held_in_ones():
+    features, labels, means = _clusters()
+    head = fit_head(features, labels, 3)
+    held_in, _, _ = _clusters(n_per_class=50, seed=0)
+    far = means.mean(0) + 40 * torch.ones(features.shape[1])
+    assert head(far[None]).item() > head(held_in).max().item()
+
+
+def test_ledoit_wolf_matches_its_definition_and_is_invertible_with_fewer_samples_than_dimensions():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 20, generator=gen, dtype=torch.float64)
+    x = x - x.mean(0)
+    n, k = x.shape
+    sample = x.T @ x / n
+    mu = torch.trace(sample) / k
+    spread = sum(((row[:, None] * row[None, :] - sample) ** 2).sum() for row in x) / n**2
+    shrinkage = min(float(spread / ((sample - mu * torch.eye(k, dtype=x.dtype)) ** 2).sum()), 1.0)
+    expected = (1 - shrinkage) * sample + shrinkage * mu * torch.eye(k, dtype=x.dtype)
+    torch.testing.assert_close(ledoit_wolf(x), expected)
+    assert torch.linalg.eigvalsh(ledoit_wolf(x)).min() > 0  # the sample covariance itself has rank 11
+
+
+def test_calibration_flags_the_requested_share_of_held_in_scores():
+    scores = np.random.default_rng(0).normal(size=10_000)
+    threshold = calibrate(scores, 0.01)
+    assert (scores > threshold).mean() == pytest.approx(0.01, abs=1e-3)
+    assert calibrate(np.arange(101.0), 0.01) == pytest.approx(99.0)
+    with pytest.raises(ValueError):
+        calibrate(scores, 0.0)
+    with pytest.raises(ValueError):
+        calibrate(np.array([]), 0.01)
+
+
+def test_fitting_needs_every_class():
+    features, labels, _ = _clusters()
+    with pytest.raises(ValueError, match="every class"):
+        fit_head(features[labels < 2], labels[labels < 2], 3)
+
+
+def _model_with_detector(classes: int = 6):
+    torch.manual_seed(0)
+    model = build_model(EG_REPVGG, classes).eval()
+    x = torch.randn(24, 3, 32, 32)
+    with torch.no_grad():
+        _, pooled = model.forward_with_features(x)
+    head = fit_head(pooled, torch.arange(24) % classes, classes)
+    return with_detector(model, head, SPEC), x
+
+
+def test_a_checkpoint_round_trips_its_detector(tmp_path):
+    model, x = _model_with_detector()
+    written = export_checkpoint(model, tmp_path / "ckpt", class_names=tuple("abcdef"), model_name="t",
+                                input_spec=InputSpec(size=32))
+    loaded, manifest = load_checkpoint(tmp_path / "ckpt")
+    assert written.ood == manifest.ood == SPEC
+    with torch.no_grad():
+        expected = model.ood(model.forward_with_features(x)[1])
+        logits, pooled = loaded.forward_with_features(x)
+        torch.testing.assert_close(loaded.ood(pooled), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_without_a_detector_writes_none_and_an_uncalibrated_one_is_refused(tmp_path):
+    model = build_model(EG_REPVGG, 6)
+    assert export_checkpoint(model, tmp_path / "plain", class_names=tuple("abcdef"), model_name="t",
+                             input_spec=InputSpec(size=32)).ood is None
+    assert load_checkpoint(tmp_path / "plain")[0].ood is None
+    calibrated, _ = _model_with_detector()
+    calibrated.ood.spec = None
+    with pytest.raises(ValueError, match="calibrated"):
+        export_checkpoint(calibrated, tmp_path / "uncalibrated", class_names=tuple("abcdef"), model_name="t")
+
+
+def test_a_detector_must_fit_the_model():
+    model, _ = _model_with_detector(classes=6)
+    with pytest.raises(ValueError, match="does not fit"):
+        with_detector(build_model(EG_REPVGG, 5), model.ood, SPEC)
