@@ -235,12 +235,21 @@ class CudaRunner:
         # Safe to overwrite: the previous predict returned only after its .cpu(), which waited for its upload.
         np.stack([resize(image, self.spec.size) for image in images], out=self._host_pixels[:n])
         with torch.inference_mode(), torch.cuda.stream(self.stream):
-            pixels = self._host[:n].to(self.device, non_blocking=True)
-            x = normalize(pixels, self.spec, dtype=self.dtype, channels_last=True)
+            x = self.prepare(self._host[:n].to(self.device, non_blocking=True))
             if self._locate is None:
-                return Prediction(softmax(self._net(x).float().cpu().numpy()), None)
+                return Prediction(softmax(self.forward(x).float().cpu().numpy()), None)
             located = locate_batch(self._net, x, self._locate, [image.shape[:2] for image in images])
             return Prediction(softmax(located.logits.float().cpu().numpy()), located.boxes)
+
+    # The device-side steps, asynchronous on the current stream (benchmarks/gpu.py captures them in CUDA graphs).
+
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, S, S) uint8 on the device → the normalized input in the runner's dtype, channels-last."""
+        return normalize(pixels, self.spec, dtype=self.dtype, channels_last=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalized input → (N, classes) logits on the device, in the runner's dtype."""
+        return self._net(x)
 
 
 RunnerClass = type[TorchRunner] | type[OnnxRuntimeRunner] | type[CudaRunner]
