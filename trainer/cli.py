@@ -60,13 +60,15 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(
         data=Path(args.data), out=Path(args.out), arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, warmup_epochs=args.warmup_epochs, seed=args.seed, split=args.split, split_seed=args.split_seed,
-        split_file=Path(args.split_file) if args.split_file else None, input=InputSpec(size=args.size),
+        split_file=Path(args.split_file) if args.split_file else None, size=args.size, color=args.color,
+        balance=args.balance,
         teacher=Path(args.teacher) if getattr(args, "teacher", None) else None,
         kd=KDConfig(temperature=args.temperature, alpha=args.alpha, t_squared=args.t_squared),
         teacher_cache_dir=Path(args.teacher_cache_dir) if args.teacher_cache_dir else None,
         limit_per_class=args.limit_per_class, threads=args.threads, bf16=args.bf16, model_name=args.model_name,
         model_version=args.model_version, progress=not args.no_progress, select=args.select,
         label_smoothing=args.label_smoothing, ema_decay=args.ema, jitter=args.jitter,
+        chosen_by=Path(args.chosen_by) if getattr(args, "chosen_by", None) else None,
     )
 
 
@@ -91,7 +93,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     model.load_state_dict(state["model"])
     manifest = export_checkpoint(
         model, args.out, class_names=tuple(state["class_names"]), model_name=args.model_name or spec.name,
-        model_version=args.model_version, input_spec=InputSpec(size=args.size),
+        model_version=args.model_version, input_spec=InputSpec(size=args.size, color=args.color),
     )
     print(f"wrote {args.out} ({manifest.model_name} {manifest.model_version}, sha256 {manifest.weights_sha256[:12]}…)")
     return 0
@@ -106,7 +108,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate, measure_latency, plot_confusion, predict_logits, predictions_doc
 
     model, manifest = load_checkpoint(resolve_model_dir(args.model))
-    data = load_image_folder(args.data, manifest.input.size)
+    data = load_image_folder(args.data, manifest.input.size, color=manifest.input.color)
     if args.split_file:
         parts = load_split(Path(args.split_file), data)
         data = data.subset(parts[["train", "val", "test"].index(args.part)])
@@ -171,7 +173,7 @@ def cmd_locate(args: argparse.Namespace) -> int:
     from stripnet.bundled import resolve_model_dir
 
     model, manifest = load_checkpoint(resolve_model_dir(args.model))
-    data = load_image_folder(args.data, manifest.input.size)
+    data = load_image_folder(args.data, manifest.input.size, color=manifest.input.color)
     if args.split_file:
         data = data.subset(load_split(Path(args.split_file), data)[["train", "val", "test"].index(args.part)])
     config = LocateConfig(threshold=args.threshold, score=args.score, min_area=args.min_area, step=args.step)
@@ -195,7 +197,12 @@ def _add_fit_args(p: argparse.ArgumentParser, teacher_dir: bool = True) -> None:
     p.add_argument("--split", type=parse_split, default=(0.8, 0.1, 0.1), help="train:val[:test], default 8:1:1")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--split-file", help="reuse a split.json from another run")
-    p.add_argument("--size", type=int, default=200, help="input side in pixels")
+    p.add_argument("--size", type=int, help="input side in pixels (default: the images' own size)")
+    p.add_argument("--color", default="auto", choices=["auto", "gray", "rgb"],
+                   help="model input: rgb (in that order) when any image's channels differ, else gray (auto)")
+    p.add_argument("--balance", default="auto", choices=["auto", "none", "sampling", "loss"],
+                   help="imbalanced classes: class-balanced sampling (auto: when largest/smallest class > 1.5), "
+                        "per-class loss weights, or none")
     if teacher_dir:
         p.add_argument("--teacher", help="teacher checkpoint directory: turns on distillation")
     p.add_argument("--temperature", type=float, default=7.0)
@@ -213,6 +220,7 @@ def _add_fit_args(p: argparse.ArgumentParser, teacher_dir: bool = True) -> None:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--ema", type=float, help="keep an exponential moving average of the weights with this decay")
     p.add_argument("--jitter", action="store_true", help="camera jitter (exposure, blur, shift, scale) on top of D4")
+    p.add_argument("--chosen-by", help="the `trainer cv` run that chose this recipe: its figures go into the manifest")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("state", help="best.pt or last.pt of a run")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=200)
+    p.add_argument("--color", default="gray", choices=["gray", "rgb"], help="the colour the run trained on")
     p.add_argument("--model-name")
     p.add_argument("--model-version")
     p.set_defaults(func=cmd_export)

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +28,12 @@ from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import RepNet, build_model
 from stripnet.preprocess import normalize
 from trainer.data import (
-    DIHEDRAL, ImageSet, camera_jitter, dihedral_batch, fingerprint, load_image_folder, load_split, save_split,
-    stratified_split,
+    DIHEDRAL, IMBALANCED, Balance, ColorChoice, ImageSet, camera_jitter, choose_balance, class_weights,
+    dihedral_batch, epoch_order, fingerprint, imbalance, load_image_folder, load_split, save_split, stratified_split,
 )
+from trainer.detector import DEFAULT_FALSE_UNKNOWN_RATE, fit_detector
 from trainer.distill import FrozenTeacher, KDConfig, cache_dihedral_logits, kd_loss
-from trainer.evaluate import Metrics, evaluate, plot_confusion, plot_curves
+from trainer.evaluate import Metrics, compute_metrics, evaluate, plot_confusion, plot_curves
 from trainer.state import load_state
 
 
@@ -51,7 +52,10 @@ class TrainConfig:
     split: tuple[float, ...] = (0.8, 0.1, 0.1)
     split_seed: int = 0
     split_file: Path | None = None  # reuse a saved split instead of drawing one
-    input: InputSpec = field(default_factory=InputSpec)
+    size: Annotated[int | None, "input side in pixels; default: the images' own size"] = None
+    color: Annotated[ColorChoice, "model input: rgb when any image has colour (auto), or forced"] = "auto"
+    balance: Annotated[Balance, "imbalanced classes: class-balanced sampling (auto when largest/smallest class "
+                                "> 1.5), per-class loss weights, or none"] = "auto"
     teacher: Path | None = None  # a checkpoint directory: turns distillation on
     kd: KDConfig = field(default_factory=KDConfig)
     teacher_cache_dir: Path | None = None  # where cached teacher logits are shared between runs
@@ -64,6 +68,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ema_decay: float | None = None  # exponential moving average of the weights (and BN statistics)
     jitter: bool = False  # camera jitter (brightness, contrast, gamma, blur, shift, scale) on top of D4
+    chosen_by: Path | None = None  # a `trainer cv` run of this recipe: its pooled figures go into the manifest
+    false_unknown_rate: Annotated[float, "unknown detector: the share of validation images its threshold flags"] = (
+        DEFAULT_FALSE_UNKNOWN_RATE)
     model_name: str | None = None
     model_version: str | None = None
     progress: bool = True
@@ -84,34 +91,68 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def input_of(data: ImageSet) -> InputSpec:
+    """The model input the data were loaded as: their side and colour, 3 channels (gray replicated)."""
+    return InputSpec(size=data.size, color=data.color)
+
+
 def prepare_data(cfg: TrainConfig) -> tuple[ImageSet, ImageSet, str]:
     """Load the folder, draw or reuse the split, save it with the run; returns (train, val, fingerprint).
 
     A split of one part (`split=(1.0,)`) trains on every image and leaves the validation set empty.
     """
-    data = load_image_folder(cfg.data, cfg.input.size, cfg.limit_per_class)
+    data = load_image_folder(cfg.data, cfg.size, cfg.limit_per_class, cfg.color)
     parts = load_split(cfg.split_file, data) if cfg.split_file else stratified_split(data.labels, cfg.split, cfg.split_seed)
     save_split(cfg.out / "split.json", data, parts, cfg.split_seed)
     val = parts[1] if len(parts) > 1 else []
     return data.subset(parts[0]), data.subset(val), fingerprint(data)
 
 
-def teacher_logits(cfg: TrainConfig, train: ImageSet) -> tuple[torch.Tensor, str]:
+def teacher_logits(cfg: TrainConfig, train: ImageSet, spec: InputSpec) -> tuple[torch.Tensor, str]:
     """(8, N, C) teacher logits for every D4 variant of the training images, cached by teacher and data."""
     teacher_model, manifest = load_checkpoint(cfg.teacher)
+    if (manifest.input.size, manifest.input.color) != (spec.size, spec.color):
+        raise ValueError(f"teacher {cfg.teacher} takes {manifest.input.color} {manifest.input.size}×"
+                         f"{manifest.input.size}, the student's data are {spec.color} {spec.size}×{spec.size}; "
+                         "train the teacher on the same --size and --color")
     cache_dir = cfg.teacher_cache_dir or cfg.out
     key = f"{manifest.weights_sha256[:16]}-{fingerprint(train)[:16]}"
     cache = cache_dir / f"teacher-logits-{key}.pt"
     if cache.exists():
         return load_state(cache)["logits"], manifest.model_name
     logits = cache_dihedral_logits(
-        FrozenTeacher(teacher_model), train.images, lambda x: normalize(x, cfg.input),
+        FrozenTeacher(teacher_model), train.images, lambda x: normalize(x, manifest.input),
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     torch.save({"logits": logits}, tmp)
     tmp.replace(cache)  # runs sharing the cache never read a half-written file
     return logits, manifest.model_name
+
+
+RECIPE_FIELDS = ("arch", "epochs", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "seed", "select",
+                 "label_smoothing", "ema_decay", "jitter", "bf16")
+
+
+def recipe_of(cfg: TrainConfig) -> dict[str, str | int | float | bool | None]:
+    """What shaped the weights, for the manifest: the optimisation settings, and the KD settings with a teacher."""
+    recipe = {name: getattr(cfg, name) for name in RECIPE_FIELDS}
+    recipe["split"] = ":".join(f"{part:.4g}" for part in cfg.split) if cfg.split_file is None else str(cfg.split_file)
+    if cfg.teacher is not None:
+        recipe |= {f"kd_{name}": value for name, value in asdict(cfg.kd).items()}
+    if cfg.chosen_by is not None:
+        recipe["chosen_by"] = str(cfg.chosen_by)
+    return recipe
+
+
+def cv_scores(run: Path) -> dict[str, float]:
+    """The pooled figures of a `trainer cv` run (cv.json), prefixed cv_."""
+    doc = json.loads((run / "cv.json").read_text())
+    low, high = doc["wilson95"]
+    pooled = doc["pooled"]
+    return {"cv_accuracy": pooled["accuracy"], "cv_mcc": pooled["mcc"], "cv_macro_f1": pooled["macro_f1"],
+            "cv_errors": float(doc["errors"]), "cv_images": float(doc["n"]), "cv_folds": float(doc["folds"]),
+            "cv_accuracy_wilson95_low": low, "cv_accuracy_wilson95_high": high}
 
 
 def _ema_step(decay: float):
@@ -133,15 +174,25 @@ def _state(model, opt, epoch, step, best, gen, cfg_spec: ArchitectureSpec, class
 
 
 @torch.no_grad()
-def _validate(model: RepNet, val: ImageSet, cfg: TrainConfig) -> tuple[float, float]:
+def _validate(model: RepNet, val: ImageSet, spec: InputSpec) -> tuple[float, float, float]:
+    """Validation loss, accuracy and macro-F1."""
     if not len(val):
-        return math.nan, math.nan
+        return math.nan, math.nan, math.nan
     model.eval()
     logits = torch.cat([
-        model(normalize(val.images[i:i + 128], cfg.input))
+        model(normalize(val.images[i:i + 128], spec))
         for i in range(0, len(val), 128)
     ])
-    return F.cross_entropy(logits, val.labels).item(), (logits.argmax(1) == val.labels).float().mean().item()
+    pred = logits.argmax(1)
+    macro_f1 = compute_metrics(val.labels.numpy(), pred.numpy(), val.class_names).macro_f1
+    return F.cross_entropy(logits, val.labels).item(), (pred == val.labels).float().mean().item(), macro_f1
+
+
+def _score(row: dict, by_f1: bool) -> tuple[float, ...]:
+    """What "best" means: macro-F1 first with imbalanced classes (then accuracy), accuracy first otherwise;
+    ties go to the lower validation loss."""
+    acc, f1, loss = row["val_acc"], row.get("val_macro_f1", -1.0), row["val_loss"]
+    return (f1, acc, -loss) if by_f1 else (acc, -loss)
 
 
 def fit(cfg: TrainConfig) -> FitResult:
@@ -154,9 +205,19 @@ def fit(cfg: TrainConfig) -> FitResult:
     gen = torch.Generator().manual_seed(cfg.seed)
     (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
 
-    # ---- data: uint8 (N, 200, 200) in memory; normalization happens per batch
+    # ---- data: uint8 (N, S, S) gray or (N, 3, S, S) RGB in memory; normalization happens per batch
     train, val, data_fp = prepare_data(cfg)
-    prep = lambda x: normalize(x, cfg.input)  # noqa: E731
+    input_spec = input_of(train)
+    prep = lambda x: normalize(x, input_spec)  # noqa: E731
+    balance, balance_note = choose_balance(train.labels, cfg.balance)
+    by_f1 = imbalance(train.labels) > IMBALANCED
+    weight = class_weights(train.labels, len(train.class_names)) if balance == "loss" else None
+    select_note = (f"select by {'macro-F1' if by_f1 else 'accuracy'} on validation" if cfg.select == "best"
+                   else "select the last epoch")
+    notes = (*train.notes, balance_note, select_note)
+    (cfg.out / "input.json").write_text(json.dumps({"input": input_spec.model_dump(), "notes": notes}, indent=1))
+    for note in notes:
+        tqdm.write(f"{cfg.out.name}: {note}")
 
     # ---- model, or resume from the last finished epoch
     spec = get_spec(cfg.arch)
@@ -183,7 +244,7 @@ def fit(cfg: TrainConfig) -> FitResult:
         _append_log(cfg.out, row)
 
     # ---- teacher: logits for every augmentation, computed once
-    soft, teacher_name = (teacher_logits(cfg, train) if cfg.teacher else (None, None))
+    soft, teacher_name = (teacher_logits(cfg, train, input_spec) if cfg.teacher else (None, None))
 
     # ---- loop
     bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.arch} seed {cfg.seed}", unit="epoch",
@@ -191,7 +252,7 @@ def fit(cfg: TrainConfig) -> FitResult:
     for epoch in bar:
         model.train()
         t0, sums = time.perf_counter(), {"loss": 0.0, "kd": 0.0, "ce": 0.0, "correct": 0}
-        perm = torch.randperm(len(train), generator=gen)
+        perm = epoch_order(train.labels, balance, gen)
         for i in range(0, len(train), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
             ks = torch.randint(0, DIHEDRAL, (len(idx),), generator=gen)  # one D4 element per image
@@ -203,9 +264,9 @@ def fit(cfg: TrainConfig) -> FitResult:
                 logits = model(x)
             logits = logits.float()
             if soft is not None:
-                parts = kd_loss(logits, soft[ks, idx], y, cfg.kd, cfg.label_smoothing)
+                parts = kd_loss(logits, soft[ks, idx], y, cfg.kd, cfg.label_smoothing, weight)
             else:
-                ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                ce = F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
                 parts = {"loss": ce, "ce": ce.detach(), "kd": torch.zeros(())}
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
@@ -218,18 +279,18 @@ def fit(cfg: TrainConfig) -> FitResult:
             sums["correct"] += (logits.argmax(1) == y).sum().item()
 
         scored = ema.module if ema is not None else model
-        val_loss, val_acc = _validate(scored, val, cfg)
+        val_loss, val_acc, val_f1 = _validate(scored, val, input_spec)
         row = {
             "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": sums["loss"] / len(train),
             "train_ce": sums["ce"] / len(train), "train_kd": sums["kd"] / len(train),
-            "train_acc": sums["correct"] / len(train), "val_loss": val_loss, "val_acc": val_acc,
+            "train_acc": sums["correct"] / len(train), "val_loss": val_loss, "val_acc": val_acc, "val_macro_f1": val_f1,
             "seconds": time.perf_counter() - t0,
         }
         rows.append(row)
         _append_log(cfg.out, row)
         state = _state(model, opt, epoch, step, best, gen, spec, train.class_names, ema)
-        if cfg.select == "last" or (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"]):
-            best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch + 1}
+        if cfg.select == "last" or _score(row, by_f1) > _score(best, by_f1):
+            best = {"val_acc": val_acc, "val_loss": val_loss, "val_macro_f1": val_f1, "epoch": epoch + 1}
             state["best"] = best
             torch.save(state, cfg.out / "best.pt")
         torch.save(state, cfg.out / "last.pt")
@@ -243,19 +304,21 @@ def fit(cfg: TrainConfig) -> FitResult:
     plot_curves(rows, cfg.out / "curves.png", title=f"{cfg.arch} ({'KD' if cfg.teacher else 'no KD'}), seed {cfg.seed}")
     metrics, scores = None, {"epochs": float(best["epoch"])}
     if len(val):
-        metrics = evaluate(model, val, cfg.input, train.class_names)
+        metrics = evaluate(model, val, input_spec, train.class_names)
         (cfg.out / "metrics.json").write_text(json.dumps(metrics.to_dict() | {"best_epoch": best["epoch"]}, indent=1))
         plot_confusion(metrics.confusion, train.class_names, cfg.out / "confusion_val.png", "validation")
         scores |= {"val_accuracy": metrics.accuracy, "val_mcc": metrics.mcc, "val_macro_f1": metrics.macro_f1,
                    "best_epoch": best["epoch"]}
+    # ---- unknown detector: class Gaussians of the training images' features, threshold from the validation part
+    model = fit_detector(model, train.class_names, train, val, input_spec, cfg.false_unknown_rate)
     model_dir = cfg.out / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
     manifest = export_checkpoint(
         model, model_dir, class_names=train.class_names,
         model_name=cfg.model_name or (f"kd-{cfg.arch}" if cfg.teacher else cfg.arch), model_version=cfg.model_version,
-        input_spec=cfg.input, metrics=scores,
-        data_fingerprint=data_fp, teacher=teacher_name,
+        input_spec=input_spec, metrics=scores | (cv_scores(cfg.chosen_by) if cfg.chosen_by else {}),
+        data_fingerprint=data_fp, teacher=teacher_name, recipe=recipe_of(cfg), notes="; ".join(notes),
     )
     return FitResult(cfg.out, best["epoch"], metrics, manifest, time.perf_counter() - t_start)
 

@@ -71,3 +71,19 @@ def test_cv_refuses_folds_drawn_for_other_settings(neu_cls, tmp_path):
             "--batch-size", "9", "--warmup-epochs", "0"]
     assert main(base + ["--folds", "3"]) == 0
     assert main(base + ["--folds", "2"]) == 2
+
+
+def test_a_model_trained_on_every_image_records_the_cv_run_that_chose_it(neu_cls, tmp_path):
+    from stripnet.checkpoint import load_checkpoint
+
+    cv = ["--data", str(neu_cls), "--limit-per-class", "3", "--epochs", "1", "--batch-size", "9",
+          "--warmup-epochs", "0", "--label-smoothing", "0.1"]
+    assert main(["cv", "--out", str(tmp_path / "cv"), "--folds", "3", *cv]) == 0
+    assert main(["fit", "--out", str(tmp_path / "ship"), "--split", "1", "--select", "last",
+                 "--chosen-by", str(tmp_path / "cv"), "--no-progress", *cv]) == 0
+    _, manifest = load_checkpoint(tmp_path / "ship" / "model")
+    doc = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert manifest.metrics["cv_accuracy"] == doc["pooled"]["accuracy"]
+    assert manifest.metrics["cv_errors"] == doc["errors"] and manifest.metrics["cv_images"] == 18
+    assert manifest.recipe["label_smoothing"] == 0.1 and manifest.recipe["select"] == "last"
+    assert manifest.recipe["split"] == "1" and manifest.recipe["chosen_by"] == str(tmp_path / "cv")
