@@ -18,10 +18,12 @@ import torch
 
 from inspector.endpoints import PATHS, serve_http
 from inspector.metrics import Metrics
-from inspector.model_store import ModelStore, NoValidModelError
-from inspector.runners import Loader
+from inspector.model_store import ModelStore, NoValidModelError, ReadPolicy
+from inspector.runners import Loader, Runner
 from inspector.service import InspectorService, Models
 from inspector.settings import Settings
+from schemas.checkpoint import Manifest
+from stripnet.network import RepNet
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,17 @@ def build(settings: Settings, *, metrics: Metrics | None = None, models: Models 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)  # process-wide: intra-op threads for CPU inference
     metrics = metrics if metrics is not None else Metrics()
-    loader = Loader(settings)
-    models = models if models is not None else ModelStore(settings.model_dir, loader.load, metrics=metrics)
+    loader = Loader(settings, metrics=metrics)
+    models = models if models is not None else model_store(settings, loader.load, metrics)
     return Inspector(settings, loader, metrics, models, InspectorService(settings, models, metrics))
+
+
+def model_store(settings: Settings, prepare: Callable[[RepNet, Manifest], Runner],
+                metrics: Metrics) -> ModelStore[Runner]:
+    """The model store for `settings`: the model directory read within its limits, rejects remembered."""
+    reading = ReadPolicy(settings.model_limits, batch=settings.max_batch, timeout_s=settings.model_read_timeout_s)
+    return ModelStore(settings.model_dir, prepare, metrics=metrics, reading=reading,
+                      rejects_file=settings.model_rejects_file)
 
 
 async def run_inspector(settings: Settings) -> int:

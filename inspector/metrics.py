@@ -89,6 +89,9 @@ class Metrics:
         self._model = Info("model", "The model serving now", namespace=ns, registry=r)
         self._reloads = Counter("model_reloads", "Model reload attempts by result", ["result"],
                                 namespace=ns, registry=r)
+        self._backend = Info("backend", "The inference backend requested and the one serving the current model, "
+                                        "its precision and the bf16 accuracy gate's verdict (accepted, rejected, "
+                                        "none: not gated)", namespace=ns, registry=r)
         self._joined_gauge = Gauge("consumer_group_joined", "1 while partitions are assigned to this consumer",
                                    namespace=ns, registry=r)
         self._ready_gauge = Gauge("ready", "1 while /ready answers 200", namespace=ns, registry=r)
@@ -134,6 +137,9 @@ class Metrics:
         with self._lock:
             self._manifest = manifest
         self._update_ready()
+
+    def backend_serving(self, *, requested: str, serving: str, precision: str, gate: str) -> None:
+        self._backend.info({"requested": requested, "serving": serving, "precision": precision, "gate": gate})
 
     def model_reload(self, ok: bool) -> None:
         self._reloads.labels(result="success" if ok else "failure").inc()

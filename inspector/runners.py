@@ -9,6 +9,12 @@ store's `prepare`: it builds the runner for a checkpoint's model, warms it up an
 whose outputs are not finite — once per model load. Everything here blocks: the service calls
 `predict` on its single inference thread.
 
+`--backend auto` (the default) serves bf16 where the CPU has bf16 dot-product instructions
+(inspector/precision.py reads the flags) and ONNX Runtime fp32 elsewhere. A bf16 runner is accepted
+for a model only after the accuracy gate (inspector/precision.py) on the checkpoint's reference batch
+against the fp32 runner; a model that fails it is served in fp32, said in one log line
+(`bf16_rejected`) and in the `inspector_backend` metric's labels.
+
 On the CPU the gray → C-channel replication is folded into the first convolution when every channel
 shares one mean and std (stripnet.network.fold_gray: exact, and one plane to normalize instead of C).
 CUDA (tests/gpu, `pytest -m gpu`, and scripts/gpu-check run it on a CUDA machine): frames are
@@ -17,7 +23,7 @@ the device and run on the loader's one dedicated stream, in IEEE float32, float1
 uint8 pixels cross the bus.
 
 Adding a backend: one class with `name`, `requires`, `__init__(model, manifest, options)` and
-`predict`; its name in `inspector.settings.BackendName` and the class in `RUNNERS`.
+`predict`; its name in `inspector.settings.CpuBackend` and the class in `RUNNERS`.
 """
 
 from __future__ import annotations
@@ -35,11 +41,14 @@ import structlog
 import torch
 from torch import nn
 
-from inspector.settings import BackendName, DeviceName, Settings
+from inspector.metrics import Metrics
+from inspector.precision import CpuFlags, GateResult, cpu_flags, gate, has_bf16, reference_frames
+from inspector.settings import CpuBackend, DeviceName, Settings
 from schemas.checkpoint import InputSpec, Manifest
 from schemas.messages import Box
 from stripnet.cam import LocateConfig, locate_batch
 from stripnet.network import RepNet, can_fold_gray, fold_gray
+from stripnet.ood import scored
 from stripnet.preprocess import normalize, preprocess, resize
 
 Exporter = Literal["dynamo", "torchscript"]
@@ -54,10 +63,12 @@ class BackendUnavailableError(ValueError):
 class Prediction:
     probabilities: np.ndarray  # (N, classes) float32, rows sum to 1
     boxes: tuple[tuple[Box, ...], ...] | None  # per frame, in the frame's own pixels; None without locate
+    ood_scores: np.ndarray | None = None  # (N,) float32 from the same pass; None when the model has no detector
 
 
 class Runner(Protocol):
     name: str
+    precision: str  # "fp32" or a reduced one, which the loader's accuracy gate checks
 
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:
         """1..max_batch (H, W) uint8 gray frames of any size → probabilities (and boxes)."""
@@ -85,6 +96,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (z / z.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
 
 
+def split_outputs(out: torch.Tensor | Sequence[torch.Tensor] | Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """A served module's output, logits or (logits, unknown scores), as numpy arrays."""
+    logits, *rest = (out,) if isinstance(out, torch.Tensor) else out
+    arrays = [a.float().cpu().numpy() if isinstance(a, torch.Tensor) else a for a in (logits, *rest)]
+    return arrays[0], (arrays[1] if rest else None)
+
+
+def _numpy(scores: torch.Tensor | None) -> np.ndarray | None:
+    return None if scores is None else scores.float().cpu().numpy()
+
+
 def _check_batch(images: Sequence[np.ndarray], max_batch: int) -> None:
     if not 0 < len(images) <= max_batch:
         raise ValueError(f"batch of {len(images)} frames; this runner takes 1..{max_batch}")
@@ -106,6 +128,7 @@ class TorchRunner:
     """Eager torch on the CPU: channels-last under inference_mode; with `locate`, boxes from the same pass."""
 
     name: ClassVar[str] = "torch"
+    precision: ClassVar[str] = "fp32"
     requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: RepNet, manifest: Manifest, options: RunnerOptions) -> None:
@@ -115,26 +138,32 @@ class TorchRunner:
         self._max_batch, self._locate = options.max_batch, options.locate
 
     @staticmethod
-    def _compiled(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        return net
+    def _compiled(net: RepNet) -> Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """x → logits, or (logits, unknown scores) when the model carries a detector."""
+        return scored(net, net.ood)
 
     def prepare(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(N, S, S) uint8 → the normalized input, channels-last."""
         return normalize(pixels, self.spec, channels_last=True)
 
+    def outputs(self, x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, spec.channels, S, S) normalized float32 → (N, classes) logits and (N,) unknown scores (or None)."""
+        with torch.inference_mode():
+            return split_outputs(self._forward(torch.as_tensor(x).contiguous(memory_format=torch.channels_last)))
+
     def forward(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
         """(N, spec.channels, S, S) normalized float32 → (N, classes) logits."""
-        with torch.inference_mode():
-            return self._forward(torch.as_tensor(x).contiguous(memory_format=torch.channels_last)).numpy()
+        return self.outputs(x)[0]
 
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:
         _check_batch(images, self._max_batch)
         x = preprocess(images, self.spec, channels_last=True)
         if self._locate is None:
-            return Prediction(softmax(self.forward(x)), None)
+            logits, ood_scores = self.outputs(x)
+            return Prediction(softmax(logits), None, ood_scores)
         with torch.inference_mode():
             located = locate_batch(self._net, x, self._locate, [image.shape[:2] for image in images])
-        return Prediction(softmax(located.logits.numpy()), located.boxes)
+        return Prediction(softmax(located.logits.numpy()), located.boxes, _numpy(located.ood_scores))
 
 
 class CompiledRunner(TorchRunner):
@@ -143,21 +172,70 @@ class CompiledRunner(TorchRunner):
     name: ClassVar[str] = "compile"
 
     @staticmethod
-    def _compiled(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        return torch.compile(net)
+    def _compiled(net: RepNet) -> Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        return torch.compile(scored(net, net.ood))
+
+
+class Bf16Runner(TorchRunner):
+    """Eager torch on a CPU with bf16 instructions, channels-last: each block's convolution in bfloat16, the rest
+    in fp32 (the first block's convolution and everything between convolutions: attention, activation, head).
+
+    Chosen by measurement on the bundled model (benchmarks/model.py, and the agreement on all NEU-CLS images):
+    against torch.autocast on the whole network this is both faster and closer to fp32. The one-channel first
+    convolution is slower in bf16 than in fp32 (the input reorder costs more than the arithmetic saves) and
+    rounding the input pixels to bf16 was most of the error; eager GELU and the attention's scaling are slower
+    on bf16 tensors than on fp32 ones, and their rounding was the rest of it. The weights are cast once here
+    (autocast re-casts them on every call); torch.compile of the same module was slower than eager."""
+
+    name: ClassVar[str] = "bf16"
+    precision: ClassVar[str] = "bf16"
+
+    @staticmethod
+    def _compiled(net: RepNet) -> Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        return scored(Bf16Net(net), net.ood)  # the unknown detector runs in fp32 (stripnet.ood.OODHead)
+
+
+class Bf16Net(nn.Module):
+    """A fused RepNet with the convolutions after the first one in bf16 (bf16 in, fp32 accumulation, bf16 out
+    converted back to fp32); the caller's model is not modified (the bf16 weights are copies)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.stem, self.head = net.blocks[0], net.head
+        self.body = nn.Sequential(*[_Bf16ConvBlock(block) for block in net.blocks[1:]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.head.pool(self.body(self.stem(x)))
+        return self.head.fc(pooled), pooled
+
+
+class _Bf16ConvBlock(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        conv = block.reparam_conv
+        self.conv = copy.deepcopy(conv).to(torch.bfloat16)
+        self.attn, self.act = block.attn, block.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.attn(self.conv(x.to(torch.bfloat16)).float()))
 
 
 class OnnxRuntimeRunner:
     """The model exported to ONNX (dynamic batch axis) and run by ONNX Runtime's CPU provider."""
 
     name: ClassVar[str] = "onnxruntime"
+    precision: ClassVar[str] = "fp32"
     requires: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnx")  # onnx: to export the graph
 
     def __init__(self, model: RepNet, manifest: Manifest, options: RunnerOptions) -> None:
         import onnxruntime as ort  # only this runner needs it
 
         net, self.spec = _served_copy(model, manifest.input, options.fold_gray)
-        self.exporter, graph = export_onnx(net, self.spec, options.exporter)
+        self.exporter, graph = export_onnx(scored(net, net.ood), self.spec, options.exporter,
+                                           outputs=("logits", "ood_score") if net.ood is not None else ("logits",))
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.threads or torch.get_num_threads()
         session_options.inter_op_num_threads = 1
@@ -172,18 +250,25 @@ class OnnxRuntimeRunner:
         """(N, S, S) uint8 → the normalized input, a contiguous NCHW float32 array."""
         return normalize(pixels, self.spec).numpy()
 
-    def forward(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+    def outputs(self, x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The normalized input → (N, classes) logits and (N,) unknown scores (or None), from one graph run."""
         array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-        return self._session.run(None, {self._input: np.ascontiguousarray(array, dtype=np.float32)})[0]
+        return split_outputs(self._session.run(None, {self._input: np.ascontiguousarray(array, dtype=np.float32)}))
+
+    def forward(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        return self.outputs(x)[0]
 
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:
         _check_batch(images, self._max_batch)
-        return Prediction(softmax(self.forward(preprocess(images, self.spec).numpy())), None)
+        logits, ood_scores = self.outputs(preprocess(images, self.spec).numpy())
+        return Prediction(softmax(logits), None, ood_scores)
 
 
-def export_onnx(model: nn.Module, spec: InputSpec, exporter: Exporter) -> tuple[Exporter, bytes]:
-    """ONNX bytes with a dynamic batch axis. If the dynamo exporter (torch's default and future) fails, the
-    TorchScript one is the fallback. Returns the exporter that produced the graph."""
+def export_onnx(model: nn.Module, spec: InputSpec, exporter: Exporter,
+                outputs: tuple[str, ...] = ("logits",)) -> tuple[Exporter, bytes]:
+    """ONNX bytes with a dynamic batch axis, one graph output per name in `outputs`. If the dynamo exporter
+    (torch's default and future) fails, the TorchScript one is the fallback. Returns the exporter that produced
+    the graph."""
     example = torch.zeros(2, spec.channels, spec.size, spec.size)  # 2: an example of 1 would fix the batch axis
     with warnings.catch_warnings():  # the exporters' notes on the graph would break JSON log lines
         warnings.simplefilter("ignore")
@@ -191,13 +276,13 @@ def export_onnx(model: nn.Module, spec: InputSpec, exporter: Exporter) -> tuple[
             try:
                 batch = torch.export.Dim("batch", min=1, max=65536)
                 program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, input_names=["x"],
-                                            output_names=["logits"], dynamic_shapes=({0: batch},))
+                                            output_names=list(outputs), dynamic_shapes=({0: batch},))
                 return "dynamo", program.model_proto.SerializeToString()
             except Exception as err:  # noqa: BLE001 - any exporter failure means: try the other exporter
                 structlog.get_logger(__name__).warning("onnx_dynamo_export_failed", error=str(err)[:500])
         buffer = io.BytesIO()
-        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["x"], output_names=["logits"],
-                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(model, (example,), buffer, dynamo=False, input_names=["x"], output_names=list(outputs),
+                          dynamic_axes={name: {0: "batch"} for name in ("x", *outputs)})
     return "torchscript", buffer.getvalue()
 
 
@@ -210,6 +295,7 @@ class CudaRunner:
     `locate`, boxes from the same pass."""
 
     name: ClassVar[str] = "cuda"
+    precision: ClassVar[str] = "fp32"  # float16/bfloat16 on CUDA are the operator's choice (--fp16), not gated
     requires: ClassVar[tuple[str, ...]] = ()
     dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -223,6 +309,7 @@ class CudaRunner:
         self.spec, self.device, self.dtype = manifest.input, options.device, options.dtype
         served, _ = _served_copy(model, self.spec, fold=False)
         self._net = served.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+        self._scored = scored(self._net, self._net.ood)
         self._max_batch, self._locate = options.max_batch, options.locate
         self.stream = options.stream if options.stream is not None else torch.cuda.Stream(self.device)
         size = self.spec.size
@@ -237,9 +324,11 @@ class CudaRunner:
         with torch.inference_mode(), torch.cuda.stream(self.stream):
             x = self.prepare(self._host[:n].to(self.device, non_blocking=True))
             if self._locate is None:
-                return Prediction(softmax(self.forward(x).float().cpu().numpy()), None)
+                logits, ood_scores = split_outputs(self._scored(x))
+                return Prediction(softmax(logits), None, ood_scores)
             located = locate_batch(self._net, x, self._locate, [image.shape[:2] for image in images])
-            return Prediction(softmax(located.logits.float().cpu().numpy()), located.boxes)
+            return Prediction(softmax(located.logits.float().cpu().numpy()), located.boxes,
+                              _numpy(located.ood_scores))
 
     # The device-side steps, asynchronous on the current stream (benchmarks/gpu.py captures them in CUDA graphs).
 
@@ -253,11 +342,18 @@ class CudaRunner:
 
 
 RunnerClass = type[TorchRunner] | type[OnnxRuntimeRunner] | type[CudaRunner]
-RUNNERS: dict[BackendName, RunnerClass] = {
+RUNNERS: dict[CpuBackend, RunnerClass] = {
+    "bf16": Bf16Runner,
     "torch": TorchRunner,
     "onnxruntime": OnnxRuntimeRunner,
     "compile": CompiledRunner,
 }
+FP32_FALLBACK: CpuBackend = "onnxruntime"  # what serves where bf16 is not available or not accepted
+
+
+def auto_backend(flags: frozenset[str]) -> CpuBackend:
+    """`--backend auto`: bf16 where the CPU has bf16 instructions, else fp32 ONNX Runtime."""
+    return "bf16" if has_bf16(flags) else FP32_FALLBACK
 
 
 # -- choosing once, loading per model ---------------------------------------------------------------------
@@ -294,19 +390,24 @@ def warm_up(runner: Runner, spec: InputSpec, max_batch: int) -> None:
 
 class Loader:
     """The runner chosen once from the settings; `load` makes it ready for one model (the model store's
-    `prepare`). Raises BackendUnavailableError at start-up when the chosen backend is not installed."""
+    `prepare`). Raises BackendUnavailableError at start-up when the chosen backend is not installed.
+    `flags` gives the CPU's feature flags (tests fake them); `metrics` hears which backend each load serves."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, flags: CpuFlags = cpu_flags) -> None:
         device = resolve_device(settings.device)
         locate = LocateConfig() if settings.locate else None
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.options = RunnerOptions(device, settings.max_batch, locate=locate, threads=settings.threads,
                                      dtype=torch.float16 if settings.fp16 else torch.float32, stream=stream)
-        self.runner: RunnerClass = self._choose(settings.backend, device, locate)
+        self.requested: CpuBackend = auto_backend(flags()) if settings.backend == "auto" else settings.backend
+        self.runner: RunnerClass = self._choose(self.requested, device, locate)
         check_available(self.runner)
+        self.fallback = _installed_or_torch(RUNNERS[FP32_FALLBACK])  # the fp32 reference and fallback of the gate
+        self._metrics = metrics
+        self._log = structlog.get_logger(__name__)
 
     @staticmethod
-    def _choose(backend: BackendName, device: torch.device, locate: LocateConfig | None) -> RunnerClass:
+    def _choose(backend: CpuBackend, device: torch.device, locate: LocateConfig | None) -> RunnerClass:
         chosen = CudaRunner if device.type == "cuda" else TorchRunner if locate is not None else RUNNERS[backend]
         if chosen is not RUNNERS[backend]:
             structlog.get_logger(__name__).info(
@@ -319,6 +420,33 @@ class Loader:
         """A warmed-up runner for `model`; ValueError if it does not fit its manifest or gives non-finite outputs."""
         if model.num_classes != len(manifest.class_names):
             raise ValueError(f"model has {model.num_classes} outputs, manifest names {len(manifest.class_names)}")
-        runner = self.runner(model, manifest, self.options)
+        runner: Runner = self.runner(model, manifest, self.options)
+        verdict = None
+        if runner.precision != "fp32":
+            runner, verdict = self._gated(runner, model, manifest)
         warm_up(runner, manifest.input, self.options.max_batch)
+        if self._metrics is not None:
+            self._metrics.backend_serving(requested=self.requested, serving=runner.name, precision=runner.precision,
+                                          gate="none" if verdict is None else
+                                          "accepted" if verdict.accepted else "rejected")
         return runner
+
+    def _gated(self, reduced: Runner, model: RepNet, manifest: Manifest) -> tuple[Runner, GateResult]:
+        """The accuracy gate: `reduced` if it agrees with the fp32 runner on the reference batch, else that one."""
+        full: Runner = self.fallback(model, manifest, self.options)
+        verdict = gate(lambda b: reduced.predict(b).probabilities, lambda b: full.predict(b).probabilities,
+                       reference_frames(manifest.input), self.options.max_batch)
+        if verdict.accepted:
+            self._log.info("bf16_accepted", version=manifest.model_version, check=verdict.describe())
+            return reduced, verdict
+        self._log.warning("bf16_rejected", version=manifest.model_version, serving=full.name,
+                          check=verdict.describe())
+        return full, verdict
+
+
+def _installed_or_torch(runner: RunnerClass) -> RunnerClass:
+    try:
+        check_available(runner)
+    except BackendUnavailableError:
+        return TorchRunner
+    return runner

@@ -8,16 +8,21 @@ is generated from these fields (inspector/cli.py), their docstrings are its help
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stripnet.budget import CheckpointLimits
+
 DeviceName = Literal["auto", "cpu", "cuda"]
 # The CPU inference backends: the one list of their names. Each has one runner class (inspector/runners.py,
-# RUNNERS); CUDA and --locate always run torch.
-BackendName = Literal["torch", "onnxruntime", "compile"]
+# RUNNERS); CUDA and --locate always run torch. "auto" picks bf16 or onnxruntime from the CPU's flags.
+CpuBackend = Literal["bf16", "torch", "onnxruntime", "compile"]
+BackendName = Literal["auto", CpuBackend]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
@@ -68,6 +73,14 @@ class Settings(BaseSettings):
     """directory of published model versions (none: the bundled model)"""
     model_poll_s: float = Field(default=2.0, gt=0)
     """how often the model directory is checked for a newer version"""
+    model_limits: CheckpointLimits = CheckpointLimits()
+    """what a model version may cost (file sizes, blocks, parameters, MACs, activations), checked before it is
+    read or built: the model directory is untrusted input"""
+    model_read_timeout_s: float = Field(default=30.0, gt=0)
+    """longest reading a version may take; then it is rejected (the read is left behind on a daemon thread)"""
+    model_rejects_file: Path | None = Path(tempfile.gettempdir(), f"strip-inspector-{os.getuid()}", "rejects.json")
+    """where rejected versions are remembered across restarts (a temporary directory outlives a container
+    restart in its pod); none: in memory only"""
 
     device: DeviceName = "auto"
     fp16: bool = False
@@ -75,9 +88,10 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=1, gt=0)
     """intra-op threads for CPU inference; measured on the 2-core box (README), 1 beat 2 by 4-10x per batch
     once anything else ran (the event loop, decoding, a trainer)"""
-    backend: BackendName = "onnxruntime"
-    """CPU inference runtime (CUDA and --locate run torch); ONNX Runtime: 1.2-2.2x the frames/s of eager torch
-    at batch 1, 8 and 32, measured side by side on this box (README, Performance)"""
+    backend: BackendName = "auto"
+    """CPU inference runtime (CUDA and --locate run torch). auto: bf16 (eager torch, accuracy-gated at each model
+    load) where the CPU reports avx512_bf16 or amx_bf16, else onnxruntime (fp32: 1.2-2.2x the frames/s of eager
+    torch fp32, measured side by side on this box; README, Performance); bf16 or onnxruntime force either"""
 
     max_batch: int = Field(default=32, gt=0)
     """largest inference batch"""
@@ -89,7 +103,12 @@ class Settings(BaseSettings):
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=4096 * 4096, gt=0)
     confidence_threshold: float = Field(default=0.5, ge=0, le=1)
-    """below it an event's status is 'uncertain'"""
+    """below it an event's status is 'uncertain' (for a label without its own class_thresholds entry)"""
+    class_thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}
+    """label → the confidence a frame of that label needs for status 'defect' (operator-owned; labels not named
+    use confidence_threshold), e.g. '{"scratches": 0.8, "crazing": 0.4}'"""
+    ood_threshold: float | None = Field(default=None, ge=0)
+    """unknown score above which a frame's status is 'unknown' (none: the threshold calibrated with the model)"""
     locate: bool = False
     """add class-activation boxes to events"""
 

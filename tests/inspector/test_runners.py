@@ -47,7 +47,8 @@ def _one_thread() -> None:
 
 
 def cpu(**overrides) -> Settings:
-    return Settings(**({"device": "cpu", "max_batch": MAX_BATCH} | overrides))
+    """fp32 unless a test names its backend: these tests hold runners to fp32 tolerances (bf16: test_precision)."""
+    return Settings(**({"device": "cpu", "max_batch": MAX_BATCH, "backend": "onnxruntime"} | overrides))
 
 
 @pytest.fixture(scope="module")
@@ -234,9 +235,9 @@ def test_the_settings_type_the_cli_and_the_runners_name_the_same_backends(monkey
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("INSPECTOR_BACKEND", raising=False)
     names = typing.get_args(Settings.model_fields["backend"].annotation)
-    assert set(names) == set(RUNNERS) and all(RUNNERS[name].name == name for name in names)
+    assert set(names) == set(RUNNERS) | {"auto"} and all(RUNNERS[name].name == name for name in RUNNERS)
     assert [parse(["run", "--backend", name])[1].backend for name in names] == list(names)
-    with pytest.raises(ValidationError, match="Input should be 'torch', 'onnxruntime' or 'compile'"):
+    with pytest.raises(ValidationError, match="Input should be 'auto', 'bf16', 'torch', 'onnxruntime' or 'compile'"):
         parse(["run", "--backend", "tensorrt"])
     monkeypatch.setenv("INSPECTOR_BACKEND", "compile")
     assert Settings().backend == "compile"
