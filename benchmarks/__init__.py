@@ -3,6 +3,7 @@
 The contract a benchmark module `benchmarks/<name>.py` fulfils to be picked up by benchmarks.run:
 
     def run(options: BenchOptions) -> Section
+    def unavailable() -> str | None     # optional: why it cannot run on this machine (then it is skipped)
 
 `Section.result` is a pydantic model (written to `results/<name>.json` inside an envelope with the
 machine description and load averages); `Section.markdown` is that benchmark's part of

@@ -5,7 +5,8 @@
     python -m benchmarks.run --quick --out /tmp/bench   # smoke run, numbers not for quoting
 
 A benchmark is a module `benchmarks/<name>.py` with `run(BenchOptions) -> Section` (see
-benchmarks/__init__.py); add its name to BENCHMARKS. Modules not written yet are skipped.
+benchmarks/__init__.py); add its name to BENCHMARKS. Modules not written yet are skipped, and so are
+those whose `unavailable()` gives a reason (gpu without a CUDA device): their last results stay.
 README.md is rebuilt from every results/*.json present, so one benchmark re-run does not drop
 the others' tables.
 """
@@ -24,7 +25,7 @@ from pydantic import BaseModel
 
 from benchmarks import RESULTS_DIR, BenchOptions, LoadAverage, Machine, Section, load_average, machine
 
-BENCHMARKS: tuple[str, ...] = ("model", "service")
+BENCHMARKS: tuple[str, ...] = ("model", "service", "gpu")
 
 
 class ResultFile(BaseModel):
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         module = load_benchmark(name)
         if module is None:
             print(f"[bench] {name}: benchmarks/{name}.py does not exist yet; skipped", file=sys.stderr)
+            continue
+        reason = getattr(module, "unavailable", lambda: None)()
+        if reason:
+            print(f"[bench] {name}: skipped ({reason}); {name}.json keeps its last results", file=sys.stderr)
             continue
         print(f"[bench] {name}: running", file=sys.stderr)
         result = run_one(name, module, options, command.strip())
