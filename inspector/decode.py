@@ -1,9 +1,11 @@
-"""Kafka record → validated 8-bit gray image, or the reason it goes to the dead-letter topic.
+"""Kafka record → validated 8-bit image in the serving model's colour, or the reason it goes to the dead-letter topic.
 
 Checks run cheapest first: the value's size, the headers, then the image's declared dimensions
 read from the PNG/JPEG/BMP header bytes (or the raw headers). Only a frame whose declared pixel
 count is within the limit is handed to OpenCV, so a small file that declares a huge image (a
-decompression bomb) never gets a buffer allocated. This is CPU work: call it from a worker thread.
+decompression bomb) never gets a buffer allocated. Encoded images are decoded straight to the model's
+colour (OpenCV's gray decoder for a gray model, exactly as in training; RGB for a colour model); raw
+frames are read as their `pixel_format` says and converted. This is CPU work: call it from a worker thread.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import cv2
 import numpy as np
 from pydantic import ValidationError
 
-from schemas.messages import DeadLetterReason, Encoding, FrameHeaders
+from schemas.checkpoint import Color
+from schemas.messages import BYTES_PER_PIXEL, DeadLetterReason, FrameHeaders
+from stripnet.preprocess import to_color
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -32,7 +36,7 @@ class DecodeLimits:
 @dataclass(frozen=True)
 class Decoded:
     headers: FrameHeaders
-    image: np.ndarray  # (H, W) uint8
+    image: np.ndarray  # (H, W) gray or (H, W, 3) RGB uint8
 
 
 @dataclass(frozen=True)
@@ -47,14 +51,15 @@ class _Reject(Exception):
         self.reason, self.detail = reason, detail
 
 
-def decode_frame(headers: Sequence[tuple[str, bytes]], value: bytes | None, limits: DecodeLimits) -> Decoded | Rejected:
+def decode_frame(headers: Sequence[tuple[str, bytes]], value: bytes | None, limits: DecodeLimits,
+                 color: Color = "gray") -> Decoded | Rejected:
     try:
-        return _decode(headers, value, limits)
+        return _decode(headers, value, limits, color)
     except _Reject as rej:
         return Rejected(rej.reason, rej.detail[:1000])
 
 
-def _decode(headers: Sequence[tuple[str, bytes]], value: bytes | None, limits: DecodeLimits) -> Decoded:
+def _decode(headers: Sequence[tuple[str, bytes]], value: bytes | None, limits: DecodeLimits, color: Color) -> Decoded:
     if not value:
         raise _Reject("empty", "the record has no value")
     if len(value) > limits.max_bytes:
@@ -65,7 +70,7 @@ def _decode(headers: Sequence[tuple[str, bytes]], value: bytes | None, limits: D
         raise _Reject("too_many_pixels", f"{width}×{height} = {width * height} pixels > limit {limits.max_pixels}")
     if meta.width is not None and meta.height is not None and (meta.width, meta.height) != (width, height):
         raise _Reject("bad_dimensions", f"headers say {meta.width}×{meta.height}, the image is {width}×{height}")
-    image = _pixels(meta.encoding, value, width, height)
+    image = _pixels(meta, value, width, height, color)
     return Decoded(meta, image)
 
 
@@ -81,8 +86,9 @@ def _declared_size(meta: FrameHeaders, value: bytes) -> tuple[int, int]:
     """(width, height) the bytes declare, read without decoding pixels."""
     if meta.encoding == "raw":
         assert meta.width is not None and meta.height is not None  # FrameHeaders guarantees it
-        if len(value) != meta.width * meta.height:
-            raise _Reject("bad_dimensions", f"raw {meta.width}×{meta.height} needs {meta.width * meta.height} "
+        needed = meta.width * meta.height * BYTES_PER_PIXEL[meta.pixel_format]
+        if len(value) != needed:
+            raise _Reject("bad_dimensions", f"raw {meta.pixel_format} {meta.width}×{meta.height} needs {needed} "
                                             f"bytes, got {len(value)}")
         return meta.width, meta.height
     size = SIZE_READERS[meta.encoding](value)
@@ -94,17 +100,21 @@ def _declared_size(meta: FrameHeaders, value: bytes) -> tuple[int, int]:
     return width, height
 
 
-def _pixels(encoding: Encoding, value: bytes, width: int, height: int) -> np.ndarray:
+def _pixels(meta: FrameHeaders, value: bytes, width: int, height: int, color: Color) -> np.ndarray:
     buffer = np.frombuffer(value, dtype=np.uint8)
-    if encoding == "raw":
-        return buffer.reshape(height, width).copy()
-    image = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE)
+    if meta.encoding == "raw":
+        if meta.pixel_format == "gray8":
+            return buffer.reshape(height, width).copy()
+        image = buffer.reshape(height, width, 3)
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if meta.pixel_format == "bgr8" else image.copy()
+        return to_color(image, color)
+    image = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE if color == "gray" else cv2.IMREAD_COLOR)
     if image is None:
-        raise _Reject("undecodable", f"OpenCV cannot decode this {encoding.upper()} data")
-    if image.shape != (height, width):
+        raise _Reject("undecodable", f"OpenCV cannot decode this {meta.encoding.upper()} data")
+    if image.shape[:2] != (height, width):
         decoded = f"{image.shape[1]}×{image.shape[0]}"
         raise _Reject("bad_dimensions", f"header declares {width}×{height}, decoded {decoded}")
-    return image
+    return image if color == "gray" else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 # -- image header readers: (width, height) or None if the bytes are not that format ---------------

@@ -42,4 +42,4 @@ class Frame:
 
     record: Record
     headers: FrameHeaders
-    image: np.ndarray  # (H, W) uint8
+    image: np.ndarray  # (H, W) gray or (H, W, 3) RGB uint8, in the serving model's colour when decoded

@@ -70,7 +70,8 @@ class Pipeline:
                  serving: Callable[[], ServingModel[Runner]]) -> None:
         s = settings
         self.source = FrameSource(consumer, offsets, limits=DecodeLimits(s.max_frame_bytes, s.max_pixels),
-                                  capacity=s.queue_frames, metrics=metrics)
+                                  capacity=s.queue_frames, metrics=metrics,
+                                  color=lambda: self.serving().manifest.input.color)
         self.batcher: MicroBatcher[Frame] = MicroBatcher(s.max_batch, s.max_wait_ms / 1000,
                                                          capacity=max(s.queue_frames, s.max_batch))
         self.sink = Sink(producer)

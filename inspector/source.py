@@ -20,6 +20,7 @@ from inspector.decode import Decoded, DecodeLimits, Rejected, decode_frame
 from inspector.metrics import Metrics
 from inspector.offsets import CommitPolicy
 from inspector.records import Frame, Record, from_kafka_ms, utc_now
+from schemas.checkpoint import Color
 
 FETCH_TIMEOUT_MS = 200
 MAX_RECORDS = 500
@@ -50,8 +51,8 @@ class FrameSource:
     """Owns a started consumer (subscribed with `DrainBeforeRevoke`) and the commit policy."""
 
     def __init__(self, consumer: AIOKafkaConsumer, offsets: CommitPolicy, *, limits: DecodeLimits,
-                 capacity: int, metrics: Metrics) -> None:
-        self._consumer, self.offsets, self._limits = consumer, offsets, limits
+                 capacity: int, metrics: Metrics, color: Callable[[], Color]) -> None:
+        self._consumer, self.offsets, self._limits, self._color = consumer, offsets, limits, color
         self._capacity, self._metrics = capacity, metrics
         self._log = structlog.get_logger(__name__)
 
@@ -81,7 +82,7 @@ class FrameSource:
                 self.offsets.track(tp, r.offset)
                 records.append(Record(tp, r.offset, r.key, r.value, tuple(r.headers or ()),
                                       from_kafka_ms(r.timestamp), received_at))
-        decoded = await asyncio.to_thread(_decode_all, records, self._limits)
+        decoded = await asyncio.to_thread(_decode_all, records, self._limits, self._color())
         for record, result in zip(records, decoded, strict=True):
             if isinstance(result, Rejected):
                 await on_reject(record, result)
@@ -101,8 +102,9 @@ class FrameSource:
             self._log.debug("backpressure_resume", partitions=_names(paused))
 
 
-def _decode_all(records: Sequence[Record], limits: DecodeLimits) -> list[Decoded | Rejected]:
-    return [decode_frame(r.headers, r.value, limits) for r in records]
+def _decode_all(records: Sequence[Record], limits: DecodeLimits, color: Color) -> list[Decoded | Rejected]:
+    """Decoded to the colour of the model serving now (a model swapped in meanwhile gets `preprocess.to_color`)."""
+    return [decode_frame(r.headers, r.value, limits, color) for r in records]
 
 
 def _names(tps: set[TopicPartition]) -> list[str]:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 CHECKPOINT_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "model.safetensors"
+Color = Literal["gray", "rgb"]  # what a model takes: 8-bit gray, or 8-bit RGB in that channel order
 
 
 class _Frozen(BaseModel):
@@ -51,12 +52,21 @@ class Normalization(_Frozen):
 
 
 class InputSpec(_Frozen):
-    """Frames are decoded to 8-bit gray, resized to `size`×`size`, replicated to `channels`, normalized."""
+    """Frames are decoded to `color` (8-bit gray, or 8-bit RGB in that channel order), resized to
+    `size`×`size`, normalized per channel; a gray plane is replicated to `channels`."""
 
     size: int = Field(default=200, gt=0)
     channels: int = Field(default=3, gt=0)
-    color: Literal["gray"] = "gray"
+    color: Color = "gray"
     normalization: Normalization = Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+    @model_validator(mode="after")
+    def _channels_match(self) -> InputSpec:
+        if len(self.normalization.mean) != self.channels:
+            raise ValueError(f"normalization has {len(self.normalization.mean)} values for {self.channels} channels")
+        if self.color == "rgb" and self.channels != 3:
+            raise ValueError(f"an rgb input has 3 channels, not {self.channels}")
+        return self
 
 
 class OODSpec(_Frozen):
@@ -86,6 +96,8 @@ class Manifest(_Frozen):
     parameters: int = Field(ge=0)
     macs: int = Field(ge=0)
     metrics: dict[str, float] = {}
+    recipe: dict[str, str | int | float | bool | None] = Field(
+        default={}, description="the training settings that shaped the weights (trainer's TrainConfig)")
     data_fingerprint: str = ""
     teacher: str | None = None
     ood: OODSpec | None = Field(default=None, description="the unknown detector; none: every frame gets a class")

@@ -1,7 +1,7 @@
 """The stream contracts: frame headers in, defect events and dead-letter records out.
 
-A frame is one Kafka record: the value is the image bytes (PNG, JPEG, BMP, or raw 8-bit gray,
-row-major, `width`×`height` bytes); the key is the camera id, so each camera's frames stay in
+A frame is one Kafka record: the value is the image bytes (PNG, JPEG, BMP, or raw row-major pixels:
+`width`×`height` bytes of 8-bit gray, or ×3 of interleaved RGB or BGR, as `pixel_format` says); the key is the camera id, so each camera's frames stay in
 order within a partition; the metadata travels as Kafka headers whose names are the field names
 of `FrameHeaders` and whose values are UTF-8 text. Defect events and dead-letter records are
 JSON objects (one per Kafka record) described by `DefectEvent` and `DeadLetter`.
@@ -23,6 +23,8 @@ EVENT_SCHEMA_VERSION = 1
 DEAD_LETTER_SCHEMA_VERSION = 1
 
 Encoding = Literal["png", "jpeg", "bmp", "raw"]
+PixelFormat = Literal["gray8", "rgb8", "bgr8"]
+BYTES_PER_PIXEL: dict[str, int] = {"gray8": 1, "rgb8": 3, "bgr8": 3}
 
 # Fixed namespace for event ids: uuid5(EVENT_ID_NAMESPACE, "camera_id\x1fframe_id\x1fmodel_version").
 EVENT_ID_NAMESPACE = uuid.UUID("5c1d0b7e-3f0a-4d55-9a1e-2f4b8f6d3c21")
@@ -44,6 +46,8 @@ class FrameHeaders(_Frozen):
     frame_id: str = Field(min_length=1, max_length=512, description="unique per camera, e.g. a counter or a file path")
     captured_at: AwareDatetime = Field(description="ISO 8601 with a UTC offset, e.g. 2025-03-01T12:00:00.123Z")
     encoding: Encoding
+    pixel_format: PixelFormat = Field(default="gray8", description="layout of raw frames: 8-bit gray, or 8-bit "
+                                      "interleaved RGB or BGR; encoded images carry their own (ignored for them)")
     width: int | None = Field(default=None, gt=0, description="required for raw; checked against the image otherwise")
     height: int | None = Field(default=None, gt=0, description="required for raw; checked against the image otherwise")
     coil_id: str | None = Field(default=None, max_length=128)
@@ -56,8 +60,8 @@ class FrameHeaders(_Frozen):
         return self
 
     def to_kafka(self) -> list[tuple[str, bytes]]:
-        """Headers for `AIOKafkaProducer.send(headers=...)`; unset optional fields are left out."""
-        doc = self.model_dump(mode="json", exclude_none=True)
+        """Headers for `AIOKafkaProducer.send(headers=...)`; optional fields left at their default are left out."""
+        doc = {"schema_version": self.schema_version} | self.model_dump(mode="json", exclude_defaults=True)
         return [(name, str(value).encode()) for name, value in doc.items()]
 
     @classmethod

@@ -86,7 +86,7 @@ def reparameterize(model: nn.Module) -> nn.Module:
 def can_fold_gray(spec: InputSpec) -> bool:
     """Gray replicated to C > 1 channels that share one mean and std: the first conv can take one channel."""
     norm = spec.normalization
-    return spec.channels > 1 and len(set(norm.mean)) == 1 and len(set(norm.std)) == 1
+    return spec.color == "gray" and spec.channels > 1 and len(set(norm.mean)) == 1 and len(set(norm.std)) == 1
 
 
 def fold_gray(model: RepNet, spec: InputSpec) -> tuple[RepNet, InputSpec]:
@@ -95,8 +95,8 @@ def fold_gray(model: RepNet, spec: InputSpec) -> tuple[RepNet, InputSpec]:
     Exact: a convolution is linear in its input and every replicated channel, zero padding included,
     holds the same values, so the first kernel summed over its input channels gives the same output."""
     if not can_fold_gray(spec):
-        raise ValueError("fold_gray needs C > 1 input channels with one mean and std; "
-                         f"the input has {spec.channels} channels, mean={spec.normalization.mean} "
+        raise ValueError("fold_gray needs a gray input replicated to C > 1 channels with one mean and std; "
+                         f"the input is {spec.color} with {spec.channels} channels, mean={spec.normalization.mean} "
                          f"std={spec.normalization.std}")
     folded = copy.deepcopy(model).eval()
     first = folded.blocks[0].reparam_conv

@@ -104,7 +104,7 @@ def run_fold(cfg: CVConfig, k: int) -> Path:
         teacher = fit(_fold_config(cfg, cfg.teacher, here / "teacher", split, None)).out / "model"
     student = fit(_fold_config(cfg, cfg.recipe, here / "student", split, teacher))
     model, manifest = load_checkpoint(student.out / "model")
-    data = load_image_folder(cfg.data, manifest.input.size, cfg.limit_per_class)
+    data = load_image_folder(cfg.data, manifest.input.size, cfg.limit_per_class, manifest.input.color)
     held_out = json.loads(split.read_text())["val"]
     where = {p: i for i, p in enumerate(data.paths)}
     test = data.subset([where[p] for p in held_out])
@@ -133,7 +133,7 @@ def _write_folds(cfg: CVConfig, data: ImageSet) -> list[list[int]]:
 
 
 def cross_validate(cfg: CVConfig) -> dict:
-    data = load_image_folder(cfg.data, cfg.recipe.input.size, cfg.limit_per_class)
+    data = load_image_folder(cfg.data, cfg.recipe.size, cfg.limit_per_class, cfg.recipe.color)
     folds = _write_folds(cfg, data)
     for k, held_out in enumerate(folds):
         split = fold_dir(cfg.out, k) / "split.json"

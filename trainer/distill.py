@@ -22,9 +22,11 @@ class KDConfig:
 
 def kd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, cfg: KDConfig,
-    label_smoothing: float = 0.0,
+    label_smoothing: float = 0.0, class_weight: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """loss = α·KL(q(u,T) ‖ q(z,T)) + (1−α)·CE(y, q(z,1)); returns every component for logging."""
+    """loss = α·KL(q(u,T) ‖ q(z,T)) + (1−α)·CE(y, q(z,1)); returns every component for logging.
+
+    `class_weight` weighs the CE term per class (class-balanced loss); the teacher's term stays unweighted."""
     t = cfg.temperature
     kd = F.kl_div(
         F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
@@ -32,7 +34,7 @@ def kd_loss(
     )
     if cfg.t_squared:
         kd = kd * t * t
-    ce = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
+    ce = F.cross_entropy(student_logits, targets, weight=class_weight, label_smoothing=label_smoothing)
     return {"loss": cfg.alpha * kd + (1 - cfg.alpha) * ce, "kd": kd.detach(), "ce": ce.detach()}
 
 

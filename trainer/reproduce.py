@@ -11,7 +11,6 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.checkpoint import InputSpec
 from stripnet.checkpoint import load_checkpoint
 from trainer.data import load_image_folder, load_split
 from trainer.evaluate import measure_latency, plot_confusion
@@ -43,7 +42,7 @@ class ReproduceConfig:
 def stage_configs(cfg: ReproduceConfig) -> dict[str, TrainConfig]:
     """Run name → its fit config. Students share the teacher's split file and the cached teacher logits."""
     common = dict(data=cfg.data, limit_per_class=cfg.limit_per_class, progress=cfg.progress, split=cfg.split,
-                  input=InputSpec(size=cfg.size))
+                  size=cfg.size, color="gray")
     teacher_dir = cfg.out / "teacher"
     stages = {"teacher": TrainConfig(out=teacher_dir, arch="repvgg-a0", epochs=cfg.teacher_epochs,
                                      bf16=cfg.teacher_bf16, model_name="repvgg-a0-teacher", **common)}

@@ -1,5 +1,6 @@
 from datetime import UTC, datetime
 
+import cv2
 import numpy as np
 import pytest
 
@@ -69,3 +70,46 @@ def test_invalid_frames_become_rejections_with_a_reason(make, reason):
     result = decode_frame(hdrs, value, LIMITS)
     assert isinstance(result, Rejected), result
     assert result.reason == reason and result.detail
+
+
+COLOUR = np.stack([IMAGE, IMAGE[::-1], 255 - IMAGE], axis=2)  # (120, 200, 3) RGB, every channel different
+
+
+@pytest.mark.parametrize(("encoding", "ext"), [("png", ".png"), ("jpeg", ".jpg"), ("bmp", ".bmp")])
+def test_colour_files_decode_to_the_models_colour(encoding, ext):
+    """RGB for a colour model (in RGB order); for a gray model, OpenCV's gray decoder, as in training."""
+    value = encode(ext, COLOUR[..., ::-1])  # OpenCV encodes BGR
+    rgb = decode_frame(headers(encoding), value, LIMITS, "rgb")
+    gray = decode_frame(headers(encoding), value, LIMITS, "gray")
+    assert isinstance(rgb, Decoded) and isinstance(gray, Decoded)
+    assert rgb.image.shape == (120, 200, 3) and gray.image.shape == (120, 200)
+    np.testing.assert_array_equal(gray.image, cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_GRAYSCALE))
+    if encoding != "jpeg":  # lossless
+        np.testing.assert_array_equal(rgb.image, COLOUR)
+
+
+@pytest.mark.parametrize("pixel_format", ["rgb8", "bgr8"])
+def test_raw_colour_frames_follow_their_pixel_format(pixel_format):
+    value = (COLOUR if pixel_format == "rgb8" else COLOUR[..., ::-1]).tobytes()
+    meta = headers("raw", width=200, height=120, pixel_format=pixel_format)
+    rgb = decode_frame(meta, value, LIMITS, "rgb")
+    gray = decode_frame(meta, value, LIMITS, "gray")
+    assert isinstance(rgb, Decoded) and isinstance(gray, Decoded)
+    np.testing.assert_array_equal(rgb.image, COLOUR)
+    np.testing.assert_array_equal(gray.image, cv2.cvtColor(COLOUR, cv2.COLOR_RGB2GRAY))
+    short = decode_frame(meta, IMAGE.tobytes(), LIMITS, "rgb")  # gray8's byte count is a third of it
+    assert isinstance(short, Rejected) and short.reason == "bad_dimensions" and pixel_format in short.detail
+
+
+def test_gray_frames_stay_one_plane_and_limits_apply_to_colour_frames():
+    gray = decode_frame(headers("raw", width=200, height=120), IMAGE.tobytes(), LIMITS, "rgb")
+    assert isinstance(gray, Decoded) and gray.image.shape == (120, 200)  # replicated by the preprocessing
+    assert gray.headers.pixel_format == "gray8"
+    small = DecodeLimits(max_bytes=1 << 20, max_pixels=199 * 120)
+    for meta, value in [(headers("raw", width=200, height=120, pixel_format="rgb8"), COLOUR.tobytes()),
+                        (headers("png"), encode(".png", COLOUR))]:
+        rejected = decode_frame(meta, value, small, "rgb")
+        assert isinstance(rejected, Rejected) and rejected.reason == "too_many_pixels"
+    too_big = decode_frame(headers("raw", width=200, height=120, pixel_format="rgb8"), COLOUR.tobytes(),
+                           DecodeLimits(max_bytes=COLOUR.size - 1, max_pixels=1 << 20), "rgb")
+    assert isinstance(too_big, Rejected) and too_big.reason == "too_large"

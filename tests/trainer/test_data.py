@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.images import hue_folder, write_image
 from trainer.data import (
-    ImageReadError, dihedral, dihedral_batch, load_image_folder, load_split, save_split, stratified_split,
+    ImageReadError, camera_jitter, choose_balance, class_weights, dihedral, dihedral_batch, epoch_order,
+    load_image_folder, load_split, save_split, stratified_split,
 )
 
 
@@ -78,3 +80,79 @@ def test_camera_jitter_is_seeded_and_keeps_the_frame():
     flat = camera_jitter(torch.full((16, 40, 40), 128, dtype=torch.uint8), torch.Generator().manual_seed(2))
     assert all(int(f.max()) - int(f.min()) <= 1 for f in flat)  # geometry and blur leave a flat frame flat
     assert len({int(f[0, 0]) for f in flat}) > 4  # exposure differs per image
+
+
+def test_one_colour_image_makes_the_set_rgb_in_rgb_order(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        write_image(tmp_path / "gray" / f"{i}.jpg", np.repeat(rng.integers(0, 255, (20, 20, 1), np.uint8), 3, axis=2))
+    red = np.zeros((20, 20, 3), np.uint8)
+    red[..., 0] = 255
+    write_image(tmp_path / "red" / "0.png", red)
+    data = load_image_folder(tmp_path, size=None, color="auto")
+    assert data.color == "rgb" and data.images.shape == (4, 3, 20, 20)
+    assert data.images[3, 0].min() == 255 and data.images[3, 1:].max() == 0  # channel 0 is red
+    assert "1 of 4 images have channels that differ" in data.notes[0]
+    assert load_image_folder(tmp_path, size=None, color="gray").images.shape == (4, 20, 20)
+
+
+def test_gray_content_in_colour_files_loads_exactly_as_the_gray_decoder_reads_it(tmp_path):
+    """Gray data keep today's path: OpenCV's gray decoder, then `resize` (the tensors a gray run trained on)."""
+    rng = np.random.default_rng(2)
+    for cls in ("a", "b"):
+        for i in range(3):
+            plane = cv2.GaussianBlur(rng.integers(0, 255, (40, 40), np.uint8), (5, 5), 0)
+            write_image(tmp_path / cls / f"{i}.jpg", np.repeat(plane[..., None], 3, axis=2))
+    auto = load_image_folder(tmp_path, size=32, color="auto")
+    gray = load_image_folder(tmp_path, size=32, color="gray")
+    assert auto.color == gray.color == "gray" and "all 6 images have equal channels" in auto.notes[0]
+    torch.testing.assert_close(auto.images, gray.images, rtol=0, atol=0)
+    by_decoder = [cv2.resize(cv2.imread(str(tmp_path / p), cv2.IMREAD_GRAYSCALE), (32, 32), interpolation=cv2.INTER_AREA)
+                  for p in auto.paths]
+    np.testing.assert_array_equal(auto.images.numpy(), np.stack(by_decoder))
+
+
+def test_the_images_own_size_unless_one_is_given(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / "a" / f"{i}.png", np.zeros((48, 48), np.uint8))
+        write_image(tmp_path / "b" / f"{i}.png", np.zeros((48, 48), np.uint8))
+    same = load_image_folder(tmp_path, size=None)
+    assert same.size == 48 and same.notes[1] == "size 48×48: the images' own size (all 6 are 48×48)"
+    assert load_image_folder(tmp_path, size=64).size == 64
+    write_image(tmp_path / "b" / "odd.png", np.zeros((30, 40), np.uint8))
+    write_image(tmp_path / "b" / "big.png", np.zeros((90, 90), np.uint8))
+    mixed = load_image_folder(tmp_path, size=None)
+    assert mixed.size == 48 and mixed.images.shape == (8, 48, 48)
+    assert "median longest side of 8 images of 3 sizes (6 of 48×48" in mixed.notes[1]
+
+
+def test_auto_balance_samples_each_class_equally_when_classes_are_imbalanced():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    assert choose_balance(labels, "auto")[0] == "sampling"
+    assert choose_balance(torch.tensor([0] * 12 + [1] * 10), "auto")[0] == "none"
+    assert choose_balance(labels, "loss")[0] == "loss"
+    weights = class_weights(labels, 2)
+    assert weights[labels].sum().item() == pytest.approx(100.0) and weights[1] == pytest.approx(9 * weights[0])
+    gen = torch.Generator().manual_seed(0)
+    drawn = torch.cat([epoch_order(labels, "sampling", gen) for _ in range(20)])
+    assert len(drawn) == 2000 and abs((labels[drawn] == 1).float().mean().item() - 0.5) < 0.05
+    order = epoch_order(labels, "none", torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(100))  # a permutation, as without balancing
+
+
+def test_camera_jitter_takes_colour_and_keeps_gray_unchanged_in_form(tmp_path):
+    colour = load_image_folder(hue_folder(tmp_path, {"red": 2, "blue": 2}), size=None, color="auto").images
+    out = camera_jitter(colour, torch.Generator().manual_seed(0))
+    assert out.shape == colour.shape and out.dtype == torch.uint8
+    torch.testing.assert_close(out, camera_jitter(colour, torch.Generator().manual_seed(0)))
+    gray = colour[:, 0]
+    assert camera_jitter(gray, torch.Generator().manual_seed(0)).shape == gray.shape
+
+
+def test_neu_cls_loads_as_before_with_the_new_defaults(neu_cls):
+    """NEU-CLS (200×200 gray content in 3-channel JPEGs): colour auto and the native size give the 200×200 gray
+    tensors of the old fixed path, byte for byte."""
+    auto = load_image_folder(neu_cls, size=None, limit_per_class=3, color="auto")
+    fixed = load_image_folder(neu_cls, size=200, limit_per_class=3, color="gray")
+    assert auto.color == "gray" and auto.size == 200
+    torch.testing.assert_close(auto.images, fixed.images, rtol=0, atol=0)

@@ -3,9 +3,11 @@ from dataclasses import replace
 
 import pytest
 
+from schemas.checkpoint import InputSpec
 from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
+from tests.helpers.images import hue_folder
 from trainer.train import TrainConfig, fit
 
 
@@ -59,3 +61,34 @@ def test_training_on_every_image_keeps_the_last_epoch(smoke_cfg):
     assert len(split["train"]) == 72 and "val" not in split
     _, manifest = load_checkpoint(cfg.out / "model")
     assert manifest.metrics == {"epochs": 2.0}
+
+
+@pytest.fixture
+def hue_cfg(tmp_path):
+    """Three classes told apart by colour alone, 24×24, imbalanced 12:12:4."""
+    data = hue_folder(tmp_path / "hues", {"red": 12, "green": 12, "blue": 4})
+    return TrainConfig(data=data, out=tmp_path / "run", epochs=2, batch_size=16, lr=0.05, warmup_epochs=0,
+                       split=(0.75, 0.25), progress=False)
+
+
+def test_colour_data_train_an_rgb_model_at_their_own_size_balanced_and_selected_by_macro_f1(hue_cfg):
+    fit(hue_cfg)
+    _, manifest = load_checkpoint(hue_cfg.out / "model")
+    assert (manifest.input.color, manifest.input.channels, manifest.input.size) == ("rgb", 3, 24)
+    notes = json.loads((hue_cfg.out / "input.json").read_text())["notes"]
+    assert notes[0].startswith("colour rgb") and notes[1].startswith("size 24×24: the images' own size")
+    assert notes[2].startswith("balance sampling") and notes[3] == "select by macro-F1 on validation"
+    assert "balance sampling" in manifest.notes
+    assert all(0.0 <= row["val_macro_f1"] <= 1.0 for row in _log(hue_cfg.out))
+
+
+def test_distillation_from_a_colour_teacher_and_a_gray_teacher_is_refused(hue_cfg, tmp_path):
+    teacher = fit(replace(hue_cfg, out=tmp_path / "teacher", epochs=1, model_name="tiny-teacher")).out / "model"
+    student = replace(hue_cfg, epochs=1, teacher=teacher, balance="loss")
+    fit(student)
+    assert _log(student.out)[0]["train_kd"] > 0
+    assert load_checkpoint(student.out / "model")[1].teacher == "tiny-teacher"
+    export_checkpoint(build_model(EG_REPVGG, 3), tmp_path / "gray-teacher", class_names=("a", "b", "c"),
+                      model_name="gray", input_spec=InputSpec(size=24))
+    with pytest.raises(ValueError, match="teacher .* takes gray 24×24, the student's data are rgb 24×24"):
+        fit(replace(student, out=tmp_path / "refused", teacher=tmp_path / "gray-teacher"))
