@@ -28,6 +28,8 @@ import torch
 
 from stripnet.checkpoint import load_checkpoint
 from trainer.data import ImageSet, load_image_folder
+from trainer.figures import plot_validation_curves
+from trainer.runlog import read_rows
 from trainer.evaluate import Metrics, compute_metrics, plot_confusion, predict_logits, predictions_doc
 from trainer.train import TrainConfig, fit
 
@@ -206,6 +208,8 @@ def write_report(out: Path) -> dict:
     (out / "cv.json").write_text(json.dumps(doc, indent=1))
     (out / "cv.md").write_text(format_report(doc, names))
     plot_confusion(pooled.confusion, names, out / "confusion.png", f"{out.name}: pooled over {len(folds)} folds")
+    plot_validation_curves({f"fold {k} (held out)": read_rows(fold_dir(out, k) / "student") for k in folds},
+                           out / "curves.png")
     return doc
 
 

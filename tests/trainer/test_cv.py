@@ -46,7 +46,7 @@ def test_cv_end_to_end_predicts_every_image_once_and_resumes(neu_cls, tmp_path, 
     low, high = doc["wilson95"]
     assert low <= doc["pooled"]["accuracy"] <= high
     assert (out / "cv.md").read_text().startswith("# Cross-validation: 3 folds, 36 images")
-    assert (out / "confusion.png").stat().st_size > 0
+    assert (out / "confusion.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
 
     predicted = [row["path"] for k in range(3)
                  for row in json.loads((out / f"fold-{k}" / "predictions.json").read_text())["predictions"]]
