@@ -1,0 +1,73 @@
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from schemas.checkpoint import InputSpec
+from stripnet.architectures import EG_REPVGG
+from stripnet.checkpoint import export_checkpoint, load_checkpoint
+from stripnet.network import build_model
+from trainer.data import fingerprint, load_image_folder, stratified_split
+from trainer.detector import fit_detector, refit_checkpoint, unknown_scores
+from trainer.train import TrainConfig, fit
+
+SIZE = 32
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """Three classes of 20 gray 32×32 images, each class its own brightness and texture."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("a", "b", "c")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(20):
+            image = np.clip(60 + 60 * c + rng.normal(0, 10 + 15 * c, (SIZE, SIZE)), 0, 255).astype(np.uint8)
+            assert cv2.imwrite(str(tmp_path / "data" / name / f"{i}.png"), image)
+    return tmp_path / "data"
+
+
+def test_the_detector_is_fitted_on_training_images_and_calibrated_on_validation_ones(folder):
+    torch.manual_seed(0)
+    data = load_image_folder(folder, SIZE)
+    train, val = (data.subset(p) for p in stratified_split(data.labels, (0.5, 0.5), seed=0))
+    model = fit_detector(build_model(EG_REPVGG, 3).eval(), data.class_names, train, val, InputSpec(size=SIZE), 0.1)
+    spec = model.ood.spec
+    assert (spec.calibrated_on, spec.fitted_images, spec.calibration_images) == ("validation", 30, 30)
+    assert (unknown_scores(model, val.images, InputSpec(size=SIZE)) > spec.threshold).mean() <= 0.1
+    noise = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (8, SIZE, SIZE), dtype=np.uint8))
+    assert (unknown_scores(model, noise, InputSpec(size=SIZE)) > spec.threshold).all()
+
+
+def test_fit_exports_a_calibrated_detector_and_says_where_it_was_calibrated(folder, tmp_path):
+    cfg = TrainConfig(data=folder, out=tmp_path / "run", epochs=1, batch_size=16, size=SIZE, split=(0.75, 0.25),
+                      progress=False)
+    fit(cfg)
+    model, manifest = load_checkpoint(cfg.out / "model")
+    assert model.ood is not None and manifest.ood.calibrated_on == "validation"
+    assert (manifest.ood.fitted_images, manifest.ood.calibration_images) == (45, 15)
+    fit(replace(cfg, out=tmp_path / "all", split=(1.0,), select="last"))
+    assert load_checkpoint(tmp_path / "all" / "model")[1].ood.calibrated_on == "training"
+
+
+def test_refit_adds_a_detector_in_place_and_keeps_the_rest_of_the_manifest(folder, tmp_path):
+    data = load_image_folder(folder, SIZE)
+    before = export_checkpoint(build_model(EG_REPVGG, 3), tmp_path / "ckpt", class_names=data.class_names,
+                               model_name="m", model_version="v1", input_spec=InputSpec(size=SIZE),
+                               metrics={"val_accuracy": 0.5}, data_fingerprint=fingerprint(data), notes="kept")
+    assert before.ood is None
+    spec = refit_checkpoint(tmp_path / "ckpt", folder, split=(0.8, 0.2))
+    model, after = load_checkpoint(tmp_path / "ckpt")
+    assert model.ood is not None and after.ood == spec and spec.calibration_images == 12
+    assert (after.model_name, after.model_version, after.metrics, after.notes) == ("m", "v1", {"val_accuracy": 0.5}, "kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "data"]  # nothing staged is left behind
+
+
+def test_refit_refuses_data_the_model_was_not_trained_on(folder, tmp_path):
+    data = load_image_folder(folder, SIZE)
+    export_checkpoint(build_model(EG_REPVGG, 3), tmp_path / "ckpt", class_names=data.class_names, model_name="m",
+                      input_spec=InputSpec(size=SIZE), data_fingerprint="0" * 64)
+    with pytest.raises(ValueError, match="fingerprint"):
+        refit_checkpoint(tmp_path / "ckpt", folder)

@@ -1,0 +1,101 @@
+"""The unknown detector of a trained model: fitted on its own training images, calibrated on held-in images.
+
+`fit_detector` is what `trainer fit` runs before it exports a model: the class means and shared covariance
+(stripnet/ood.py) come from the training part's pooled features, and the threshold is the (1 − rate)
+quantile of the validation part's scores (the training part's when there is none, and the manifest
+says so). `refit_checkpoint` (`trainer detector`) does the same for a checkpoint that has none yet, or
+whose detector should be re-fitted, and rewrites it in place with every other manifest field kept.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from schemas.checkpoint import InputSpec, OODSpec
+from stripnet.checkpoint import export_checkpoint, load_checkpoint
+from stripnet.network import RepNet
+from stripnet.ood import calibrate, fit_head, with_detector
+from stripnet.preprocess import normalize
+from trainer.data import ImageSet, fingerprint, load_image_folder, load_split, stratified_split
+
+DEFAULT_FALSE_UNKNOWN_RATE = 0.01
+
+
+@torch.inference_mode()
+def features_and_logits(model: RepNet, images: torch.Tensor, spec: InputSpec,
+                        batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, S, S) uint8 images → (N, K) pooled features and (N, classes) logits, from one pass each."""
+    model.eval()
+    out = [model.forward_with_features(normalize(images[i:i + batch_size], spec))
+           for i in range(0, len(images), batch_size)]
+    return torch.cat([o[1] for o in out]), torch.cat([o[0] for o in out])
+
+
+def model_labels(data: ImageSet, class_names: tuple[str, ...]) -> torch.Tensor:
+    """The data's labels as indices into the model's `class_names` (ValueError for a class it does not know)."""
+    index = {name: i for i, name in enumerate(class_names)}
+    missing = sorted(set(data.class_names) - set(index))
+    if missing:
+        raise ValueError(f"the data has classes the model does not know: {missing}")
+    return torch.tensor([index[data.class_names[y]] for y in data.labels.tolist()], dtype=torch.long)
+
+
+def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, held_in: ImageSet | None,
+                 spec: InputSpec, rate: float = DEFAULT_FALSE_UNKNOWN_RATE) -> RepNet:
+    """A copy of `model` carrying its unknown detector: fitted on `train`, calibrated on `held_in` (else `train`)."""
+    features, _ = features_and_logits(model, train.images, spec)
+    head = fit_head(features, model_labels(train, class_names), len(class_names))
+    calibration = held_in if held_in is not None and len(held_in) else train
+    with torch.inference_mode():
+        scores = head(features_and_logits(model, calibration.images, spec)[0]).numpy()
+    ood = OODSpec(threshold=calibrate(scores, rate), false_unknown_rate=rate,
+                  calibrated_on="validation" if calibration is held_in else "training",
+                  calibration_images=len(calibration), fitted_images=len(train))
+    return with_detector(model, head, ood)
+
+
+def unknown_scores(model: RepNet, images: torch.Tensor, spec: InputSpec) -> np.ndarray:
+    """The served unknown score of each image; ValueError when the model carries no detector."""
+    if model.ood is None:
+        raise ValueError("this model has no unknown detector (fit one with `trainer detector`)")
+    features, _ = features_and_logits(model, images, spec)
+    with torch.inference_mode():
+        return model.ood(features).numpy()
+
+
+def refit_checkpoint(model_dir: Path, data_dir: Path, *, split_file: Path | None = None,
+                     split: tuple[float, ...] = (0.8, 0.1, 0.1), split_seed: int = 0,
+                     rate: float = DEFAULT_FALSE_UNKNOWN_RATE) -> OODSpec:
+    """Fit the detector of the checkpoint at `model_dir` on its training part of `data_dir` (`split_file`, or the
+    seeded stratified `split` its run drew) and rewrite the checkpoint in place, every other field kept."""
+    model, manifest = load_checkpoint(model_dir)
+    data = load_image_folder(data_dir, manifest.input.size, color=manifest.input.color)
+    if manifest.data_fingerprint and fingerprint(data) != manifest.data_fingerprint:
+            raise ValueError(f"{data_dir} is not the data {model_dir} was trained on (data fingerprint differs)")
+    parts = load_split(split_file, data) if split_file else stratified_split(data.labels, split, split_seed)
+    held_in = data.subset(parts[1]) if len(parts) > 1 and parts[1] else None
+    fitted = fit_detector(model, manifest.class_names, data.subset(parts[0]), held_in, manifest.input, rate)
+    model_dir = Path(model_dir)
+    staged = model_dir.with_name(f".{model_dir.name}.refit")
+    shutil.rmtree(staged, ignore_errors=True)
+    written = export_checkpoint(
+        fitted, staged, class_names=manifest.class_names, model_name=manifest.model_name,
+        model_version=manifest.model_version, input_spec=manifest.input, metrics=manifest.metrics,
+        data_fingerprint=manifest.data_fingerprint, teacher=manifest.teacher, notes=manifest.notes,
+        recipe=manifest.recipe)
+    _replace_directory(staged, model_dir)
+    assert written.ood is not None
+    return written.ood
+
+
+def _replace_directory(new: Path, old: Path) -> None:
+    """`new` takes `old`'s name: two renames, so `old` is complete at every moment but the instant between them."""
+    retired = old.with_name(f".{old.name}.old")
+    shutil.rmtree(retired, ignore_errors=True)
+    old.rename(retired)
+    new.rename(old)
+    shutil.rmtree(retired)
