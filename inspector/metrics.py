@@ -17,13 +17,14 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import get_args
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
 from schemas.checkpoint import Manifest
-from schemas.messages import DeadLetter, DefectEvent
+from schemas.messages import DeadLetter, DefectEvent, EventStatus
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -53,6 +54,7 @@ class Summary:
     dead_letters: int
     batches: int
     per_class: dict[str, int]
+    per_status: dict[str, int]  # defect, uncertain, unknown
     events_per_s: float  # since the previous summary
     latency_p50_ms: float | None
     latency_p95_ms: float | None
@@ -74,6 +76,10 @@ class Metrics:
                                namespace=ns, registry=r)
         self._classes = Counter("events_by_class", "Defect events produced, by label", ["label"],
                                 namespace=ns, registry=r)
+        self._statuses = Counter("events_by_status", "Defect events produced, by status (defect, uncertain, unknown)",
+                                 ["status"], namespace=ns, registry=r)
+        for status in get_args(EventStatus):
+            self._statuses.labels(status=status)
         self._dead = Counter("dead_lettered", "Frames sent to the dead-letter topic", ["reason"],
                              namespace=ns, registry=r)
         self._batch = Histogram("batch_size", "Frames per inference batch", buckets=BATCH_SIZE_BUCKETS,
@@ -125,6 +131,7 @@ class Metrics:
                 continue
             self._events.inc()
             self._classes.labels(label=message.label).inc()
+            self._statuses.labels(status=message.status).inc()
             # A producer clock ahead of ours gives a negative latency: count it as zero, not as a bogus sum.
             latency_s = max(0.0, (message.times.emitted_at - message.times.produced_at).total_seconds())
             self._latency.observe(latency_s)
@@ -189,6 +196,7 @@ class Metrics:
         return Summary(
             frames=int(_sample(self._frames, "_total")), events=int(events), dead_letters=sum(dead.values()),
             batches=int(batches), per_class=dict(sorted(_by_label(self._classes, "label").items())),
+            per_status=_by_label(self._statuses, "status"),
             events_per_s=round((events - events_then) / max(now - then, 1e-9), 1),
             latency_p50_ms=None if p50 is None else round(float(p50), 1),
             latency_p95_ms=None if p95 is None else round(float(p95), 1),

@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from inspector.batcher import Batch, MicroBatcher
 from inspector.connect import Startable, new_consumer, new_producer, start_with_retry
 from inspector.decode import DecodeLimits, Rejected
+from inspector.detach import Stopped, on_daemon, unless_stopped
 from inspector.metrics import Metrics
 from inspector.model_store import ServingModel
 from inspector.offsets import CommitPolicy
@@ -113,7 +114,8 @@ class Pipeline:
         while (item := await inferred.get()) is not None:
             frames = item.batch.items
             await self.produce(self.outputs.events(frames, item.prediction.probabilities, item.prediction.boxes,
-                                                   item.serving.manifest, item.inferred_at))
+                                                   item.serving.manifest, item.inferred_at,
+                                                   item.prediction.ood_scores))
             self._log.debug("batch", size=len(frames), queue_wait_ms=round(item.batch.queue_wait_s * 1000, 2),
                             inference_ms=round(item.inference_s * 1000, 2), model_version=item.serving.version)
 
@@ -163,7 +165,11 @@ class InspectorService:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; returns after a clean drain, raises if the pipeline fails."""
         s = self.settings
-        self._serving = await asyncio.to_thread(self._models.load_initial)
+        try:  # on a daemon thread, and a stop ends the wait: a read that hangs cannot hold start-up or exit
+            self._serving = await unless_stopped(on_daemon(self._models.load_initial, "model-load"), stop)
+        except Stopped:
+            self._log.info("stopped_while_loading_model")
+            return
         async with AsyncExitStack() as stack:
             producer = await self._connect(lambda: new_producer(s), "producer", stop)
             if producer is None:
@@ -211,7 +217,7 @@ class InspectorService:
     async def _watch_models(self) -> None:
         while True:
             await asyncio.sleep(self.settings.model_poll_s)
-            newer = await asyncio.to_thread(self._models.poll)
+            newer = await on_daemon(self._models.poll, "model-poll")  # a poll that hangs holds no exit
             if newer is not None:
                 previous, self._serving = self._serving, newer
                 self._log.info("model_swapped", version=newer.version,

@@ -19,10 +19,11 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 FRAME_SCHEMA_VERSION = 1
-EVENT_SCHEMA_VERSION = 1
+EVENT_SCHEMA_VERSION = 2  # 2: status "unknown", ood_score, model.ood_threshold (README, Messages)
 DEAD_LETTER_SCHEMA_VERSION = 1
 
 Encoding = Literal["png", "jpeg", "bmp", "raw"]
+EventStatus = Literal["defect", "uncertain", "unknown"]
 PixelFormat = Literal["gray8", "rgb8", "bgr8"]
 BYTES_PER_PIXEL: dict[str, int] = {"gray8": 1, "rgb8": 3, "bgr8": 3}
 
@@ -88,6 +89,8 @@ class ModelRef(_Frozen):
     name: str
     version: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    ood_threshold: float | None = Field(default=None, description="the unknown threshold applied (the model's "
+                                        "calibrated one, or the operator's override); None: no unknown detector")
 
 
 class EventTimes(_Frozen):
@@ -111,7 +114,7 @@ class Box(_Frozen):
 class DefectEvent(_Frozen):
     """One per frame. Consumers deduplicate on `event_id` (at-least-once delivery)."""
 
-    schema_version: Literal[1] = EVENT_SCHEMA_VERSION
+    schema_version: Literal[2] = EVENT_SCHEMA_VERSION
     event_id: uuid.UUID = Field(description="uuid5 of camera_id, frame_id and model version: see event_id_for")
     frame_id: str
     camera_id: str
@@ -121,7 +124,10 @@ class DefectEvent(_Frozen):
     label: str
     confidence: float = Field(ge=0.0, le=1.0, description="probability of `label`")
     probabilities: dict[str, float] = Field(description="class name -> probability; sums to 1")
-    status: Literal["defect", "uncertain"] = Field(description="uncertain when confidence < the inspector's threshold")
+    status: EventStatus = Field(description="unknown when ood_score > model.ood_threshold (unlike the images the "
+                                "model learned), else uncertain when confidence < the label's threshold, else defect")
+    ood_score: float | None = Field(default=None, description="the model's unknown score: distance of the frame's "
+                                    "features to the nearest learned class; None when the model has no detector")
     model: ModelRef
     times: EventTimes
     latency_ms: float = Field(description="emitted_at - captured_at; negative only if the camera clock runs ahead")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import cv2
 import numpy as np
@@ -29,11 +29,11 @@ from stripnet.network import RepNet
 
 @dataclass(frozen=True)
 class LocateConfig:
-    threshold: float = 0.5  # fraction of the map's maximum
-    score: Literal["mean", "max"] = "mean"
-    min_area: float = 0.01  # fraction of the frame; smaller components (interpolation specks) are dropped
-    max_boxes: int = 8
-    step: int = 4  # evaluate the map every `step` frame pixels: boxes snap to that grid, cost falls ~step²
+    threshold: Annotated[float, "box threshold, as a fraction of the map's maximum"] = 0.5
+    score: Annotated[Literal["mean", "max"], "box score: the normalized CAM's mean or maximum inside the box"] = "mean"
+    min_area: Annotated[float, "drop components smaller than this fraction of the frame (interpolation specks)"] = 0.01
+    max_boxes: Annotated[int, "at most this many boxes per frame, best first"] = 8
+    step: Annotated[int, "evaluate the map every STEP frame pixels: boxes snap to that grid, cost falls ~STEP²"] = 4
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -48,6 +48,7 @@ class Located:
     classes: torch.Tensor  # (N,) predicted class index
     cams: np.ndarray  # (N, h, w) float32 raw CAM of the predicted class at feature resolution
     boxes: tuple[tuple[Box, ...], ...]  # per image, best score first
+    ood_scores: torch.Tensor | None = None  # (N,) the model's unknown detector, if it carries one (stripnet/ood.py)
 
 
 def feature_stride(model: RepNet) -> int:
@@ -63,10 +64,16 @@ def class_activation_maps(features: torch.Tensor, fc: nn.Linear, classes: torch.
 @torch.inference_mode()
 def logits_and_cams(model: RepNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward pass → (logits, predicted classes, CAM of the predicted class at feature resolution)."""
+    return _one_pass(model, x)[:3]
+
+
+def _one_pass(model: RepNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, predicted classes, their CAMs, pooled features) from one forward pass."""
     features = model.forward_features(x)
-    logits = model.head.fc(features.mean(dim=(2, 3)))
+    pooled = model.head.pool(features)
+    logits = model.head.fc(pooled)
     classes = logits.argmax(dim=1)
-    return logits, classes, class_activation_maps(features, model.head.fc, classes)
+    return logits, classes, class_activation_maps(features, model.head.fc, classes), pooled
 
 
 def normalize_cam(cam: np.ndarray) -> np.ndarray:
@@ -128,10 +135,13 @@ def locate_batch(
     model: RepNet, x: torch.Tensor, config: LocateConfig = LocateConfig(),
     frame_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> Located:
-    """Logits and boxes for a batch in one forward pass. `x` is the model input (N, C, S, S);
+    """Logits and boxes (and unknown scores, with a detector) for a batch in one forward pass. `x` is the model
+    input (N, C, S, S);
     `frame_sizes` are the original (height, width) per image (default: S×S), boxes are in those pixels."""
     input_size = x.shape[-1]
-    logits, classes, cams = logits_and_cams(model, x)
+    with torch.inference_mode():
+        logits, classes, cams, pooled = _one_pass(model, x)
+        ood_scores = model.ood(pooled) if model.ood is not None else None
     cams_np = cams.float().cpu().numpy()
     sizes = frame_sizes if frame_sizes is not None else [(x.shape[-2], input_size)] * len(cams_np)
     if len(sizes) != len(cams_np):
@@ -140,4 +150,4 @@ def locate_batch(
         boxes_from_map(frame_map(model, cam, size, input_size, config.step), config, size)
         for cam, size in zip(cams_np, sizes)
     )
-    return Located(logits, classes, cams_np, boxes)
+    return Located(logits, classes, cams_np, boxes, ood_scores)

@@ -51,6 +51,24 @@ class OODHead(nn.Module):
             return squared.min(dim=1).values.clamp(min=0).sqrt()
 
 
+class Scored(nn.Module):
+    """x → (logits, unknown scores) in one pass: `net` is anything with a RepNet's `forward_with_features`
+    (logits and pooled features), `ood` scores the pooled features. What the runners export and run."""
+
+    def __init__(self, net: nn.Module, ood: OODHead) -> None:
+        super().__init__()
+        self.net, self.ood = net, ood
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, pooled = self.net.forward_with_features(x)
+        return logits, self.ood(pooled)
+
+
+def scored(net: nn.Module, ood: OODHead | None) -> nn.Module:
+    """`Scored(net, ood)` when there is a detector, else `net` itself (x → logits)."""
+    return Scored(net, ood) if ood is not None else net
+
+
 def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
     """Shrunk covariance of centred samples x (N, K): (1 − s)·S + s·(tr S / K)·I with the Ledoit–Wolf (2004) s."""
     n, k = x.shape

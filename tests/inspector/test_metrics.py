@@ -22,11 +22,11 @@ def make_manifest(version: str = "v1") -> Manifest:
                     class_names=("a", "b"), weights_sha256=SHA, parameters=1, macs=1, created_at=AT)
 
 
-def event(label: str, latency_s: float, i: int = 0) -> DefectEvent:
+def event(label: str, latency_s: float, i: int = 0, status: str = "defect") -> DefectEvent:
     emitted = AT + timedelta(seconds=latency_s)
     return DefectEvent(event_id=f"00000000-0000-0000-0000-{i:012d}", frame_id=f"f{i}", camera_id="c", coil_id=None,
                        strip_offset_m=None, source=SourcePosition(topic="t", partition=0, offset=i), label=label,
-                       confidence=0.9, probabilities={"a": 0.9, "b": 0.1}, status="defect",
+                       confidence=0.9, probabilities={"a": 0.9, "b": 0.1}, status=status,
                        model=ModelRef(name="m", version="v1", sha256=SHA),
                        times=EventTimes(captured_at=AT, produced_at=AT, received_at=AT, inferred_at=AT,
                                         emitted_at=emitted), latency_ms=latency_s * 1000)
@@ -87,13 +87,16 @@ def test_what_the_pieces_report_is_in_the_registry() -> None:
 def test_the_summary_reads_the_registry_and_the_recent_latencies() -> None:
     metrics = Metrics()
     assert metrics.summary().as_log() == {"frames": 0, "events": 0, "dead_letters": 0, "batches": 0, "per_class": {},
+                                          "per_status": {"defect": 0, "uncertain": 0, "unknown": 0},
                                           "events_per_s": 0.0, "dead_letter_reasons": {}}
     metrics.frames_consumed("t", 0, 4)
     metrics.batch_done(2, 0.0, 0.01)
     metrics.batch_done(1, 0.0, 0.01)
-    metrics.produced([event("b", 0.010, 1), event("a", 0.020, 2), event("b", 0.030, 3), letter("empty")])
+    metrics.produced([event("b", 0.010, 1), event("a", 0.020, 2, "unknown"), event("b", 0.030, 3), letter("empty")])
     metrics.model_active(make_manifest("v3"))
     summary = metrics.summary()
+    assert summary.per_status == {"defect": 2, "uncertain": 0, "unknown": 1}
+    assert samples(metrics)[("inspector_events_by_status_total", (("status", "unknown"),))] == 1
     assert (summary.frames, summary.events, summary.dead_letters, summary.batches) == (4, 3, 1, 2)
     assert summary.per_class == {"a": 1, "b": 2} and summary.dead_letter_reasons == {"empty": 1}
     assert (summary.latency_p50_ms, summary.mean_batch, summary.model_version) == (20.0, 1.5, "v3")

@@ -21,15 +21,19 @@ from pydantic import ValidationError
 
 from inspector.cli import main, parse
 from inspector.decode import Decoded, DecodeLimits, decode_frame
-from inspector.outputs import defect_event
+from inspector.outputs import Thresholds, defect_event
 from inspector.records import Frame, Record
-from inspector.runners import RUNNERS, BackendUnavailableError, Loader, OnnxRuntimeRunner, RunnerOptions, TorchRunner
+from inspector.runners import (
+    RUNNERS, BackendUnavailableError, Bf16Runner, Loader, OnnxRuntimeRunner, RunnerOptions, TorchRunner,
+)
 from inspector.settings import Settings
-from schemas.checkpoint import InputSpec, Manifest, Normalization
+from schemas.checkpoint import InputSpec, Manifest, Normalization, OODSpec
 from schemas.messages import FrameHeaders
 from stripnet.architectures import EG_REPVGG
+from stripnet.cam import LocateConfig
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import RepNet, build_model
+from stripnet.ood import fit_head, with_detector
 from stripnet.preprocess import normalize, preprocess
 from tests.helpers import NEU_CLASSES
 from tests.helpers.models import randomize_bn
@@ -94,7 +98,7 @@ def events(probabilities: np.ndarray, images: list[np.ndarray], manifest: Manife
                                width=image.shape[1], height=image.shape[0])
         return Frame(Record(TopicPartition("frames", 0), i, b"cam-1", b"", (), AT, AT), headers, image)
 
-    return [defect_event(frame(im, i), p, manifest, threshold=0.5, inferred_at=AT)
+    return [defect_event(frame(im, i), p, manifest, thresholds=Thresholds(0.5), inferred_at=AT)
             for i, (im, p) in enumerate(zip(images, probabilities, strict=True))]
 
 
@@ -120,6 +124,32 @@ def test_every_backend_gives_the_events_the_training_path_gives(fused: tuple[Rep
         assert (g.event_id, g.label, g.status) == (e.event_id, e.label, e.status)
         np.testing.assert_allclose(list(g.probabilities.values()), list(e.probabilities.values()), atol=ATOL)
     assert len({e.label for e in events(expected, images, manifest)}) > 1
+
+
+def with_fitted_detector(model: RepNet, manifest: Manifest) -> tuple[RepNet, Manifest]:
+    """The model with an unknown detector fitted on its own features of a few frames."""
+    with torch.inference_mode():
+        _, pooled = model.forward_with_features(preprocess(gray_frames(24, seed=5), manifest.input))
+    spec = OODSpec(threshold=1.0, false_unknown_rate=0.01, calibrated_on="training", calibration_images=24,
+                   fitted_images=24)
+    head = fit_head(pooled, torch.arange(24) % len(manifest.class_names), len(manifest.class_names))
+    return with_detector(model, head, spec), manifest.model_copy(update={"ood": spec})
+
+
+@pytest.mark.parametrize(("runner_class", "locate", "rtol"), [
+    (TorchRunner, None, 1e-4), (TorchRunner, LocateConfig(), 1e-4), (OnnxRuntimeRunner, None, 1e-4),
+    (Bf16Runner, None, 2e-2)])
+def test_a_runner_scores_unknowns_in_the_same_pass_as_the_reference_does(
+        fused: tuple[RepNet, Manifest], runner_class: type, locate: LocateConfig | None, rtol: float) -> None:
+    model, manifest = with_fitted_detector(*fused)
+    runner = runner_class(model, manifest, RunnerOptions(torch.device("cpu"), MAX_BATCH, locate=locate))
+    images = gray_frames(MAX_BATCH, seed=9)
+    with torch.inference_mode():
+        expected = model.ood(model.forward_with_features(preprocess(images, manifest.input))[1]).numpy()
+    got = runner.predict(images).ood_scores
+    assert got is not None and got.shape == (MAX_BATCH,)
+    np.testing.assert_allclose(got, expected, rtol=rtol)
+    assert runner_class(*fused, RunnerOptions(torch.device("cpu"), MAX_BATCH)).predict(images).ood_scores is None
 
 
 def test_a_dataset_file_decoded_for_serving_is_classified_as_training_reads_it(
