@@ -1,0 +1,1 @@
+"""Operator scripts; scripts/gpu_check is the package behind scripts/gpu-check."""

@@ -1,0 +1,1 @@
+"""Tests of scripts/: the GPU check's paths that run without a GPU."""
