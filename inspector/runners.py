@@ -432,16 +432,18 @@ class Loader:
         return runner
 
     def _gated(self, reduced: Runner, model: RepNet, manifest: Manifest) -> tuple[Runner, GateResult]:
-        """The accuracy gate: `reduced` if it agrees with the fp32 runner on the reference batch, else that one."""
-        full: Runner = self.fallback(model, manifest, self.options)
+        """The accuracy gate: `reduced` if it agrees with fp32 on the reference batch, else the fp32 fallback. The
+        fp32 side is eager torch (the fallback's outputs to ~1e-6, without its ONNX export on every load)."""
+        full = TorchRunner(model, manifest, self.options)
         verdict = gate(lambda b: reduced.predict(b).probabilities, lambda b: full.predict(b).probabilities,
                        reference_frames(manifest.input), self.options.max_batch)
         if verdict.accepted:
             self._log.info("bf16_accepted", version=manifest.model_version, check=verdict.describe())
             return reduced, verdict
-        self._log.warning("bf16_rejected", version=manifest.model_version, serving=full.name,
+        fallback: Runner = self.fallback(model, manifest, self.options)
+        self._log.warning("bf16_rejected", version=manifest.model_version, serving=fallback.name,
                           check=verdict.describe())
-        return full, verdict
+        return fallback, verdict
 
 
 def _installed_or_torch(runner: RunnerClass) -> RunnerClass:

