@@ -2,9 +2,9 @@
 
 `Pipeline` holds one connected run's pieces and has one method per step, in that order: the source
 fetches within the in-flight budget and decodes off the loop (inspector/source.py); a frame goes to
-the batcher, an invalid record straight to its dead letter; one inference thread runs the model on
-each batch while the event loop builds and produces the previous batch's events (batches leave in
-order); once the broker acknowledges outputs, `commit` finishes their offsets and commits the
+the batcher, an invalid record straight to its dead letter; inference threads (`inference_workers`,
+one by default) run the model on batches while the event loop builds and produces the previous batch's
+events (batches leave in order); once the broker acknowledges outputs, `commit` finishes their offsets and commits the
 finished prefix (inspector/offsets.py).
 
 `InspectorService` runs it. Start: the initial model is loaded (a missing or invalid one fails fast),
@@ -89,29 +89,48 @@ class Pipeline:
                        reason=rejected.reason, detail=rejected.detail)
         await self.produce([self.outputs.dead_letter(record, rejected)])
 
-    # 3-4. batch and infer, in two stages one batch apart: while the inference thread runs batch k+1, the
-    # event loop builds and produces batch k's events. A failure in either stage stops both.
-    async def infer_and_publish(self) -> None:
-        inferred: asyncio.Queue[Inferred | None] = asyncio.Queue(maxsize=1)
+    # 3-4. batch and infer, in stages one batch apart: while the inference workers (`inference_workers`
+    # threads, one batch each) run the next batches, the event loop builds and produces the events of the one
+    # before. Each batch takes its place in `inferred` when it is taken, so events leave in batch order
+    # whichever worker finishes first. A failure in any stage stops all.
+    async def infer_and_publish(self, workers: int = 1) -> None:
+        inferred: asyncio.Queue[asyncio.Future[Inferred] | None] = asyncio.Queue(maxsize=workers)
+        taking = asyncio.Lock()
         async with asyncio.TaskGroup() as stages:
             stages.create_task(self.publish(inferred))
-            await self.infer(inferred)
+            async with asyncio.TaskGroup() as inference:
+                for _ in range(workers):
+                    inference.create_task(self.infer(inferred, taking))
+            await inferred.put(None)
 
-    async def infer(self, inferred: asyncio.Queue[Inferred | None]) -> None:
+    async def infer(self, inferred: asyncio.Queue[asyncio.Future[Inferred] | None], taking: asyncio.Lock) -> None:
         loop = asyncio.get_running_loop()
-        while (batch := await self.batcher.next_batch()) is not None:
+        while True:
+            async with taking:  # one worker at a time takes a batch and its place in the order
+                batch = await self.batcher.next_batch()
+                if batch is None:
+                    return
+                slot: asyncio.Future[Inferred] = loop.create_future()
+                await inferred.put(slot)
             serving = self.serving()  # models change only between batches
             started = time.perf_counter()
-            prediction = await loop.run_in_executor(self.executor, serving.runner.predict,
-                                                    [f.image for f in batch.items])
+            try:
+                prediction = await loop.run_in_executor(self.executor, serving.runner.predict,
+                                                        [f.image for f in batch.items])
+            except asyncio.CancelledError:
+                slot.cancel()
+                raise
+            except Exception as err:
+                slot.set_exception(err)  # publish raises it in batch order; the stages stop
+                raise
             inference_s = time.perf_counter() - started
             self.metrics.batch_done(len(batch.items), batch.queue_wait_s, inference_s)
-            await inferred.put(Inferred(batch, prediction, serving, utc_now(), inference_s))
-        await inferred.put(None)
+            slot.set_result(Inferred(batch, prediction, serving, utc_now(), inference_s))
 
     # 5. build the events
-    async def publish(self, inferred: asyncio.Queue[Inferred | None]) -> None:
-        while (item := await inferred.get()) is not None:
+    async def publish(self, inferred: asyncio.Queue[asyncio.Future[Inferred] | None]) -> None:
+        while (slot := await inferred.get()) is not None:
+            item = await slot
             frames = item.batch.items
             await self.produce(self.outputs.events(frames, item.prediction.probabilities, item.prediction.boxes,
                                                    item.serving.manifest, item.inferred_at,
@@ -183,7 +202,7 @@ class InspectorService:
             stack.push_async_callback(self._leave, consumer)
             offsets = CommitPolicy(consumer.commit)
             consumer.subscribe([s.topic], listener=DrainBeforeRevoke(offsets, self.metrics, s.shutdown_timeout_s))
-            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+            executor = ThreadPoolExecutor(max_workers=s.inference_workers, thread_name_prefix="inference")
             stack.callback(executor.shutdown, wait=False, cancel_futures=True)
             await self._serve(Pipeline(s, consumer, producer, offsets, executor, self.metrics, self._current), stop)
 
@@ -207,7 +226,7 @@ class InspectorService:
         async with asyncio.TaskGroup() as tasks:
             background = [tasks.create_task(coro) for coro in (
                 pipeline.sink.failure(), self._watch_models(), self._log_summaries())]
-            inference = tasks.create_task(pipeline.infer_and_publish())
+            inference = tasks.create_task(pipeline.infer_and_publish(s.inference_workers))
             await pipeline.consume(stop)
             await pipeline.drain(inference, s.shutdown_timeout_s)
             for task in background:

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=1, gt=0)
     """intra-op threads for CPU inference; measured on the 2-core box (README), 1 beat 2 by 4-10x per batch
     once anything else ran (the event loop, decoding, a trainer)"""
+    inference_workers: int = Field(default=1, gt=0)
+    """threads each running whole batches (events still leave in batch order); see README, Performance"""
     backend: BackendName = "auto"
     """CPU inference runtime (CUDA and --locate run torch). auto: bf16 (eager torch, accuracy-gated at each model
     load) where the CPU reports avx512_bf16 or amx_bf16, else onnxruntime (fp32: 1.2-2.2x the frames/s of eager

@@ -238,3 +238,23 @@ def test_a_rebalance_drains_and_commits_before_revoking_so_no_frame_is_lost_or_r
     assert len(seen) == len(everything), f"repeated: {[k for k, n in Counter(seen).items() if n > 1]}"
     revoked = [entry for entry in logs if entry["event"] == "partitions_revoked" and entry["partitions"]]
     assert revoked and all(entry["drained"] for entry in revoked)
+
+
+def test_two_inference_workers_deliver_every_frame_with_each_cameras_events_in_frame_order(
+        kafka_broker, new_topic, published_model_dir):
+    settings = service_settings(kafka_broker, new_topic(partitions=1), published_model_dir, inference_workers=2,
+                                max_batch=2, max_wait_ms=0.0)
+    frames = raw_frames(40, cameras=2)
+
+    async def scenario():
+        async with running_service(settings):
+            produced = await produce(kafka_broker, settings.topic, frames)
+            records = await read_records(kafka_broker, settings.output_topic, len(frames))
+        await assert_all_committed(settings, produced)
+        return records
+
+    events = [loads(r.value) for r in asyncio.run(scenario())]
+    assert sorted(e["frame_id"] for e in events) == [f.frame_id for f in frames]
+    for camera in ("cam-0", "cam-1"):
+        ids = [e["frame_id"] for e in events if e["camera_id"] == camera]
+        assert ids == sorted(ids)
