@@ -88,6 +88,8 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> 
         raise ValueError("every class needs training images to fit the unknown detector")
     means = torch.stack([x[labels == c].mean(dim=0) for c in range(num_classes)])
     covariance = ledoit_wolf(x - means[labels])
+    # a floor on the spectrum: an untrained or collapsed network can give (near-)constant features
+    covariance += torch.eye(x.shape[1], dtype=x.dtype) * max(1e-12, 1e-9 * float(torch.trace(covariance)) / x.shape[1])
     # W = L⁻ᵀ for Σ = L Lᵀ, so W Wᵀ = Σ⁻¹ and ‖(f − μ) W‖² = (f − μ)ᵀ Σ⁻¹ (f − μ)
     chol = torch.linalg.cholesky(covariance)
     whiten = torch.linalg.solve_triangular(chol, torch.eye(x.shape[1], dtype=x.dtype), upper=False).T

@@ -87,3 +87,19 @@ def test_a_model_trained_on_every_image_records_the_cv_run_that_chose_it(neu_cls
     assert manifest.metrics["cv_errors"] == doc["errors"] and manifest.metrics["cv_images"] == 18
     assert manifest.recipe["label_smoothing"] == 0.1 and manifest.recipe["select"] == "last"
     assert manifest.recipe["split"] == "1" and manifest.recipe["chosen_by"] == str(tmp_path / "cv")
+
+
+def test_each_fold_distills_from_a_teacher_trained_on_that_fold_only(neu_cls, tmp_path):
+    from stripnet.checkpoint import read_manifest
+
+    out = tmp_path / "cv"
+    assert main(["cv", "--data", str(neu_cls), "--out", str(out), "--folds", "2", "--limit-per-class", "2",
+                 "--epochs", "1", "--batch-size", "6", "--warmup-epochs", "0", "--size", "48",
+                 "--teacher", "--teacher-epochs", "1"]) == 0
+    for k in range(2):
+        fold = out / f"fold-{k}"
+        held_out = set(json.loads((fold / "split.json").read_text())["val"])
+        teacher_split = json.loads((fold / "teacher" / "split.json").read_text())
+        assert not held_out & set(teacher_split["train"])  # the teacher never trained on the fold's test images
+        assert read_manifest(fold / "teacher" / "model").architecture.name == "repvgg-a0"
+        assert read_manifest(fold / "student" / "model").teacher == "repvgg-a0-teacher"
