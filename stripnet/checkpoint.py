@@ -2,7 +2,10 @@
 
 A directory holds `manifest.json` (schemas.checkpoint.Manifest) and a safetensors file. Reading
 checks the manifest schema, the weights' sha256 and that the weights fit the declared architecture,
-so a corrupt, truncated or tampered checkpoint fails with a `CheckpointError` that says why.
+so a corrupt, truncated or tampered checkpoint fails with a `CheckpointError` that says why. Reading
+treats the directory as untrusted (a watched model directory is written by others): only regular files
+inside it are read, each size-capped, and the architecture's cost is bounded by `CheckpointLimits`
+before anything is built from it.
 
 `atomic_directory` is the one way a directory of files appears (a checkpoint here, a published
 version in trainer/publish.py): filled under a hidden name beside its final name, synced, renamed.
@@ -12,28 +15,30 @@ version in trainer/publish.py): filled under a hidden name beside its final name
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import secrets
 import shutil
+import stat
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, InputSpec, Manifest
+from stripnet.budget import CheckpointError, CheckpointLimits, check_budget
 from stripnet.network import RepNet, build_model, reparameterize
 from stripnet.profile import count_macs, count_parameters
 
 TMP_PREFIX = ".tmp-"  # readers of a directory of versions ignore names starting with "."
 STAMP_FORMAT = "%Y%m%dT%H%M%S.%fZ"
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def utc_stamp(now: datetime | None = None) -> str:
@@ -116,10 +121,48 @@ def export_checkpoint(
     return manifest
 
 
-def read_manifest(ckpt_dir: str | Path) -> Manifest:
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return SAFETENSORS_DTYPES.get(dtype, str(dtype))
+
+
+def read_regular(path: Path, root: Path, max_bytes: int) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `max_bytes` inside directory `root` once
+    symbolic links are resolved. Opened without blocking and checked with fstat before any read, so a FIFO,
+    a device or a socket is refused instead of read (a FIFO would block the reader for ever); FileNotFoundError
+    when it is missing."""
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root or real == real_root:
+        raise CheckpointError(f"{path}: leads outside {root} (symbolic links must stay inside the checkpoint)")
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be opened ({err.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file (mode {stat.filemode(st.st_mode)})")
+        if st.st_size > max_bytes:
+            raise CheckpointError(f"{path}: {st.st_size:,} bytes > limit {max_bytes:,}")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:  # a regular file: the file object takes the descriptor over
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{path}: grew past the limit of {max_bytes:,} bytes while it was read")
+    return data
+
+
+def read_manifest(ckpt_dir: str | Path, limits: CheckpointLimits = CheckpointLimits()) -> Manifest:
     path = Path(ckpt_dir) / MANIFEST_NAME
     try:
-        return Manifest.model_validate_json(path.read_bytes())
+        return Manifest.model_validate_json(read_regular(path, Path(ckpt_dir), limits.max_manifest_bytes))
     except FileNotFoundError:
         raise CheckpointError(f"{ckpt_dir}: no {MANIFEST_NAME}; not a checkpoint directory") from None
     except ValidationError as err:
@@ -128,23 +171,105 @@ def read_manifest(ckpt_dir: str | Path) -> Manifest:
         raise CheckpointError(f"{path}: invalid manifest at {where}: {first['msg']}") from None
 
 
-def load_checkpoint(ckpt_dir: str | Path) -> tuple[RepNet, Manifest]:
-    """Validated fused model (eval mode, CPU) and its manifest; raises CheckpointError on any mismatch."""
+def _network(manifest: Manifest) -> RepNet:
+    return build_model(manifest.architecture, len(manifest.class_names), deploy=manifest.deploy, ood=manifest.ood)
+
+
+def expected_tensors(manifest: Manifest) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name → (dtype, shape) of every tensor the manifest's network holds, from a network built on
+    the meta device (shapes without storage). Call after `check_budget`, which bounds its size."""
+    with torch.device("meta"):
+        network = _network(manifest)
+    return {name: (t.dtype, tuple(t.shape)) for name, t in network.state_dict().items()}
+
+
+def _safetensors_header(data: bytes, max_header_bytes: int) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Name → (dtype, shape, begin, end) from a safetensors file's header; ValueError if it is malformed."""
+    if len(data) < 8:
+        raise ValueError("shorter than the 8 bytes that give its header's length")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > max_header_bytes:
+        raise ValueError(f"header of {length:,} bytes > limit {max_header_bytes:,}")
+    if 8 + length > len(data):
+        raise ValueError(f"header of {length:,} bytes runs past the end of the file")
+    doc = json.loads(data[8:8 + length])
+    if not isinstance(doc, dict):
+        raise ValueError("header is not a JSON object")
+    doc.pop("__metadata__", None)
+    out = {}
+    for name, entry in doc.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"tensor {name!r:.80} has no dtype, shape and data offsets") from None
+        if not all(type(v) is int and v >= 0 for v in (*shape, begin, end)) or not isinstance(dtype, str):
+            raise ValueError(f"tensor {name!r:.80} has a malformed dtype, shape or offsets")
+        out[name] = (dtype, shape, begin, end)
+    return out
+
+
+def _check_weights(data: bytes, manifest: Manifest, limits: CheckpointLimits) -> None:
+    """The weights file holds exactly the tensors of the manifest's network (names, dtypes, shapes), packed
+    back to back to its end: so loading it allocates what its size says, and building the network no more."""
+    try:
+        header = _safetensors_header(data, limits.max_header_bytes)
+    except ValueError as err:
+        raise CheckpointError(f"unreadable safetensors file ({err})") from None
+    expected = expected_tensors(manifest)
+    problems = [f"{name!r:.80} missing" for name in sorted(expected.keys() - header.keys())]
+    problems += [f"{name!r:.80} unexpected" for name in sorted(header.keys() - expected.keys())]
+    problems += [f"{name!r:.80} is {header[name][0]}{list(header[name][1])}, expected {_dtype_name(dtype)}{list(shape)}"
+                 for name, (dtype, shape) in expected.items()
+                 if name in header and header[name][:2] != (_dtype_name(dtype), shape)]
+    if problems:
+        raise CheckpointError(f"weights do not fit architecture {manifest.architecture.name!r:.80} with "
+                              f"{len(manifest.class_names)} classes ({len(problems)} tensors differ: "
+                              f"{'; '.join(problems[:3])})")
+    offset = 0
+    for name, (_, _, begin, end) in sorted(header.items(), key=lambda item: item[1][2]):
+        dtype, shape = expected[name]
+        if begin != offset or end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError("unreadable safetensors file (tensor data is not packed back to back)")
+        offset = end
+    (length,) = struct.unpack("<Q", data[:8])
+    if 8 + length + offset != len(data):
+        raise CheckpointError(f"unreadable safetensors file ({len(data):,} bytes, its header accounts for "
+                              f"{8 + length + offset:,})")
+
+
+def load_checkpoint(ckpt_dir: str | Path, limits: CheckpointLimits = CheckpointLimits(),
+                    batch: int = 1) -> tuple[RepNet, Manifest]:
+    """Validated fused model (eval mode, CPU) and its manifest; raises CheckpointError on any mismatch.
+
+    Cheapest first, and nothing is allocated that the limits do not bound: the manifest (size-capped), the
+    architecture's cost against `limits` (arithmetic, `batch` frames per inference), the weights file (a
+    regular file in `ckpt_dir`, size-capped), its sha256, its tensors against the architecture's, then the
+    network is built and loaded."""
     ckpt_dir = Path(ckpt_dir)
-    manifest = read_manifest(ckpt_dir)
-    weights = ckpt_dir / manifest.weights_file
-    if not weights.is_file():
-        raise CheckpointError(f"{ckpt_dir}: weights file {manifest.weights_file} is missing")
-    actual = sha256_file(weights)
+    manifest = read_manifest(ckpt_dir, limits)
+    check_budget(manifest, limits, batch)
+    name = manifest.weights_file
+    if name in ("", ".", "..") or Path(name).name != name:
+        raise CheckpointError(f"{ckpt_dir}: weights_file {name!r:.100} is not a file name in the checkpoint directory")
+    weights = ckpt_dir / name
+    try:
+        data = read_regular(weights, ckpt_dir, limits.max_weights_bytes)
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt_dir}: weights file {name} is missing") from None
+    actual = hashlib.sha256(data).hexdigest()
     if actual != manifest.weights_sha256:
         raise CheckpointError(
             f"{weights}: sha256 {actual[:12]}… does not match the manifest's {manifest.weights_sha256[:12]}…"
         )
     try:
-        state = load_file(weights)
+        _check_weights(data, manifest, limits)
+        state = load(data)
+    except CheckpointError as err:
+        raise CheckpointError(f"{weights}: {err}") from None
     except SafetensorError as err:
         raise CheckpointError(f"{weights}: unreadable safetensors file ({err})") from None
-    model = build_model(manifest.architecture, len(manifest.class_names), deploy=manifest.deploy, ood=manifest.ood)
+    del data
+    model = _network(manifest)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -45,11 +45,14 @@ def record_figures(name: str, figures: dict[str, Any]) -> None:
 # -- the inspector as a subprocess -------------------------------------------------------------------
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """INSPECTOR_* variables that rebuild `settings` in a child process (nested Kafka security excluded)."""
+    """INSPECTOR_* variables that rebuild `settings` in a child process (nested Kafka security excluded;
+    other nested settings as JSON)."""
     env = {}
-    for name, value in settings.model_dump(exclude={"kafka"}).items():
+    for name, value in settings.model_dump(mode="json", exclude={"kafka"}).items():
         if value is None:
             continue
+        if isinstance(value, dict):
+            value = json.dumps(value)
         env[f"INSPECTOR_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     return env
 
@@ -172,6 +175,12 @@ def peak_rss_bytes(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc status")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Reset the kernel's high-water mark of the process's resident set to its current size (Linux clear_refs 5),
+    so `peak_rss_bytes` afterwards is the peak of what comes next."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 # -- reading an output topic while the test runs -------------------------------------------------------

@@ -137,6 +137,10 @@ def rejections(logs: list[dict]) -> list[dict]:
     return [e for e in logs if e["event"] == "model_rejected"]
 
 
+def pending(logs: list[dict]) -> list[dict]:
+    return [e for e in logs if e["event"] == "model_pending"]
+
+
 # -- ways a version can be broken ------------------------------------------------------------------------
 
 
@@ -278,7 +282,9 @@ def test_a_broken_version_is_rejected_and_the_old_model_stays(breakage: str, sto
     break_it(bad)
 
     with capture_logs() as logs:
-        assert store.poll() is None
+        assert store.poll() is None  # pending: it may still be being copied
+        assert rejections(logs) == [] and [e["version"] for e in pending(logs)] == [bad.name]
+        assert store.poll() is None  # unchanged since: rejected
 
     assert store.current is serving
     [line] = rejections(logs)
@@ -366,6 +372,8 @@ def test_load_initial_skips_broken_versions(store: ModelStore[Runner], model_dir
     (publish(variant("v2"), model_dir) / WEIGHTS_NAME).unlink()
 
     assert store.load_initial().version == "v1"
+    assert reloads(metrics) == (1, 0)  # v2 is pending, not yet rejected
+    assert store.poll() is None
     assert reloads(metrics) == (1, 1)
 
 
