@@ -20,7 +20,6 @@ from inspector.console.pictures import PictureCache
 from inspector.console.reader import EventReader, serve_pictures
 from inspector.console.server import Parts, build_app
 from inspector.console.settings import ConsoleSettings
-from inspector.decode import DecodeLimits
 
 SHUTDOWN_TIMEOUT_S = 2.0
 
@@ -35,9 +34,7 @@ class RunningConsole:
 @contextlib.asynccontextmanager
 async def running_console(settings: ConsoleSettings) -> AsyncIterator[RunningConsole]:
     board = Board(settings)
-    pictures = PictureCache(settings.picture_cache_bytes,
-                            DecodeLimits(max_bytes=settings.max_picture_bytes, max_pixels=settings.max_pixels),
-                            settings.picture_timeout_s)
+    pictures = PictureCache(settings.picture_cache_bytes, settings.max_pixels, settings.picture_timeout_s)
     stop = asyncio.Event()
     runner = web.AppRunner(build_app(Parts(settings, board, pictures, stop)), access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)

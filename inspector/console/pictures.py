@@ -2,9 +2,10 @@
 
 Events stay small: they carry where their frame is, not the frame. One consumer without a group seeks
 to each wanted position; the result is cached, least recently used first out, within `max_bytes`.
-Concurrent requests for the same frame share one fetch. Before anything reaches a browser, the frame
-goes through the inspector's own decoder (size, headers, declared pixels): PNG, JPEG and BMP frames are
-then served as they are, raw gray frames as PNG.
+Concurrent requests for the same frame share one fetch. The console never decodes a compressed frame:
+its headers are validated against the frame contract, PNG, JPEG and BMP frames go to the browser as they
+are (with their own content type and `nosniff`), and raw frames, checked against their declared size and
+`max_pixels`, are encoded as PNG. (It stays clear of inspector.decode, which brings the model's torch.)
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any
 from urllib.parse import quote
 
 import cv2
+import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
+from pydantic import ValidationError
 
-from inspector.decode import DecodeLimits, Rejected, decode_frame
-from schemas.messages import SourcePosition
+from schemas.messages import BYTES_PER_PIXEL, FrameHeaders, SourcePosition
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "bmp": "image/bmp"}
 
@@ -46,8 +48,8 @@ class PictureError(Exception):
 
 
 class PictureCache:
-    def __init__(self, max_bytes: int, limits: DecodeLimits, timeout_s: float) -> None:
-        self._max_bytes, self._limits, self._timeout_s = max_bytes, limits, timeout_s
+    def __init__(self, max_bytes: int, max_pixels: int, timeout_s: float) -> None:
+        self._max_bytes, self._max_pixels, self._timeout_s = max_bytes, max_pixels, timeout_s
         self._cache: OrderedDict[SourcePosition, Picture] = OrderedDict()
         self._bytes = 0
         self._pending: dict[SourcePosition, asyncio.Task[Picture]] = {}
@@ -115,16 +117,30 @@ class PictureCache:
         return records[0]
 
     def _render(self, headers: Any, value: bytes | None) -> Picture:
-        decoded = decode_frame(list(headers), value, self._limits)
-        if isinstance(decoded, Rejected):
-            raise PictureError(422, f"{decoded.reason}: {decoded.detail}")
-        if decoded.headers.encoding == "raw":
-            ok, png = cv2.imencode(".png", decoded.image)
-            if not ok:
-                raise PictureError(422, "cannot encode the raw frame as PNG")
-            return Picture("image/png", png.tobytes())
-        assert value is not None  # decode_frame rejects an empty value
-        return Picture(CONTENT_TYPES[decoded.headers.encoding], value)
+        try:
+            meta = FrameHeaders.from_kafka(headers)
+        except ValidationError:
+            raise PictureError(422, "the frame's headers are not valid") from None
+        if not value:
+            raise PictureError(422, "the frame is empty")
+        if meta.encoding != "raw":
+            return Picture(CONTENT_TYPES[meta.encoding], value)
+        return Picture("image/png", self._raw_png(meta, value))
+
+    def _raw_png(self, meta: FrameHeaders, value: bytes) -> bytes:
+        assert meta.width is not None and meta.height is not None  # FrameHeaders requires them for raw
+        channels = BYTES_PER_PIXEL[meta.pixel_format]
+        if meta.width * meta.height > self._max_pixels or len(value) != meta.width * meta.height * channels:
+            raise PictureError(422, f"a raw {meta.width}×{meta.height} {meta.pixel_format} frame of {len(value)} "
+                                    f"bytes is not shown (limit {self._max_pixels} pixels)")
+        shape = (meta.height, meta.width) if channels == 1 else (meta.height, meta.width, channels)
+        image = np.frombuffer(value, np.uint8).reshape(shape)
+        if meta.pixel_format == "rgb8":
+            image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR
+        ok, png = cv2.imencode(".png", image)
+        if not ok:
+            raise PictureError(422, "cannot encode the raw frame as PNG")
+        return png.tobytes()
 
     def _keep(self, source: SourcePosition, picture: Picture) -> None:
         if len(picture.body) > self._max_bytes:

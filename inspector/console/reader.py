@@ -54,13 +54,24 @@ def parse_records(records: Sequence[Any], events_topic: str) -> list[Parsed]:
 
 
 class _Assignment(ConsumerRebalanceListener):
-    def __init__(self, link: Link) -> None:
-        self._link = link
+    """Counts the partitions whose start position is known: from then on no event on them is missed."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, link: Link) -> None:
+        self._consumer, self._link = consumer, link
+        self._positions: asyncio.Task[None] | None = None
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
+        if self._positions is not None:
+            self._positions.cancel()
         self._link.partitions = 0
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
+        # not awaited here: the positions resolve only once the rebalance this listener is part of is over
+        self._positions = asyncio.create_task(self._resolve(list(assigned)))
+
+    async def _resolve(self, assigned: list[Any]) -> None:
+        for tp in assigned:
+            await self._consumer.position(tp)
         self._link.partitions = len(assigned)
 
 
@@ -76,7 +87,7 @@ class EventReader:
         if consumer is None:
             return
         self._board.link.up()
-        consumer.subscribe([s.topic, s.dead_letter_topic], listener=_Assignment(self._board.link))
+        consumer.subscribe([s.topic, s.dead_letter_topic], listener=_Assignment(consumer, self._board.link))
         # cancelled, not asked to stop: getmany waits for an assignment as long as the group has none
         loops = [asyncio.create_task(self._consume(consumer)), asyncio.create_task(self._probe(consumer))]
         try:

@@ -64,12 +64,14 @@ function cardNode(c) {
   card.dataset.eventId = c.event_id;
   card.style.setProperty("--c", colour(c.label));
   const verdict = el("div", "verdict");
-  verdict.append(el("span", "label", c.label), el("span", "conf", pct(c.confidence)), el("span", "status", c.status));
+  verdict.append(el("span", "label", c.label), el("span", "conf", pct(c.confidence)));
   const info = el("dl", "meta");
-  meta(info, [["camera", c.camera_id], ["frame", c.frame_id], ["coil", (c.coil_id ?? "–") + metres(c.strip_offset_m)],
-              ["latency", `${c.latency_ms} ms`]]);
-  info.querySelectorAll("dd")[0].classList.add("camera");
-  info.querySelectorAll("dd")[1].classList.add("frame");
+  meta(info, [["status", c.status], ["camera", c.camera_id], ["frame", c.frame_id],
+              ["coil", (c.coil_id ?? "–") + metres(c.strip_offset_m)], ["latency", `${c.latency_ms} ms`]]);
+  const [status, camera, frame] = info.querySelectorAll("dd");
+  status.classList.add("status");
+  camera.classList.add("camera");
+  frame.classList.add("frame");
   card.append(picture(c.picture, c.boxes, `frame ${c.frame_id}`), verdict, info);
   card.addEventListener("click", () => openDetail(c.event_id));
   return card;

@@ -40,6 +40,7 @@ def test_events_dead_letters_and_pictures_over_http(kafka_broker, new_topic, con
     settings = console_settings(bootstrap_servers=kafka_broker, topic=events, dead_letter_topic=dlq,
                                 picture_timeout_s=1.0)
     pixels = np.arange(48 * 32, dtype=np.uint8).reshape(32, 48)
+    rgb = np.stack([pixels, 255 - pixels, pixels // 2], axis=-1)
     ok, png = cv2.imencode(".png", pixels)
 
     async def scenario() -> None:
@@ -47,28 +48,29 @@ def test_events_dead_letters_and_pictures_over_http(kafka_broker, new_topic, con
             await joined(console)
             acks = await produce(kafka_broker, frames, [
                 encoded_frame("raw-1", pixels.tobytes(), "raw", width=48, height=32),
-                encoded_frame("png-1", png.tobytes(), "png")])
+                encoded_frame("png-1", png.tobytes(), "png"),
+                encoded_frame("rgb-1", rgb.tobytes(), "raw", width=48, height=32, pixel_format="rgb8")])
             sent = [make_event(f"f{i}", topic=frames, offset=ack.offset, coil_id="C-1", strip_offset_m=3.0 * i)
                     for i, ack in enumerate(acks)]
             await produce(kafka_broker, events, [message(e) for e in [*sent, sent[0]]] + [message(b"{not json")])
             await produce(kafka_broker, dlq, [message(make_dead_letter("undecodable"))])
-            stats = await wait_for(console, lambda s: s["events"] == 2 and s["duplicates"] == 1
+            stats = await wait_for(console, lambda s: s["events"] == 3 and s["duplicates"] == 1
                                    and s["dead_letters"]["total"] == 1 and s["invalid"], "the messages")
             assert stats["invalid"] == {events: 1}
             assert stats["dead_letters"]["by_reason"] == {"undecodable": 1}
 
             status, headers, body = await fetch(console.url + "api/state")
-            assert status == 200 and orjson.loads(body)["events"] == 2
+            assert status == 200 and orjson.loads(body)["events"] == 3
             assert "script-src 'self'" in headers["Content-Security-Policy"]
             assert headers["X-Content-Type-Options"] == "nosniff"
 
-            for event in sent:  # raw frames come back as PNG, PNG frames as they are
+            # raw frames come back as PNG, PNG frames as they are
+            for event, image in zip(sent, [pixels, pixels, rgb[..., ::-1]]):  # OpenCV reads colour as BGR
                 status, headers, body = await fetch(console.url + f"frames/{frames}/0/{event.source.offset}")
                 assert status == 200 and headers["Content-Type"] == "image/png"
-                image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
-                np.testing.assert_array_equal(image, pixels)
-            await fetch(console.url + f"frames/{frames}/0/0")
-            assert console.pictures.fetches == 2 and console.pictures.hits == 1  # cached
+                np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED), image)
+            assert (await fetch(console.url + f"frames/{frames}/0/1"))[2] == png.tobytes()
+            assert console.pictures.fetches == 3 and console.pictures.hits == 1  # cached
             assert (await fetch(console.url + f"frames/{events}/0/0"))[0] == 404  # not a frames topic
             assert (await fetch(console.url + f"frames/{frames}/0/99"))[0] == 504
 
