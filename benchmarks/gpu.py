@@ -34,7 +34,7 @@ from benchmarks.loadgen import NEU_CLS
 from inspector.runners import CudaRunner, RunnerOptions, softmax
 from stripnet.bundled import resolve_model_dir
 from stripnet.checkpoint import load_checkpoint
-from stripnet.preprocess import resize
+from stripnet.preprocess import frame_pixels, pixel_shape
 
 PAPER = {"device": "RTX 3060", "latency_ms": 2.4, "images_per_s": 408.0}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -168,14 +168,14 @@ class GraphedServicePath:
     """CudaRunner.predict's host steps around one replayed graph of its device steps, for one batch size."""
 
     def __init__(self, runner: CudaRunner, batch: int) -> None:
-        size = runner.spec.size
+        shape = (batch, *pixel_shape(runner.spec))
         self._runner = runner
-        self._host = torch.empty((batch, size, size), dtype=torch.uint8).pin_memory()
-        self._pixels = torch.empty((batch, size, size), dtype=torch.uint8, device=runner.device)
+        self._host = torch.empty(shape, dtype=torch.uint8).pin_memory()
+        self._pixels = torch.empty(shape, dtype=torch.uint8, device=runner.device)
         self.graph, self._logits = capture(lambda: runner.forward(runner.prepare(self._pixels)), runner.stream)
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
-        np.stack([resize(image, self._runner.spec.size) for image in images], out=self._host.numpy())
+        np.stack([frame_pixels(image, self._runner.spec) for image in images], out=self._host.numpy())
         with torch.cuda.stream(self._runner.stream):
             self._pixels.copy_(self._host, non_blocking=True)
             self.graph.replay()
@@ -211,10 +211,9 @@ class Bench:
 
     def precision(self, name: str, runner: CudaRunner) -> None:
         """Every mode of one precision but torch.compile (`compiled`, measured last: it takes the longest)."""
-        size = runner.spec.size
         for b in self.plan.batch_sizes:
             images = self.batch(b)
-            pixels = torch.from_numpy(np.stack([resize(im, size) for im in images])).to(runner.device)
+            pixels = torch.from_numpy(np.stack([frame_pixels(im, runner.spec) for im in images])).to(runner.device)
             self.run(name, SERVICE, b, lambda: runner.predict(images))
             self.run(name, EAGER, b, lambda: runner.forward(runner.prepare(pixels)))
             if time.perf_counter() > self.deadline:
@@ -235,9 +234,9 @@ class Bench:
             self.left_out += len(self.plan.batch_sizes)
             return None
         step = torch.compile(lambda p: runner.forward(runner.prepare(p)))
-        size, compile_s = runner.spec.size, 0.0
+        compile_s = 0.0
         for b in self.plan.batch_sizes:
-            pixels = torch.zeros((b, size, size), dtype=torch.uint8, device=runner.device)
+            pixels = torch.zeros((b, *pixel_shape(runner.spec)), dtype=torch.uint8, device=runner.device)
             t0 = time.perf_counter()
             try:
                 step(pixels)
@@ -251,9 +250,9 @@ class Bench:
 
 
 def uploads(runner: CudaRunner, batch_sizes: tuple[int, ...]) -> list[Upload]:
-    out, size = [], runner.spec.size
+    out = []
     for b in batch_sizes:
-        host = torch.zeros((b, size, size), dtype=torch.uint8).pin_memory()
+        host = torch.zeros((b, *pixel_shape(runner.spec)), dtype=torch.uint8).pin_memory()
         device = torch.empty_like(host, device=runner.device)
         with torch.cuda.stream(runner.stream):
             device.copy_(host, non_blocking=True)

@@ -23,6 +23,7 @@ from schemas.checkpoint import Manifest
 from stripnet.bundled import resolve_model_dir
 from stripnet.checkpoint import load_checkpoint
 from stripnet.network import RepNet
+from stripnet.preprocess import pixel_shape
 from tests.helpers.gpu import Frames, default_stream_id, gpu_activities, reference_frames, requires_cuda
 from tests.helpers.models import version_dir_name, with_version
 
@@ -114,8 +115,8 @@ def test_frames_go_up_as_uint8_from_pinned_memory_on_the_runners_own_stream(bund
     kernels = [a for a in activities if a.kind == "kernel"]
     assert uploads and kernels
     assert all(a.pinned for a in uploads), [a.name for a in uploads]
-    size = bundled[1].input.size
-    assert sum(a.bytes or 0 for a in uploads) == len(batch) * size * size  # uint8 pixels, and nothing else
+    pixels = int(np.prod(pixel_shape(bundled[1].input)))
+    assert sum(a.bytes or 0 for a in uploads) == len(batch) * pixels  # uint8 pixels, and nothing else
     streams = {a.stream for a in uploads + kernels}
     assert len(streams) == 1 and default not in streams, (streams, default)
 
