@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import torch
 from pydantic import BaseModel
@@ -36,13 +37,14 @@ from torch import nn
 from torchvision import models as tv
 
 from benchmarks import BenchOptions, Section, markdown_table, percentile_ms
-from inspector.runners import RUNNERS, RunnerOptions
+from benchmarks.loadgen import NEU_CLS
+from inspector.runners import RUNNERS, Bf16Net, RunnerOptions, softmax
 from schemas.checkpoint import InputSpec, Manifest
 from stripnet.architectures import EG_REPVGG, REPVGG_A0
 from stripnet.bundled import resolve_model_dir
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import RepNet, build_model, fold_gray, reparameterize
-from stripnet.preprocess import normalize
+from stripnet.preprocess import normalize, resize
 from stripnet.profile import count_macs, count_parameters
 
 NUM_CLASSES, SIZE = 6, 200
@@ -53,6 +55,7 @@ TORCHVISION: dict[str, Callable[..., nn.Module]] = {
     "MobileNetV2": tv.mobilenet_v2,
 }
 Layout = Literal["torch", "numpy"]
+SERVED_THREADS = 1  # without --threads: the inspector's default (inspector.settings.Settings.threads)
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class ModelReport(BaseModel):
     ratios: list[Ratio]
     targets: list[Target]
     preparation: list[PrepRow]
+    agreement: list[Agreement] = []
 
 
 def log(message: str) -> None:
@@ -218,6 +222,7 @@ def student_cases(model: RepNet, manifest: Manifest, plan: Plan, threads: int) -
         ("onnxruntime", "onnxruntime", {"exporter": "dynamo"}),
         ("onnxruntime, gray folded", "onnxruntime", {"exporter": "dynamo", "fold_gray": True}),
         ("onnxruntime (torchscript export)", "onnxruntime", {"exporter": "torchscript"}),
+        (BF16_SERVED, "bf16", {"fold_gray": True}),
     ]
     if plan.compile:
         variants.append(("torch.compile", "compile", {}))
@@ -246,10 +251,110 @@ def student_cases(model: RepNet, manifest: Manifest, plan: Plan, threads: int) -
         cases.append(Case(STUDENT, engine, backend.forward, "numpy" if backend_name == "onnxruntime" else "torch",
                           channels, count_parameters(net), count_macs(net, SIZE, channels), setup_s, diff,
                           backend.prepare))
+    return cases + bf16_alternatives(model, manifest, plan, reference, expected)
+
+
+BF16_SERVED = "bf16 (served: convolutions in bf16), gray folded"
+ORT_SERVED = "onnxruntime, gray folded"  # the fp32 backend the service falls back to
+
+
+def bf16_alternatives(model: RepNet, manifest: Manifest, plan: Plan, reference: torch.Tensor,
+                      expected: np.ndarray) -> list[Case | FailedCase]:
+    """What the served bf16 runner was chosen against: torch.autocast on the whole network (the issue's starting
+    point) and torch.compile of the served module, both on the gray-folded network, channels-last."""
+    net, spec = fold_gray(model, manifest.input)
+    net = net.eval().to(memory_format=torch.channels_last)
+
+    def autocast(x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(x).float().numpy()
+
+    variants: list[tuple[str, Callable[[], Callable[[torch.Tensor], np.ndarray]]]] = [
+        ("torch.autocast bf16 (whole network), gray folded", lambda: autocast)]
+    if plan.compile:
+        def compiled() -> Callable[[torch.Tensor], np.ndarray]:
+            module = torch.compile(Bf16Net(net))
+
+            def forward(x: torch.Tensor) -> np.ndarray:
+                with torch.inference_mode():
+                    return module(x).float().numpy()
+            return forward
+        variants.append(("torch.compile of the served bf16 module, gray folded", compiled))
+    cases: list[Case | FailedCase] = []
+    for engine, factory in variants:
+        log(f"setting up {STUDENT} / {engine}")
+        t0 = time.perf_counter()
+        try:
+            fn = factory()
+            for batch in plan.batch_sizes:
+                fn(normalize(torch.zeros(batch, SIZE, SIZE, dtype=torch.uint8), spec, channels_last=True))
+        except Exception as err:  # noqa: BLE001 - reported, not fatal
+            cases.append(FailedCase(STUDENT, engine, f"{type(err).__name__}: {err}"[:300]))
+            continue
+        diff = float(np.abs(fn(reference[:, :1].contiguous(memory_format=torch.channels_last)) - expected).max())
+        cases.append(Case(STUDENT, engine, fn, "torch", 1, count_parameters(net), count_macs(net, SIZE, 1),
+                          time.perf_counter() - t0, diff,
+                          lambda pixels, spec=spec: normalize(pixels, spec, channels_last=True)))
     return cases
 
 
-def all_cases(plan: Plan, threads: int, tmp: Path) -> tuple[list[Case | FailedCase], str]:
+# --- bf16 against fp32 on the dataset -------------------------------------------------------------------
+
+
+class Agreement(BaseModel):
+    engine: str
+    images: int
+    argmax_agree: int
+    max_prob_diff: float
+    p99_prob_diff: float
+    over_gate_limit: int  # images whose largest probability difference exceeds the load gate's 1e-2
+    accuracy: float | None  # against the folder labels
+    fp32_accuracy: float | None
+
+
+def dataset_images(size: int) -> tuple[np.ndarray, list[str]] | None:
+    files = sorted(NEU_CLS.rglob("*.jpg")) if NEU_CLS.is_dir() else []
+    if not files:
+        return None
+    return (np.stack([resize(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), size) for f in files]),
+            [f.parent.name for f in files])
+
+
+def agreement(cases: list[Case], manifest: Manifest, quick: bool) -> list[Agreement]:
+    """Every bf16 engine against fp32 eager torch on all NEU-CLS images (every 20th in a quick run)."""
+    data = dataset_images(manifest.input.size)
+    fp32 = next((c for c in cases if c.model == STUDENT and c.engine == "torch eager, gray folded"), None)
+    if data is None or fp32 is None:
+        return []
+    images, folders = data
+    if quick:
+        images, folders = images[::20], folders[::20]
+    labels = np.array([manifest.class_names.index(f) if f in manifest.class_names else -1 for f in folders])
+
+    def probabilities(case: Case) -> np.ndarray:
+        assert case.prepare is not None
+        return np.concatenate([softmax(np.asarray(case.fn(case.prepare(torch.from_numpy(images[i:i + 32])))))
+                               for i in range(0, len(images), 32)])
+
+    reference = probabilities(fp32)
+    known = labels >= 0
+    out = []
+    for case in cases:
+        if case.model != STUDENT or "bf16" not in case.engine:
+            continue
+        log(f"agreement on {len(images)} images: {case.engine}")
+        probs = probabilities(case)
+        diff = np.abs(probs.astype(np.float64) - reference).max(axis=1)
+        out.append(Agreement(
+            engine=case.engine, images=len(images), argmax_agree=int((probs.argmax(1) == reference.argmax(1)).sum()),
+            max_prob_diff=round(float(diff.max()), 5), p99_prob_diff=round(float(np.percentile(diff, 99)), 5),
+            over_gate_limit=int((diff > 1e-2).sum()),
+            accuracy=round(float((probs.argmax(1) == labels)[known].mean()), 4) if known.any() else None,
+            fp32_accuracy=round(float((reference.argmax(1) == labels)[known].mean()), 4) if known.any() else None))
+    return out
+
+
+def all_cases(plan: Plan, threads: int, tmp: Path) -> tuple[list[Case | FailedCase], Manifest, str]:
     student, manifest, source = student_checkpoint(tmp)
     cases = student_cases(student, manifest, plan, threads)
     torch.manual_seed(0)
@@ -257,7 +362,7 @@ def all_cases(plan: Plan, threads: int, tmp: Path) -> tuple[list[Case | FailedCa
     cases.append(eager_case(TEACHER, lambda: reparameterize(build_model(REPVGG_A0, NUM_CLASSES))))
     for name, factory in TORCHVISION.items():
         cases.append(eager_case(name, lambda f=factory: f(weights=None, num_classes=NUM_CLASSES)))
-    return cases, source
+    return cases, manifest, source
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
@@ -442,6 +547,20 @@ def ratios(table: list[Row], plan: Plan) -> list[Ratio]:
     return out
 
 
+def bf16_target(table: list[Row], plan: Plan, agreed: list[Agreement]) -> list[Target]:
+    """Issue 14: the served bf16 runner ≥ 1.8× fp32 ONNX Runtime per CPU-second, with its agreement beside it."""
+    b = plan.target_batch
+    bf16, ort = _find(table, STUDENT, BF16_SERVED), _find(table, STUDENT, ORT_SERVED)
+    cpu, wall = _ratio(bf16, ort, b, True), _ratio(bf16, ort, b, False)
+    if cpu is None:
+        return []
+    served = next((a for a in agreed if a.engine == BF16_SERVED), None)
+    beside = ("no dataset: agreement not measured" if served is None else
+              f"argmax agree on {served.argmax_agree:,}/{served.images:,} images, max prob Δ {served.max_prob_diff:.4f}")
+    return [Target(target=f"bf16 (served) ≥ 1.8× {ORT_SERVED} per CPU-second at batch {b} (issue 14)",
+                   measured=f"{cpu:.2f}× (wall: {_num(wall, '{:.2f}×')}); {beside}", met=cpu >= 1.8)]
+
+
 def targets(table: list[Row], plan: Plan) -> list[Target]:
     """Issue 7's targets, judged on wall-clock throughput; the CPU-time ratio is shown beside it."""
     out, b = [], plan.target_batch
@@ -502,10 +621,24 @@ def ratio_table(report: ModelReport) -> str:
     return markdown_table(["Throughput ratio, wall / CPU time", *[f"@{b}" for b in bs]], body)
 
 
+def agreement_table(report: ModelReport) -> str:
+    if not report.agreement:
+        return "bf16 against fp32: no NEU-CLS images here, not measured."
+    body = [[a.engine, f"{a.argmax_agree:,} / {a.images:,}", f"{a.max_prob_diff:.4f}", f"{a.p99_prob_diff:.4f}",
+             str(a.over_gate_limit), _num(a.accuracy, "{:.2%}"), _num(a.fp32_accuracy, "{:.2%}")]
+            for a in report.agreement]
+    return ("bf16 against fp32 (eager torch) on every NEU-CLS image: the same argmax, the largest and the 99th "
+            "percentile of each image's largest class-probability difference, the images over the load gate's "
+            "1e-2, and accuracy against the folder labels (all images, training ones included).\n\n"
+            + markdown_table(["bf16 engine", "argmax agree", "max prob Δ", "p99 prob Δ", "> 1e-2",
+                              "accuracy", "fp32 accuracy"], body))
+
+
 def render(report: ModelReport) -> str:
     target_body = [[t.target, t.measured, {True: "yes", False: "**no**", None: "–"}[t.met]] for t in report.targets]
     return "\n\n".join([
-        f"{report.torch_threads} intra-op thread(s) for torch and ONNX Runtime; fp32, channels-last, "
+        f"{report.torch_threads} intra-op thread(s) for torch and ONNX Runtime; fp32 unless the engine says bf16, "
+        f"channels-last, "
         f"`torch.inference_mode`; 6 classes, 200×200 input, 3 channels (gray-folded rows: 1). "
         f"Student weights: {report.student_weights}. {report.rounds} interleaved rounds, "
         f"≤ {report.cell_budget_s:g} s per cell (at least one call). img/s = batch / median wall time per call; "
@@ -517,7 +650,8 @@ def render(report: ModelReport) -> str:
         "Ratios compare the student's throughput with each peer's eager-torch throughput at the same batch size; "
         f"the second group uses the student's fastest engine at batch {report.target_batch}.",
         ratio_table(report),
-        markdown_table(["Target (issue 7)", "Measured", "Met"], target_body, "lrl"),
+        markdown_table(["Target", "Measured", "Met"], target_body, "lrl"),
+        agreement_table(report),
         "Input preparation, uint8 gray frames → normalized model input (median CPU ms per call). Gray folding "
         "lets the engine skip the replication; the first row is the replicate-then-normalize order "
         "inspector.engine used when this was written.",
@@ -531,23 +665,23 @@ def render(report: ModelReport) -> str:
 
 
 def run(options: BenchOptions) -> Section:
-    if options.threads is not None:
-        torch.set_num_threads(options.threads)
+    torch.set_num_threads(options.threads or SERVED_THREADS)
     threads, plan = torch.get_num_threads(), Plan.for_options(options)
     log(f"{threads} threads, batch sizes {plan.batch_sizes}, {plan.rounds} rounds, {plan.cell_budget_s} s per cell")
     with tempfile.TemporaryDirectory() as tmp:
-        cases, source = all_cases(plan, threads, Path(tmp))
+        cases, manifest, source = all_cases(plan, threads, Path(tmp))
     measured = [c for c in cases if isinstance(c, Case)]
     cells, loads = measure(measured, Inputs(max(plan.batch_sizes)), plan)
     log("timing input preparation")
     preparation = measure_preparation(measured, plan)
     table = rows(cases, measured, cells, plan)
+    agreed = agreement(measured, manifest, options.quick)
     report = ModelReport(
         torch_threads=threads, torch_interop_threads=torch.get_num_interop_threads(), student_weights=source,
         batch_sizes=list(plan.batch_sizes), target_batch=plan.target_batch, rounds=plan.rounds,
         cell_budget_s=plan.cell_budget_s,
-        load_average_1min_per_round=loads, rows=table, ratios=ratios(table, plan), targets=targets(table, plan),
-        preparation=preparation,
+        load_average_1min_per_round=loads, rows=table, ratios=ratios(table, plan),
+        targets=targets(table, plan) + bf16_target(table, plan, agreed), preparation=preparation, agreement=agreed,
         note=("Measured while other jobs (model training) were using the CPU: see the load averages. "
               "Numbers are comparable within this run, not absolute."
               if max(loads, default=0.0) > 0.5 * (os.cpu_count() or 1) else "The machine was otherwise idle."),

@@ -13,13 +13,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import cv2
 import numpy as np
 from pydantic import ValidationError
 
 from schemas.checkpoint import Color
-from schemas.messages import BYTES_PER_PIXEL, DeadLetterReason, FrameHeaders
+from schemas.messages import BYTES_PER_PIXEL, DeadLetterReason, FrameHeaders, HeaderError
 from stripnet.preprocess import to_color
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -31,6 +32,7 @@ JPEG_NO_LENGTH = {0x01, *range(0xD0, 0xD9)}  # TEM, RSTn, SOI, EOI
 class DecodeLimits:
     max_bytes: int
     max_pixels: int
+    max_clock_skew_s: float | None = None  # captured_at vs the broker's timestamp; None: not checked
 
 
 @dataclass(frozen=True)
@@ -52,19 +54,23 @@ class _Reject(Exception):
 
 
 def decode_frame(headers: Sequence[tuple[str, bytes]], value: bytes | None, limits: DecodeLimits,
-                 color: Color = "gray") -> Decoded | Rejected:
+                 color: Color = "gray", *, produced_at: datetime | None = None) -> Decoded | Rejected:
+    """`produced_at`: the record's broker timestamp, which `captured_at` must lie within
+    `limits.max_clock_skew_s` of (a camera clock set to a wrong date would give absurd times and latencies)."""
     try:
-        return _decode(headers, value, limits, color)
+        return _decode(headers, value, limits, color, produced_at)
     except _Reject as rej:
         return Rejected(rej.reason, rej.detail[:1000])
 
 
-def _decode(headers: Sequence[tuple[str, bytes]], value: bytes | None, limits: DecodeLimits, color: Color) -> Decoded:
+def _decode(headers: Sequence[tuple[str, bytes]], value: bytes | None, limits: DecodeLimits, color: Color,
+            produced_at: datetime | None) -> Decoded:
     if not value:
         raise _Reject("empty", "the record has no value")
     if len(value) > limits.max_bytes:
         raise _Reject("too_large", f"{len(value)} bytes > limit {limits.max_bytes}")
     meta = _parse_headers(headers)
+    _check_clock(meta, produced_at, limits.max_clock_skew_s)
     width, height = _declared_size(meta, value)
     if width * height > limits.max_pixels:
         raise _Reject("too_many_pixels", f"{width}×{height} = {width * height} pixels > limit {limits.max_pixels}")
@@ -77,9 +83,20 @@ def _decode(headers: Sequence[tuple[str, bytes]], value: bytes | None, limits: D
 def _parse_headers(headers: Sequence[tuple[str, bytes]]) -> FrameHeaders:
     try:
         return FrameHeaders.from_kafka(headers)
+    except HeaderError as err:
+        raise _Reject(err.reason, str(err)) from None
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'headers'}: {e['msg']}" for e in err.errors())
         raise _Reject("bad_headers", problems) from None
+
+
+def _check_clock(meta: FrameHeaders, produced_at: datetime | None, max_skew_s: float | None) -> None:
+    if produced_at is None or max_skew_s is None:
+        return
+    skew_s = (meta.captured_at - produced_at).total_seconds()
+    if abs(skew_s) > max_skew_s:
+        raise _Reject("clock_skew", f"captured_at {meta.captured_at.isoformat()} is {skew_s:+.0f} s from the broker "
+                                     f"timestamp {produced_at.isoformat()}; the limit is ±{max_skew_s:g} s")
 
 
 def _declared_size(meta: FrameHeaders, value: bytes) -> tuple[int, int]:
@@ -108,7 +125,9 @@ def _pixels(meta: FrameHeaders, value: bytes, width: int, height: int, color: Co
         image = buffer.reshape(height, width, 3)
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if meta.pixel_format == "bgr8" else image.copy()
         return to_color(image, color)
-    image = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE if color == "gray" else cv2.IMREAD_COLOR)
+    # the camera's pixel order is the truth: an EXIF orientation tag (JPEG, PNG) must not rotate the frame
+    mode = cv2.IMREAD_GRAYSCALE if color == "gray" else cv2.IMREAD_COLOR
+    image = cv2.imdecode(buffer, mode | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise _Reject("undecodable", f"OpenCV cannot decode this {meta.encoding.upper()} data")
     if image.shape[:2] != (height, width):

@@ -32,6 +32,11 @@ class Record:
     received_at: datetime
 
     @property
+    def broker_timestamp(self) -> datetime | None:
+        """`produced_at`, or None when the broker gave no timestamp (Kafka's -1)."""
+        return self.produced_at if self.produced_at.timestamp() >= 0 else None
+
+    @property
     def position(self) -> SourcePosition:
         return SourcePosition(topic=self.tp.topic, partition=self.tp.partition, offset=self.offset)
 

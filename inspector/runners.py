@@ -47,9 +47,9 @@ from inspector.settings import CpuBackend, DeviceName, Settings
 from schemas.checkpoint import InputSpec, Manifest
 from schemas.messages import Box
 from stripnet.cam import LocateConfig, locate_batch
-from stripnet.network import RepNet, can_fold_gray, fold_gray
+from stripnet.network import RepNet, can_fold_gray, fold_gray, forward_with_stats
 from stripnet.ood import scored
-from stripnet.preprocess import normalize, preprocess, resize
+from stripnet.preprocess import frame_pixels, normalize, pixel_shape, preprocess
 
 Exporter = Literal["dynamo", "torchscript"]
 WARM_UP_SEED = 0
@@ -207,9 +207,8 @@ class Bf16Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(self.stem(x)))
 
-    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.head.pool(self.body(self.stem(x)))
-        return self.head.fc(pooled), pooled
+    def forward_with_features(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_with_stats([self.stem, *self.body], self.head, x, layer)
 
 
 class _Bf16ConvBlock(nn.Module):
@@ -312,15 +311,14 @@ class CudaRunner:
         self._scored = scored(self._net, self._net.ood)
         self._max_batch, self._locate = options.max_batch, options.locate
         self.stream = options.stream if options.stream is not None else torch.cuda.Stream(self.device)
-        size = self.spec.size
-        self._host = torch.empty((options.max_batch, size, size), dtype=torch.uint8).pin_memory()
+        self._host = torch.empty((options.max_batch, *pixel_shape(self.spec)), dtype=torch.uint8).pin_memory()
         self._host_pixels = self._host.numpy()  # the same pinned memory, for resizing straight into it
 
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:
         _check_batch(images, self._max_batch)
         n = len(images)
         # Safe to overwrite: the previous predict returned only after its .cpu(), which waited for its upload.
-        np.stack([resize(image, self.spec.size) for image in images], out=self._host_pixels[:n])
+        np.stack([frame_pixels(image, self.spec) for image in images], out=self._host_pixels[:n])
         with torch.inference_mode(), torch.cuda.stream(self.stream):
             x = self.prepare(self._host[:n].to(self.device, non_blocking=True))
             if self._locate is None:

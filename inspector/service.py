@@ -70,7 +70,8 @@ class Pipeline:
                  offsets: CommitPolicy, executor: ThreadPoolExecutor, metrics: Metrics,
                  serving: Callable[[], ServingModel[Runner]]) -> None:
         s = settings
-        self.source = FrameSource(consumer, offsets, limits=DecodeLimits(s.max_frame_bytes, s.max_pixels),
+        limits = DecodeLimits(s.max_frame_bytes, s.max_pixels, s.max_clock_skew_s)
+        self.source = FrameSource(consumer, offsets, limits=limits,
                                   capacity=s.queue_frames, metrics=metrics,
                                   color=lambda: self.serving().manifest.input.color)
         self.batcher: MicroBatcher[Frame] = MicroBatcher(s.max_batch, s.max_wait_ms / 1000,

@@ -104,6 +104,10 @@ class Settings(BaseSettings):
 
     max_frame_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     max_pixels: int = Field(default=4096 * 4096, gt=0)
+    max_clock_skew_s: float = Field(default=86_400.0, gt=0)
+    """a frame whose captured_at is further than this from its record's broker timestamp is dead-lettered
+    (clock_skew): a camera clock on a wrong date would give absurd times and latencies; a day admits cameras
+    that buffer frames while the network is away"""
     confidence_threshold: float = Field(default=0.5, ge=0, le=1)
     """below it an event's status is 'uncertain' (for a label without its own class_thresholds entry)"""
     class_thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}

@@ -104,7 +104,7 @@ class FrameSource:
 
 def _decode_all(records: Sequence[Record], limits: DecodeLimits, color: Color) -> list[Decoded | Rejected]:
     """Decoded to the colour of the model serving now (a model swapped in meanwhile gets `preprocess.to_color`)."""
-    return [decode_frame(r.headers, r.value, limits, color) for r in records]
+    return [decode_frame(r.headers, r.value, limits, color, produced_at=r.broker_timestamp) for r in records]
 
 
 def _names(tps: set[TopicPartition]) -> list[str]:

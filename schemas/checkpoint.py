@@ -74,6 +74,8 @@ class OODSpec(_Frozen):
     a frame whose score exceeds `threshold` is unknown."""
 
     method: Literal["mahalanobis"] = "mahalanobis"
+    layer: int = Field(ge=0, description="the block (0-based) whose output's per-channel mean and standard "
+                                         "deviation are the detector's features")
     threshold: float = Field(ge=0, description="score above which a frame is unknown")
     false_unknown_rate: float = Field(gt=0, lt=1, description="the share of held-in images it was calibrated to flag")
     calibrated_on: Literal["validation", "training"] = Field(
@@ -108,4 +110,6 @@ class Manifest(_Frozen):
     def _unique_classes(self) -> Manifest:
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names must be unique")
+        if self.ood is not None and self.ood.layer >= len(self.architecture.blocks):
+            raise ValueError(f"ood.layer {self.ood.layer} is not a block of the architecture")
         return self

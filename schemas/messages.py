@@ -19,15 +19,15 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 FRAME_SCHEMA_VERSION = 1
-EVENT_SCHEMA_VERSION = 2  # 2: status "unknown", ood_score, model.ood_threshold (README, Messages)
-DEAD_LETTER_SCHEMA_VERSION = 1
+EVENT_SCHEMA_VERSION = 3  # 2: status "unknown", ood_score, model.ood_threshold; 3: new event ids (event_id_for)
+DEAD_LETTER_SCHEMA_VERSION = 2  # 2: reasons duplicate_headers and clock_skew
 
 Encoding = Literal["png", "jpeg", "bmp", "raw"]
 EventStatus = Literal["defect", "uncertain", "unknown"]
 PixelFormat = Literal["gray8", "rgb8", "bgr8"]
 BYTES_PER_PIXEL: dict[str, int] = {"gray8": 1, "rgb8": 3, "bgr8": 3}
 
-# Fixed namespace for event ids: uuid5(EVENT_ID_NAMESPACE, "camera_id\x1fframe_id\x1fmodel_version").
+# Fixed namespace for event ids: uuid5 of the three netstrings of camera_id, frame_id, model_version (event_id_for).
 EVENT_ID_NAMESPACE = uuid.UUID("5c1d0b7e-3f0a-4d55-9a1e-2f4b8f6d3c21")
 
 
@@ -52,7 +52,8 @@ class FrameHeaders(_Frozen):
     width: int | None = Field(default=None, gt=0, description="required for raw; checked against the image otherwise")
     height: int | None = Field(default=None, gt=0, description="required for raw; checked against the image otherwise")
     coil_id: str | None = Field(default=None, max_length=128)
-    strip_offset_m: float | None = Field(default=None, description="position along the coil, metres from its head")
+    strip_offset_m: float | None = Field(default=None, allow_inf_nan=False,
+                                         description="position along the coil, metres from its head (finite)")
 
     @model_validator(mode="after")
     def _raw_needs_size(self) -> FrameHeaders:
@@ -67,12 +68,33 @@ class FrameHeaders(_Frozen):
 
     @classmethod
     def from_kafka(cls, headers: Iterable[tuple[str, bytes]]) -> FrameHeaders:
-        """Validate a record's headers; unknown header names are ignored, not rejected."""
-        return cls.model_validate(known_headers(headers))
+        """Validate a record's headers; unknown header names are ignored, not rejected. A frame header must
+        come once and be valid UTF-8: HeaderError otherwise (two values, or U+FFFD in place of bytes, could
+        make two cameras one)."""
+        found: dict[str, str] = {}
+        for name, value in headers:
+            if name not in cls.model_fields or value is None:
+                continue
+            if name in found:
+                raise HeaderError("duplicate_headers", f"header {name!r} appears more than once")
+            try:
+                found[name] = value.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise HeaderError("bad_headers", f"header {name!r} is not UTF-8 ({err.reason} at byte {err.start})")
+        return cls.model_validate(found)
+
+
+class HeaderError(ValueError):
+    """Frame headers that are not a valid set before any field is read: `reason` is their dead-letter reason."""
+
+    def __init__(self, reason: DeadLetterReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 def known_headers(headers: Iterable[tuple[str, bytes]]) -> dict[str, str]:
-    """The frame headers among a record's headers, decoded as UTF-8 (the last value wins)."""
+    """The frame headers among a record's headers as text, for a dead letter's report: invalid UTF-8 shows as
+    U+FFFD, and of a repeated header the last value is kept."""
     names = FrameHeaders.model_fields.keys()
     return {name: value.decode("utf-8", "replace") for name, value in headers if name in names and value is not None}
 
@@ -114,7 +136,7 @@ class Box(_Frozen):
 class DefectEvent(_Frozen):
     """One per frame. Consumers deduplicate on `event_id` (at-least-once delivery)."""
 
-    schema_version: Literal[2] = EVENT_SCHEMA_VERSION
+    schema_version: Literal[3] = EVENT_SCHEMA_VERSION
     event_id: uuid.UUID = Field(description="uuid5 of camera_id, frame_id and model version: see event_id_for")
     frame_id: str
     camera_id: str
@@ -135,14 +157,15 @@ class DefectEvent(_Frozen):
 
 
 DeadLetterReason = Literal[
-    "empty", "too_large", "bad_headers", "bad_dimensions", "too_many_pixels", "undecodable",
+    "empty", "too_large", "bad_headers", "duplicate_headers", "clock_skew", "bad_dimensions", "too_many_pixels",
+    "undecodable",
 ]
 
 
 class DeadLetter(_Frozen):
     """A frame the inspector could not use. Its offset is still committed; the frame stays in `source`."""
 
-    schema_version: Literal[1] = DEAD_LETTER_SCHEMA_VERSION
+    schema_version: Literal[2] = DEAD_LETTER_SCHEMA_VERSION
     reason: DeadLetterReason
     detail: str = Field(max_length=1000)
     source: SourcePosition
@@ -156,6 +179,11 @@ class DeadLetter(_Frozen):
 def event_id_for(camera_id: str, frame_id: str, model_version: str) -> uuid.UUID:
     """Deterministic event id. The Kafka position is deliberately not part of it: a frame that a camera
     re-sends (a producer retry lands at a new offset) or that the inspector re-processes after a crash
-    gets the same id, so a downstream consumer drops the duplicate; a new model version gives new ids."""
-    return uuid.uuid5(EVENT_ID_NAMESPACE, "\x1f".join((camera_id, frame_id, model_version)))
+    gets the same id, so a downstream consumer drops the duplicate; a new model version gives new ids.
+
+    The name hashed is the three values as netstrings, `<UTF-8 byte length>:<value>,` each, so no choice of
+    ids can make two different triples hash the same name (schema 3; before it the values were joined by
+    \x1f, and camera "a\x1fb" + frame "c" collided with camera "a" + frame "b\x1fc")."""
+    name = "".join(f"{len(value.encode())}:{value}," for value in (camera_id, frame_id, model_version))
+    return uuid.uuid5(EVENT_ID_NAMESPACE, name)
 

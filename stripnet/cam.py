@@ -25,6 +25,7 @@ from torch import nn
 
 from schemas.messages import Box
 from stripnet.network import RepNet
+from stripnet.ood import channel_stats
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,19 @@ def logits_and_cams(model: RepNet, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return _one_pass(model, x)[:3]
 
 
-def _one_pass(model: RepNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits, predicted classes, their CAMs, pooled features) from one forward pass."""
-    features = model.forward_features(x)
-    pooled = model.head.pool(features)
-    logits = model.head.fc(pooled)
+def _one_pass(model: RepNet, x: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logits, predicted classes, their CAMs, the unknown scores when the model has a detector) from one pass."""
+    layer = model.ood.spec.layer if model.ood is not None and model.ood.spec is not None else None
+    stats = None
+    for i, block in enumerate(model.blocks):
+        x = block(x)
+        if i == layer:
+            stats = channel_stats(x)
+    logits = model.head.fc(model.head.pool(x))
     classes = logits.argmax(dim=1)
-    return logits, classes, class_activation_maps(features, model.head.fc, classes), pooled
+    ood_scores = model.ood(stats) if stats is not None else None
+    return logits, classes, class_activation_maps(x, model.head.fc, classes), ood_scores
 
 
 def normalize_cam(cam: np.ndarray) -> np.ndarray:
@@ -140,8 +147,7 @@ def locate_batch(
     `frame_sizes` are the original (height, width) per image (default: S×S), boxes are in those pixels."""
     input_size = x.shape[-1]
     with torch.inference_mode():
-        logits, classes, cams, pooled = _one_pass(model, x)
-        ood_scores = model.ood(pooled) if model.ood is not None else None
+        logits, classes, cams, ood_scores = _one_pass(model, x)
     cams_np = cams.float().cpu().numpy()
     sizes = frame_sizes if frame_sizes is not None else [(x.shape[-2], input_size)] * len(cams_np)
     if len(sizes) != len(cams_np):

@@ -100,6 +100,7 @@ def export_checkpoint(
     model: RepNet, out_dir: str | Path, *, class_names: tuple[str, ...], model_name: str,
     model_version: str | None = None, input_spec: InputSpec = InputSpec(), metrics: dict[str, float] | None = None,
     data_fingerprint: str = "", teacher: str | None = None, notes: str = "",
+    recipe: dict[str, str | int | float | bool | None] | None = None,
 ) -> Manifest:
     """Fuse `model` (with its unknown detector, if it carries one) and write it as a checkpoint directory at
     `out_dir`, atomically."""
@@ -116,6 +117,7 @@ def export_checkpoint(
             macs=count_macs(fused, input_spec.size, input_spec.channels), metrics=metrics or {},
             data_fingerprint=data_fingerprint, teacher=teacher, created_at=datetime.now(UTC), notes=notes,
             ood=fused.ood.spec if fused.ood is not None else None,
+            recipe=recipe or {},
         )
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
     return manifest

@@ -10,7 +10,7 @@ from torch import nn
 
 from schemas.checkpoint import ArchitectureSpec, InputSpec, Normalization, OODSpec
 from stripnet.layers import RepVGGBlock
-from stripnet.ood import OODHead
+from stripnet.ood import OODHead, channel_stats, feature_dim
 
 
 @runtime_checkable
@@ -36,7 +36,7 @@ class ClassifierHead(nn.Module):
 
 class RepNet(nn.Module):
     """One definition for training (multi-branch) and inference (plain 3×3 chain, `deploy=True`). With `ood`,
-    it carries an unknown detector on its pooled features (stripnet/ood.py; fitted after training)."""
+    it carries an unknown detector on one block's channel statistics (stripnet/ood.py; fitted after training)."""
 
     def __init__(self, spec: ArchitectureSpec, num_classes: int, *, deploy: bool = False,
                  ood: OODSpec | None = None) -> None:
@@ -51,7 +51,8 @@ class RepNet(nn.Module):
             in_ch = row.out_channels
         self.blocks = nn.Sequential(*blocks)
         self.head = ClassifierHead(in_ch, num_classes)
-        self.ood: OODHead | None = OODHead(num_classes, in_ch, ood) if ood is not None else None
+        self.ood: OODHead | None = (OODHead(num_classes, feature_dim(spec.blocks[ood.layer].out_channels), ood)
+                                    if ood is not None else None)
 
     @property
     def is_deploy(self) -> bool:
@@ -63,10 +64,22 @@ class RepNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
-    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass → (logits (N, classes), the pooled features (N, K) they are computed from)."""
-        pooled = self.head.pool(self.forward_features(x))
-        return self.head.fc(pooled), pooled
+    def forward_with_features(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass → (logits (N, classes), the (N, 2C) channel statistics of block `layer`'s output)."""
+        return forward_with_stats(self.blocks, self.head, x, layer)
+
+
+def forward_with_stats(blocks: nn.Sequential | list[nn.Module], head: ClassifierHead, x: torch.Tensor,
+                       layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chain of `blocks`, then `head`, keeping block `layer`'s channel statistics on the way."""
+    stats = None
+    for i, block in enumerate(blocks):
+        x = block(x)
+        if i == layer:
+            stats = channel_stats(x)
+    if stats is None:
+        raise ValueError(f"block {layer} is not in a chain of {len(blocks)} blocks")
+    return head(x), stats
 
 
 def build_model(spec: ArchitectureSpec, num_classes: int, *, deploy: bool = False,

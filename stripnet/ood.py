@@ -1,16 +1,18 @@
-"""The unknown detector: how far a frame's pooled features lie from every class the model learned.
+"""The unknown detector: how far a frame's features lie from every class the model learned.
 
-The pooled features f (the (N, K) input of the linear head, from the same forward pass as the logits)
-are modelled per class as Gaussians that share one covariance Σ (Lee et al., NeurIPS 2018). A frame's
-score is the Mahalanobis distance to the nearest class mean,
+The features f of a frame are the per-channel mean and standard deviation of one block's output
+(`channel_stats`; `OODSpec.layer` names the block), taken in the same forward pass as the logits: a
+texture description that the classifier was never trained to throw away. They are modelled per
+class as Gaussians that share one covariance Σ (Lee et al., NeurIPS 2018); a frame's score is the
+Mahalanobis distance to the nearest class mean,
 
     d(f) = min_c ‖(f − μ_c) W‖ = min_c ‖f W − μ_c W‖,   W Wᵀ = Σ⁻¹,
 
-so serving costs one K×K product per frame (65 k MACs at K = 256, against the network's 19.2 M). Σ is
-the Ledoit–Wolf shrinkage estimate (no parameter to tune: ~1,000 images in 256 dimensions make the
-sample covariance ill-conditioned). A frame is unknown when d(f) exceeds a threshold calibrated as the
-(1 − rate) quantile of held-in images' scores (`calibrate`). The choice of this score over energy, kNN
-and max-softmax was made by measurement: docs/openset.md.
+so serving costs one K×K product per frame plus the statistics (K = 18 for the second block of
+EG-RepVGG). Σ is the Ledoit–Wolf shrinkage estimate (no parameter to tune). A frame is unknown when
+d(f) exceeds a threshold calibrated as the (1 − rate) quantile of held-in images' scores
+(`calibrate`). The block, and this score over energy, kNN, max-softmax and the last block's pooled
+features, were chosen by measurement: docs/openset.md.
 
 `OODHead` is the fitted detector as a module of two buffers. A RepNet that carries one (`model.ood`,
 see `with_detector`) saves it in its weights file, and the manifest describes it (`Manifest.ood`), so a
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 
 
 class OODHead(nn.Module):
-    """Pooled features (N, K) → (N,) float32 Mahalanobis distance to the nearest class mean. `spec` (threshold,
+    """Features (N, K) → (N,) float32 Mahalanobis distance to the nearest class mean. `spec` (layer, threshold,
     calibration) is set once the threshold is calibrated (`with_detector`); a checkpoint needs it."""
 
     def __init__(self, num_classes: int, dim: int, spec: OODSpec | None = None) -> None:
@@ -42,26 +44,40 @@ class OODHead(nn.Module):
         self.register_buffer("whiten", torch.eye(dim))  # W, (K, K)
         self.register_buffer("centres", torch.zeros(num_classes, dim))  # μ_c W, (C, K)
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        # fp32 whatever the caller's precision: a sum of 256 squares loses too much in bf16 or fp16.
-        with torch.autocast(pooled.device.type, enabled=False):
-            z = pooled.float() @ self.whiten.float()
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # fp32 whatever the caller's precision: a sum of squares loses too much in bf16 or fp16.
+        with torch.autocast(features.device.type, enabled=False):
+            z = features.float() @ self.whiten.float()
             centres = self.centres.float()
             squared = (z * z).sum(dim=1, keepdim=True) - 2 * z @ centres.T + (centres * centres).sum(dim=1)
             return squared.min(dim=1).values.clamp(min=0).sqrt()
 
 
+def channel_stats(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) block output → (N, 2C) float32: each channel's spatial mean, then its standard deviation."""
+    x = x.float()
+    mean = x.mean(dim=(2, 3))
+    spread = (x - mean[:, :, None, None]).square().mean(dim=(2, 3)).clamp(min=0).sqrt()
+    return torch.cat([mean, spread], dim=1)
+
+
+def feature_dim(channels_of_layer: int) -> int:
+    return 2 * channels_of_layer
+
+
 class Scored(nn.Module):
     """x → (logits, unknown scores) in one pass: `net` is anything with a RepNet's `forward_with_features`
-    (logits and pooled features), `ood` scores the pooled features. What the runners export and run."""
+    (logits and one block's channel statistics), `ood` scores them. What the runners export and run."""
 
     def __init__(self, net: nn.Module, ood: OODHead) -> None:
         super().__init__()
-        self.net, self.ood = net, ood
+        if ood.spec is None:
+            raise ValueError("the unknown detector has no calibrated spec")
+        self.net, self.ood, self.layer = net, ood, ood.spec.layer
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, pooled = self.net.forward_with_features(x)
-        return logits, self.ood(pooled)
+        logits, features = self.net.forward_with_features(x, self.layer)
+        return logits, self.ood(features)
 
 
 def scored(net: nn.Module, ood: OODHead | None) -> nn.Module:
@@ -109,8 +125,11 @@ def calibrate(scores: np.ndarray, rate: float) -> float:
 def with_detector(model: RepNet, head: OODHead, spec: OODSpec) -> RepNet:
     """A copy of `model` that carries a copy of `head`, calibrated as `spec`, as `model.ood` (export_checkpoint
     saves it with the weights)."""
-    if head.centres.shape != (model.num_classes, model.head.fc.in_features):
-        raise ValueError(f"detector for {tuple(head.centres.shape)} (classes, features) does not fit the model")
+    blocks = model.spec.blocks
+    if not 0 <= spec.layer < len(blocks) or head.centres.shape != (
+            model.num_classes, feature_dim(blocks[spec.layer].out_channels)):
+        raise ValueError(f"detector for {tuple(head.centres.shape)} (classes, features) at block {spec.layer} does "
+                         "not fit the model")
     out = copy.deepcopy(model)
     out.ood = copy.deepcopy(head)
     out.ood.spec = spec

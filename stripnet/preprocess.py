@@ -67,5 +67,14 @@ def normalize(
 
 def preprocess(images: Sequence[np.ndarray], spec: InputSpec, **options) -> torch.Tensor:
     """Frames of any size and colour → the model input: `to_color`, `resize`, then `normalize` (options go to it)."""
-    frames = [planes(resize(to_color(image, spec.color), spec.size)) for image in images]
-    return normalize(np.stack(frames), spec, **options)
+    return normalize(np.stack([frame_pixels(image, spec) for image in images]), spec, **options)
+
+
+def frame_pixels(image: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """One frame → its uint8 model pixels: (S, S) gray or (3, S, S) RGB (`to_color`, `resize`, `planes`)."""
+    return planes(resize(to_color(image, spec.color), spec.size))
+
+
+def pixel_shape(spec: InputSpec) -> tuple[int, ...]:
+    """The shape `frame_pixels` gives for `spec`."""
+    return (3, spec.size, spec.size) if spec.color == "rgb" else (spec.size, spec.size)

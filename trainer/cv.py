@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -30,19 +31,20 @@ from stripnet.checkpoint import load_checkpoint
 from trainer.data import ImageSet, load_image_folder
 from trainer.figures import plot_validation_curves
 from trainer.runlog import read_rows
-from trainer.evaluate import Metrics, compute_metrics, plot_confusion, predict_logits, predictions_doc
+from trainer.evaluate import Metrics, compute_metrics, predict_logits, predictions_doc
+from trainer.figures import plot_confusion
 from trainer.train import TrainConfig, fit
 
 
 @dataclass(frozen=True)
 class CVConfig:
-    data: Path
-    out: Path
+    data: Annotated[Path, "image folder: one sub-folder per class"]
+    out: Annotated[Path, "directory of the folds and the report (a re-run skips finished folds)"]
     recipe: TrainConfig  # the student's recipe; its data, out, split and teacher are set per fold
     teacher: TrainConfig | None = None  # a teacher recipe: one teacher per fold, then KD from it
-    folds: int = 5
+    folds: Annotated[int, "K, the number of folds"] = 5
     fold_seed: int = 0
-    jobs: int = 1
+    jobs: Annotated[int, "folds trained at the same time, one process each"] = 1
     threads: int = 1  # torch threads per fold process
     limit_per_class: int | None = None
 

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from trainer.data import DIHEDRAL, dihedral
 
 
 @dataclass(frozen=True)
 class KDConfig:
-    temperature: float = 7.0
-    alpha: float = 0.3
-    t_squared: bool = False  # Hinton et al. scale the soft term by T²; the paper's eq. 11 does not
+    temperature: Annotated[float, "softmax temperature T of the distillation term"] = 7.0
+    alpha: Annotated[float, "weight α of the distillation term; 1 − α weighs the cross-entropy"] = 0.3
+    t_squared: Annotated[bool, "scale the distillation term by T² (Hinton et al.); the paper's eq. 11 does not"] = False
 
 
 def kd_loss(
@@ -67,6 +67,8 @@ def cache_dihedral_logits(
     The student then distills from the exact teacher output for the very augmentation it sees,
     at the cost of 8 teacher passes over the training set once, instead of one pass per epoch.
     """
+    from tqdm import tqdm  # the `train` extra
+
     variants = []
     for k in tqdm(range(DIHEDRAL), desc="teacher logits", unit="variant"):
         chunks = [

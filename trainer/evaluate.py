@@ -1,10 +1,9 @@
-"""Metrics, latency and plots for a classifier on an ImageSet."""
+"""Metrics and latency of a classifier on an ImageSet; the predictions training validates with."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,7 +12,6 @@ from torch import nn
 from schemas.checkpoint import InputSpec
 from stripnet.preprocess import normalize
 from trainer.data import ImageSet
-from trainer.figures import figure
 
 
 @dataclass(frozen=True)
@@ -116,25 +114,3 @@ def measure_latency(model: nn.Module, spec: InputSpec, batch_size: int = 1, iter
         times.append(time.perf_counter() - t0)
     p50 = float(np.median(times)) * 1e3
     return Latency(batch_size, p50, p50 / batch_size, 1e3 * batch_size / p50)
-
-
-def plot_confusion(cm: list[list[int]], class_names: tuple[str, ...], path: Path, title: str = "") -> None:
-    arr = np.asarray(cm)
-    with figure(path, size=(6, 5), dpi=120) as (_, ax):
-        ax.imshow(arr, cmap="Blues")
-        ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-        ax.set_yticks(range(len(class_names)), class_names)
-        ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
-        for (i, j), count in np.ndenumerate(arr):
-            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > arr.max() / 2 else "black")
-
-
-def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
-    epochs = [r["epoch"] for r in rows]
-    with figure(path, 1, 2, size=(10, 4), dpi=120) as (fig, (ax_loss, ax_acc)):
-        for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
-            ax.plot(epochs, [r[f"train_{metric}"] for r in rows], label="train")
-            ax.plot(epochs, [r[f"val_{metric}"] for r in rows], label="validation")
-            ax.set(xlabel="epoch", ylabel="loss" if metric == "loss" else "accuracy")
-            ax.legend()
-        fig.suptitle(title)

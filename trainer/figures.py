@@ -1,5 +1,5 @@
-"""Figures: the one plotting helper (`figure`), and the results document's validation curves of several runs,
-Grad-CAM per class and feature maps (§3.4)."""
+"""Figures: the one plotting helper (`figure`); a run's curves and confusion matrix; the results document's
+validation curves of several runs, Grad-CAM per class and feature maps (§3.4)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -82,6 +83,28 @@ def grad_cam(
     activation = captured[-1]
     weights = activation.grad.mean(dim=(2, 3), keepdim=True)
     return torch.relu((weights * activation).sum(dim=1)).detach(), classes.detach()
+
+
+def plot_confusion(cm: list[list[int]], class_names: tuple[str, ...], path: Path, title: str = "") -> None:
+    arr = np.asarray(cm)
+    with figure(path, size=(6, 5), dpi=120) as (_, ax):
+        ax.imshow(arr, cmap="Blues")
+        ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(len(class_names)), class_names)
+        ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+        for (i, j), count in np.ndenumerate(arr):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > arr.max() / 2 else "black")
+
+
+def plot_curves(rows: list[dict], path: Path, title: str = "") -> None:
+    epochs = [r["epoch"] for r in rows]
+    with figure(path, 1, 2, size=(10, 4), dpi=120) as (fig, (ax_loss, ax_acc)):
+        for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
+            ax.plot(epochs, [r[f"train_{metric}"] for r in rows], label="train")
+            ax.plot(epochs, [r[f"val_{metric}"] for r in rows], label="validation")
+            ax.set(xlabel="epoch", ylabel="loss" if metric == "loss" else "accuracy")
+            ax.legend()
+        fig.suptitle(title)
 
 
 def plot_validation_curves(runs: dict[str, list[dict]], path: Path) -> None:

@@ -10,11 +10,13 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from stripnet.checkpoint import load_checkpoint
 from trainer.data import load_image_folder, load_split
-from trainer.evaluate import measure_latency, plot_confusion
-from trainer.figures import plot_feature_maps, plot_grad_cam, plot_validation_curves
+from trainer.evaluate import measure_latency
+from trainer.figures import plot_confusion, plot_feature_maps, plot_grad_cam, plot_validation_curves
+from trainer.options import Opt, parse_split
 from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
 
@@ -27,16 +29,16 @@ PAPER_ROWS = {  # Table 3 of the paper: accuracy, MCC (test set), time per image
 
 @dataclass(frozen=True)
 class ReproduceConfig:
-    data: Path
-    out: Path
+    data: Annotated[Path, "image folder: one sub-folder per class"]
+    out: Annotated[Path, "directory of the runs and the report (a re-run skips finished stages)"]
     teacher_epochs: int = 100
     student_epochs: int = 100
-    seeds: tuple[int, ...] = (0, 1, 2)
-    split: tuple[float, ...] = (8 / 9, 1 / 9)
-    limit_per_class: int | None = None
-    size: int = 200
-    teacher_bf16: bool = True
-    progress: bool = True
+    seeds: Annotated[tuple[int, ...], "one EG-RepVGG and one KD-EG-RepVGG run per seed"] = (0, 1, 2)
+    split: Annotated[tuple[float, ...], Opt("train:val; 8:1 is NEU-CLS's 1440/180", parse=parse_split)] = (8 / 9, 1 / 9)
+    limit_per_class: Annotated[int | None, "use only the first N images of each class"] = None
+    size: Annotated[int, "input side in pixels"] = 200
+    teacher_bf16: Annotated[bool, "train the teacher under bf16 autocast"] = True
+    progress: Annotated[bool, "progress bars rather than plain per-epoch lines"] = True
 
 
 def stage_configs(cfg: ReproduceConfig) -> dict[str, TrainConfig]:

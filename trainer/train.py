@@ -8,7 +8,6 @@ checkpoint directory the inspector serves).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -20,10 +19,9 @@ from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from schemas.checkpoint import ArchitectureSpec, InputSpec, Manifest
-from stripnet.architectures import get_spec
+from stripnet.architectures import ARCHITECTURES, get_spec
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import RepNet, build_model
 from stripnet.preprocess import normalize
@@ -33,47 +31,54 @@ from trainer.data import (
 )
 from trainer.detector import DEFAULT_FALSE_UNKNOWN_RATE, fit_detector
 from trainer.distill import FrozenTeacher, KDConfig, cache_dihedral_logits, kd_loss
-from trainer.evaluate import Metrics, compute_metrics, evaluate, plot_confusion, plot_curves
+from trainer.evaluate import Metrics, compute_metrics, evaluate, predict_logits
+from trainer.figures import plot_confusion, plot_curves
+from trainer.options import Opt, parse_split
+from trainer.runlog import append_row, read_rows
 from trainer.state import load_state
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: Path
-    out: Path
-    arch: str = "eg-repvgg"
+    """One run's recipe. Every field is a `trainer fit` option (trainer/options.py); the help is here."""
+
+    data: Annotated[Path, "image folder: one sub-folder per class"]
+    out: Annotated[Path, "run directory (resumes if it holds last.pt)"]
+    arch: Annotated[str, Opt("architecture (stripnet/architectures.py)", choices=tuple(ARCHITECTURES))] = "eg-repvgg"
     epochs: int = 100
     batch_size: int = 64
-    lr: float = 0.1
+    lr: Annotated[float, "peak learning rate of SGD"] = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup_epochs: int = 2  # linear warm-up, then cosine decay to 0, stepped per iteration
+    warmup_epochs: Annotated[int, "linear warm-up epochs, then cosine decay to 0, stepped per iteration"] = 2
     seed: int = 0
-    split: tuple[float, ...] = (0.8, 0.1, 0.1)
+    split: Annotated[tuple[float, ...], Opt("train:val[:test], e.g. 8:1:1; one part trains on every image",
+                                        parse=parse_split)] = (0.8, 0.1, 0.1)
     split_seed: int = 0
-    split_file: Path | None = None  # reuse a saved split instead of drawing one
+    split_file: Annotated[Path | None, "reuse a split.json from another run instead of drawing one"] = None
     size: Annotated[int | None, "input side in pixels; default: the images' own size"] = None
     color: Annotated[ColorChoice, "model input: rgb when any image has colour (auto), or forced"] = "auto"
     balance: Annotated[Balance, "imbalanced classes: class-balanced sampling (auto when largest/smallest class "
                                 "> 1.5), per-class loss weights, or none"] = "auto"
-    teacher: Path | None = None  # a checkpoint directory: turns distillation on
+    teacher: Annotated[Path | None, "teacher checkpoint directory: turns on distillation"] = None
     kd: KDConfig = field(default_factory=KDConfig)
-    teacher_cache_dir: Path | None = None  # where cached teacher logits are shared between runs
-    limit_per_class: int | None = None  # small smoke runs
-    threads: int | None = None
-    bf16: bool = False  # bf16 autocast on the CPU: ~2.5× faster teacher steps on AVX-512-BF16 here
-    # "best": the epoch with the best validation accuracy; "last": the final epoch, so the validation part
-    # (a cross-validation fold, or nothing when training on all images) never chooses the model.
-    select: Literal["best", "last"] = "best"
+    teacher_cache_dir: Annotated[Path | None, "share cached teacher logits between runs"] = None
+    limit_per_class: Annotated[int | None, "use only the first N images of each class (smoke runs)"] = None
+    threads: Annotated[int | None, "torch intra-op threads (unset: torch's choice)"] = None
+    bf16: Annotated[bool, "bf16 autocast on the CPU: ~2.5× faster teacher steps on AVX-512-BF16 here"] = False
+    select: Annotated[Literal["best", "last"], "checkpoint the epoch best on validation, or the last one, so the "
+                      "validation part (a cross-validation fold, or none) never chooses the model"] = "best"
     label_smoothing: float = 0.0
-    ema_decay: float | None = None  # exponential moving average of the weights (and BN statistics)
-    jitter: bool = False  # camera jitter (brightness, contrast, gamma, blur, shift, scale) on top of D4
-    chosen_by: Path | None = None  # a `trainer cv` run of this recipe: its pooled figures go into the manifest
+    ema_decay: Annotated[float | None, Opt("keep an exponential moving average of the weights (and BN statistics) "
+                                           "with this decay", flag="--ema")] = None
+    jitter: Annotated[bool, "camera jitter (brightness, contrast, gamma, blur, shift, scale) on top of D4"] = False
+    chosen_by: Annotated[Path | None, "the `trainer cv` run that chose this recipe: its pooled figures go into "
+                                     "the manifest"] = None
     false_unknown_rate: Annotated[float, "unknown detector: the share of validation images its threshold flags"] = (
         DEFAULT_FALSE_UNKNOWN_RATE)
-    model_name: str | None = None
-    model_version: str | None = None
-    progress: bool = True
+    model_name: Annotated[str | None, "the manifest's model_name (unset: from the architecture and KD)"] = None
+    model_version: Annotated[str | None, "the manifest's model_version (unset: a UTC stamp)"] = None
+    progress: Annotated[bool, "a progress bar rather than plain per-epoch lines"] = True
 
 
 @dataclass(frozen=True)
@@ -173,16 +178,11 @@ def _state(model, opt, epoch, step, best, gen, cfg_spec: ArchitectureSpec, class
     }
 
 
-@torch.no_grad()
 def _validate(model: RepNet, val: ImageSet, spec: InputSpec) -> tuple[float, float, float]:
-    """Validation loss, accuracy and macro-F1."""
+    """Validation loss, accuracy and macro-F1, from the predictions `trainer evaluate` makes."""
     if not len(val):
         return math.nan, math.nan, math.nan
-    model.eval()
-    logits = torch.cat([
-        model(normalize(val.images[i:i + 128], spec))
-        for i in range(0, len(val), 128)
-    ])
+    logits = predict_logits(model, val, spec, batch_size=128)
     pred = logits.argmax(1)
     macro_f1 = compute_metrics(val.labels.numpy(), pred.numpy(), val.class_names).macro_f1
     return F.cross_entropy(logits, val.labels).item(), (pred == val.labels).float().mean().item(), macro_f1
@@ -196,6 +196,8 @@ def _score(row: dict, by_f1: bool) -> tuple[float, ...]:
 
 
 def fit(cfg: TrainConfig) -> FitResult:
+    from tqdm import tqdm  # the `train` extra: the runtime image builds this module's CLI without it
+
     # ---- setup: the run directory describes itself
     t_start = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -237,11 +239,11 @@ def fit(cfg: TrainConfig) -> FitResult:
             ema.load_state_dict(state["ema"])
         start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
         tqdm.write(f"resuming {cfg.out} at epoch {start_epoch + 1}")
-    rows = _read_log(cfg.out / "log.jsonl")[:start_epoch]  # drop rows of an epoch that never saved its state
+    rows = read_rows(cfg.out)[:start_epoch]  # drop rows of an epoch that never saved its state
     for name in ("log.jsonl", "log.csv"):
         (cfg.out / name).unlink(missing_ok=True)
     for row in rows:
-        _append_log(cfg.out, row)
+        append_row(cfg.out, row)
 
     # ---- teacher: logits for every augmentation, computed once
     soft, teacher_name = (teacher_logits(cfg, train, input_spec) if cfg.teacher else (None, None))
@@ -287,7 +289,7 @@ def fit(cfg: TrainConfig) -> FitResult:
             "seconds": time.perf_counter() - t0,
         }
         rows.append(row)
-        _append_log(cfg.out, row)
+        append_row(cfg.out, row)
         state = _state(model, opt, epoch, step, best, gen, spec, train.class_names, ema)
         if cfg.select == "last" or _score(row, by_f1) > _score(best, by_f1):
             best = {"val_acc": val_acc, "val_loss": val_loss, "val_macro_f1": val_f1, "epoch": epoch + 1}
@@ -321,20 +323,3 @@ def fit(cfg: TrainConfig) -> FitResult:
         data_fingerprint=data_fp, teacher=teacher_name, recipe=recipe_of(cfg), notes="; ".join(notes),
     )
     return FitResult(cfg.out, best["epoch"], metrics, manifest, time.perf_counter() - t_start)
-
-
-def _append_log(out: Path, row: dict) -> None:
-    with (out / "log.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    path = out / "log.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def _read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-

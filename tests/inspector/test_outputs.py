@@ -62,7 +62,7 @@ def test_outputs_are_the_records_to_produce_each_finishing_its_input_record():
     assert [(o.topic, o.key, o.source) for o in events] == [("events", b"cam-3", f.record) for f in frames]
     assert [o.message.status for o in events] == ["uncertain", "defect"]
     assert all(DefectEvent.model_validate_json(o.value) == o.message for o in events)
-    assert dict(events[0].headers) == {"schema_version": b"2", "content-type": b"application/json"}
+    assert dict(events[0].headers) == {"schema_version": b"3", "content-type": b"application/json"}
     record = frames[0].record
     letter = outputs.dead_letter(record, Rejected("empty", "the record has no value"))
     assert (letter.topic, letter.key, letter.source, dict(letter.headers)["reason"]) == ("dlq", b"cam-3", record,

@@ -6,22 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 import pytest
 
-from inspector.broker import free_port
 from inspector.console.settings import ConsoleSettings
 from schemas.messages import DeadLetter, DefectEvent, event_id_for
+from tests.helpers.console import BrowserUnavailable, ConsoleProcess, headless_chromium
 from tests.helpers.http import http_get
 
 CLASSES = ("crazing", "inclusion", "patches")
@@ -102,45 +96,6 @@ def fetch() -> Callable[..., Any]:
 
 # -- the console as a subprocess, and a headless Chromium ----------------------------------------------
 
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--window-size=1480,1000")
-
-
-class ConsoleProcess:
-    """`inspector console` in a child process with the given flags, JSON logs in a file; `url` once it answers."""
-
-    def __init__(self, workdir: Path, flags: Sequence[str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log_path = workdir / "console.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTOR_")} | {"PYTHONUNBUFFERED": "1"}
-        with self.log_path.open("ab") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "inspector.console", "--http-port", str(self.port), "--log-format", "json",
-                 *flags], env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-
-    def state(self) -> dict[str, Any] | None:
-        status, _, body = http_get(self.url + "api/state")
-        return orjson.loads(body) if status == 200 else None
-
-    def wait_joined(self, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Wait until the console's group has its partitions, so it sees every event produced from now on."""
-        deadline = time.monotonic() + timeout_s
-        while (state := self.state()) is None or not state["kafka"]["partitions"]:
-            assert self.popen.poll() is None, "the console exited:\n" + self.log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the console did not join its group:\n" + self.log_path.read_text()
-            time.sleep(0.1)
-        return state
-
-    def stop(self) -> int:
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            return self.popen.wait(20)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            raise
-
-
 @pytest.fixture
 def console_process(tmp_path: Path) -> Iterator[Callable[..., ConsoleProcess]]:
     """Factory: `console_process("--bootstrap-servers", b, "--topic", t, ...)` starts one; stopped (and
@@ -148,7 +103,7 @@ def console_process(tmp_path: Path) -> Iterator[Callable[..., ConsoleProcess]]:
     started: list[ConsoleProcess] = []
 
     def start(*flags: str) -> ConsoleProcess:
-        started.append(ConsoleProcess(tmp_path, flags))
+        started.append(ConsoleProcess(tmp_path / "console", flags))
         return started[-1]
 
     yield start
@@ -157,20 +112,12 @@ def console_process(tmp_path: Path) -> Iterator[Callable[..., ConsoleProcess]]:
 
 
 @pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Debian's headless Chromium driven by Selenium through /usr/bin/chromedriver (nothing is downloaded:
-    Selenium Manager stays offline), logging the page's console; a clean skip when either is missing."""
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    if chromium is None or not Path(chromedriver).exists():
-        pytest.skip("chromium / chromium-driver not installed (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=chromedriver), options=options)
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """Debian's headless Chromium through Selenium (tests.helpers.console), or a clean skip saying what is missing."""
+    try:
+        driver = headless_chromium(tmp_path / "chromium-profile")
+    except BrowserUnavailable as why:
+        pytest.skip(str(why))
     try:
         yield driver
     finally:
