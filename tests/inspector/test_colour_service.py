@@ -61,7 +61,7 @@ def test_a_colour_model_serves_colour_frames_end_to_end(kafka_broker, new_topic,
     process = InspectorProcess(settings, tmp_path / "inspector").start()
     try:
         async def scenario():
-            await process.wait_for_log("inspector_started", timeout_s=120)
+            await process.wait_for_log("inspector_started", timeout_s=300)
             await produce(kafka_broker, settings.topic, frames)
             return await read_records(kafka_broker, settings.output_topic, len(frames), timeout_s=120)
 
