@@ -141,7 +141,36 @@ KINDS: dict[str, tuple[str, Callable[[str, random.Random], Frame]]] = {
     "raw_declares_huge": ("bad_dimensions", lambda fid, rng: frame(
         fid, IMAGE.tobytes(), "raw", width=60000, height=60000)),
     "header_size_disagrees": ("bad_dimensions", lambda fid, rng: frame(fid, encode(".png"), width=64, height=32)),
+    # issue 13
+    "non_utf8_header": ("bad_headers", lambda fid, rng: Frame(
+        b"cam-p", encode(".png"),
+        headers_without(fid, camera_id=b"cam-" + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80"])), fid)),
+    "duplicate_header": ("duplicate_headers", lambda fid, rng: Frame(
+        b"cam-p", encode(".png"), [*headers_without(fid), (rng.choice(["camera_id", "frame_id", "encoding"]), b"x")],
+        fid)),
+    "captured_at_far_off": ("clock_skew", lambda fid, rng: Frame(
+        b"cam-p", encode(".png"), headers_without(fid, captured_at=rng.choice(
+            [b"9999-12-31T23:59:59Z", b"0001-01-01T00:00:00Z", b"1970-01-01T00:00:00Z"])), fid)),
+    "non_finite_offset": ("bad_headers", lambda fid, rng: Frame(
+        b"cam-p", encode(".png"),
+        [*headers_without(fid), ("strip_offset_m", rng.choice([b"nan", b"inf", b"-Infinity", b"1e999"]))], fid)),
 }
+
+
+def tiff_orientation(orientation: int) -> bytes:
+    """A big-endian TIFF block holding one tag, EXIF Orientation (0x0112): what JPEG's APP1 and PNG's eXIf carry."""
+    entry = struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0)
+    return b"MM\x00\x2a" + struct.pack(">IH", 8, 1) + entry + struct.pack(">I", 0)
+
+
+def with_orientation(data: bytes, encoding: str, orientation: int = 6) -> bytes:
+    """JPEG or PNG bytes with an EXIF orientation tag (6: rotate 90° clockwise to display), as cameras write it."""
+    tiff = tiff_orientation(orientation)
+    if encoding == "jpeg":
+        app1 = b"Exif\x00\x00" + tiff
+        return data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:]
+    end_of_ihdr = 8 + 25
+    return data[:end_of_ihdr] + png_chunk(b"eXIf", tiff) + data[end_of_ihdr:]
 
 
 def poison(n: int, rng: random.Random) -> list[Poison]:
