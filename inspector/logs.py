@@ -43,7 +43,9 @@ class ThrottleFilter(logging.Filter):
 def _renderer(use_json: bool) -> structlog.typing.Processor:
     if use_json:
         return structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj, default=str).decode())
-    return structlog.dev.ConsoleRenderer(colors=False)
+    # plain tracebacks: rich's (structlog's default when rich is installed) print local variables, which may
+    # hold credentials (the aiokafka arguments) or whole frames
+    return structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
 
 
 def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto",

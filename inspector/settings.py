@@ -36,6 +36,8 @@ class KafkaSecurity(BaseModel):
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = None
+    """the password of ssl_keyfile, if it is encrypted"""
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSecurity:
@@ -154,6 +156,7 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:
             cafile=str(sec.ssl_cafile) if sec.ssl_cafile else None,
             certfile=str(sec.ssl_certfile) if sec.ssl_certfile else None,
             keyfile=str(sec.ssl_keyfile) if sec.ssl_keyfile else None,
+            password=sec.ssl_password.get_secret_value() if sec.ssl_password else None,
         )
     if sec.security_protocol.startswith("SASL_"):
         kwargs |= {"sasl_mechanism": sec.sasl_mechanism, "sasl_plain_username": sec.sasl_username,

@@ -61,12 +61,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class InspectorProcess:
     """`inspector run` in a child process, configured through the environment, JSON logs in a file.
 
-    The working directory is `workdir` (no stray .env), the HTTP endpoint listens on a free loopback port.
+    The working directory is `workdir` (no stray .env), the HTTP endpoint listens on a free loopback port;
+    `env` adds variables (e.g. INSPECTOR_KAFKA__…, which `settings_env` leaves out).
     """
 
     settings: Settings
     workdir: Path
     name: str = "inspector"
+    env: dict[str, str] = field(default_factory=dict)
     popen: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     log_path: Path = field(init=False)
@@ -79,7 +81,7 @@ class InspectorProcess:
         env |= settings_env(self.settings) | {
             "INSPECTOR_LOG_FORMAT": "json", "INSPECTOR_HTTP_HOST": "127.0.0.1", "INSPECTOR_HTTP_PORT": "0",
             "INSPECTOR_THREADS": "1", "PYTHONUNBUFFERED": "1",
-        }
+        } | self.env
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen([sys.executable, "-m", "inspector.cli", "run"], env=env, cwd=self.workdir,
