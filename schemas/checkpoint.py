@@ -78,9 +78,8 @@ class OODSpec(_Frozen):
                                          "deviation are the detector's features")
     threshold: float = Field(ge=0, description="score above which a frame is unknown")
     false_unknown_rate: float = Field(gt=0, lt=1, description="the share of held-in images it was calibrated to flag")
-    calibrated_on: Literal["validation", "training"] = Field(
-        description="the held-in images the threshold comes from: the validation part, or (without one) the "
-                    "training images, whose scores are lower than new images' (more false unknowns)")
+    calibrated_on: Literal["training and validation", "training", "validation"] = Field(
+        description="the held-in images whose scores the threshold is the quantile of (docs/openset.md)")
     calibration_images: int = Field(gt=0)
     fitted_images: int = Field(gt=0, description="training images the class means and covariance come from")
 

@@ -71,7 +71,7 @@ def test_outputs_are_the_records_to_produce_each_finishing_its_input_record():
 
 
 WITH_DETECTOR = MANIFEST.model_copy(update={"ood": OODSpec(
-    threshold=20.0, false_unknown_rate=0.01, calibrated_on="validation", calibration_images=180, fitted_images=1440)})
+    layer=0, threshold=20.0, false_unknown_rate=0.01, calibrated_on="validation", calibration_images=180, fitted_images=1440)})
 PER_CLASS = Thresholds(confidence=0.5, per_class={"b": 0.8})
 
 

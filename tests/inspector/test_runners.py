@@ -129,8 +129,8 @@ def test_every_backend_gives_the_events_the_training_path_gives(fused: tuple[Rep
 def with_fitted_detector(model: RepNet, manifest: Manifest) -> tuple[RepNet, Manifest]:
     """The model with an unknown detector fitted on its own features of a few frames."""
     with torch.inference_mode():
-        _, pooled = model.forward_with_features(preprocess(gray_frames(24, seed=5), manifest.input))
-    spec = OODSpec(threshold=1.0, false_unknown_rate=0.01, calibrated_on="training", calibration_images=24,
+        _, pooled = model.forward_with_features(preprocess(gray_frames(24, seed=5), manifest.input), 1)
+    spec = OODSpec(layer=1, threshold=1.0, false_unknown_rate=0.01, calibrated_on="training", calibration_images=24,
                    fitted_images=24)
     head = fit_head(pooled, torch.arange(24) % len(manifest.class_names), len(manifest.class_names))
     return with_detector(model, head, spec), manifest.model_copy(update={"ood": spec})
@@ -145,7 +145,7 @@ def test_a_runner_scores_unknowns_in_the_same_pass_as_the_reference_does(
     runner = runner_class(model, manifest, RunnerOptions(torch.device("cpu"), MAX_BATCH, locate=locate))
     images = gray_frames(MAX_BATCH, seed=9)
     with torch.inference_mode():
-        expected = model.ood(model.forward_with_features(preprocess(images, manifest.input))[1]).numpy()
+        expected = model.ood(model.forward_with_features(preprocess(images, manifest.input), 1)[1]).numpy()
     got = runner.predict(images).ood_scores
     assert got is not None and got.shape == (MAX_BATCH,)
     np.testing.assert_allclose(got, expected, rtol=rtol)

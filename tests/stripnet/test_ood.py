@@ -6,9 +6,9 @@ from schemas.checkpoint import InputSpec, OODSpec
 from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
-from stripnet.ood import calibrate, fit_head, ledoit_wolf, with_detector
+from stripnet.ood import calibrate, channel_stats, fit_head, ledoit_wolf, with_detector
 
-SPEC = OODSpec(threshold=3.0, false_unknown_rate=0.01, calibrated_on="validation", calibration_images=30,
+SPEC = OODSpec(layer=1, threshold=3.0, false_unknown_rate=0.01, calibrated_on="validation", calibration_images=30,
                fitted_images=90)
 
 
@@ -77,8 +77,8 @@ def _model_with_detector(classes: int = 6):
     model = build_model(EG_REPVGG, classes).eval()
     x = torch.randn(24, 3, 32, 32)
     with torch.no_grad():
-        _, pooled = model.forward_with_features(x)
-    head = fit_head(pooled, torch.arange(24) % classes, classes)
+        _, stats = model.forward_with_features(x, SPEC.layer)
+    head = fit_head(stats, torch.arange(24) % classes, classes)
     return with_detector(model, head, SPEC), x
 
 
@@ -89,9 +89,9 @@ def test_a_checkpoint_round_trips_its_detector(tmp_path):
     loaded, manifest = load_checkpoint(tmp_path / "ckpt")
     assert written.ood == manifest.ood == SPEC
     with torch.no_grad():
-        expected = model.ood(model.forward_with_features(x)[1])
-        logits, pooled = loaded.forward_with_features(x)
-        torch.testing.assert_close(loaded.ood(pooled), expected, rtol=1e-4, atol=1e-4)
+        expected = model.ood(model.forward_with_features(x, SPEC.layer)[1])
+        logits, stats = loaded.forward_with_features(x, SPEC.layer)
+        torch.testing.assert_close(loaded.ood(stats), expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-4)
 
 
@@ -110,3 +110,17 @@ def test_a_detector_must_fit_the_model():
     model, _ = _model_with_detector(classes=6)
     with pytest.raises(ValueError, match="does not fit"):
         with_detector(build_model(EG_REPVGG, 5), model.ood, SPEC)
+
+
+def test_the_features_are_one_blocks_channel_means_and_deviations_from_the_same_pass():
+    torch.manual_seed(0)
+    model = build_model(EG_REPVGG, 6).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits, stats = model.forward_with_features(x, 1)
+        block2 = model.blocks[1](model.blocks[0](x))
+        torch.testing.assert_close(logits, model(x))
+    torch.testing.assert_close(stats, torch.cat([block2.mean((2, 3)), block2.std((2, 3), correction=0)], 1))
+    assert channel_stats(block2).shape == (3, 2 * EG_REPVGG.blocks[1].out_channels)
+    with pytest.raises(ValueError, match="block 9"):
+        model.forward_with_features(x, 9)

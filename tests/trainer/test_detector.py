@@ -29,14 +29,15 @@ def folder(tmp_path) -> Path:
     return tmp_path / "data"
 
 
-def test_the_detector_is_fitted_on_training_images_and_calibrated_on_validation_ones(folder):
+def test_the_detector_is_fitted_on_training_images_and_calibrated_on_every_held_in_one(folder):
     torch.manual_seed(0)
     data = load_image_folder(folder, SIZE)
     train, val = (data.subset(p) for p in stratified_split(data.labels, (0.5, 0.5), seed=0))
     model = fit_detector(build_model(EG_REPVGG, 3).eval(), data.class_names, train, val, InputSpec(size=SIZE), 0.1)
     spec = model.ood.spec
-    assert (spec.calibrated_on, spec.fitted_images, spec.calibration_images) == ("validation", 30, 30)
-    assert (unknown_scores(model, val.images, InputSpec(size=SIZE)) > spec.threshold).mean() <= 0.1
+    assert (spec.calibrated_on, spec.fitted_images, spec.calibration_images) == ("training and validation", 30, 60)
+    held_in = unknown_scores(model, data.images, InputSpec(size=SIZE))
+    assert (held_in > spec.threshold).sum() == 6  # 10 % of 60, the (1 - 0.1) quantile interpolated
     noise = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (8, SIZE, SIZE), dtype=np.uint8))
     assert (unknown_scores(model, noise, InputSpec(size=SIZE)) > spec.threshold).all()
 
@@ -46,8 +47,8 @@ def test_fit_exports_a_calibrated_detector_and_says_where_it_was_calibrated(fold
                       progress=False)
     fit(cfg)
     model, manifest = load_checkpoint(cfg.out / "model")
-    assert model.ood is not None and manifest.ood.calibrated_on == "validation"
-    assert (manifest.ood.fitted_images, manifest.ood.calibration_images) == (45, 15)
+    assert model.ood is not None and manifest.ood.calibrated_on == "training and validation"
+    assert (manifest.ood.layer, manifest.ood.fitted_images, manifest.ood.calibration_images) == (1, 45, 60)
     fit(replace(cfg, out=tmp_path / "all", split=(1.0,), select="last"))
     assert load_checkpoint(tmp_path / "all" / "model")[1].ood.calibrated_on == "training"
 
@@ -60,7 +61,7 @@ def test_refit_adds_a_detector_in_place_and_keeps_the_rest_of_the_manifest(folde
     assert before.ood is None
     spec = refit_checkpoint(tmp_path / "ckpt", folder, split=(0.8, 0.2))
     model, after = load_checkpoint(tmp_path / "ckpt")
-    assert model.ood is not None and after.ood == spec and spec.calibration_images == 12
+    assert model.ood is not None and after.ood == spec and spec.calibration_images == 60
     assert (after.model_name, after.model_version, after.metrics, after.notes) == ("m", "v1", {"val_accuracy": 0.5}, "kept")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "data"]  # nothing staged is left behind
 
