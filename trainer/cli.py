@@ -1,7 +1,8 @@
-"""`trainer` command line: summary, fit, cv, export, evaluate, publish, reproduce, locate.
+"""`trainer` command line: summary, fit, cv, export, evaluate, detector, openset, publish, reproduce, locate.
 
-The options of fit, cv, reproduce and locate are generated from their configs (`TrainConfig`,
-`CVConfig`, `ReproduceConfig`, `LocateConfig`) by trainer/options.py: adding a field adds its flag.
+The options of fit, cv, detector, openset, reproduce and locate are generated from their configs
+(`TrainConfig`, `CVConfig`, `DetectorConfig`, `OpenSetConfig`, `ReproduceConfig`, `LocateConfig`) by
+trainer/options.py: adding a field adds its flag.
 Commands import what they run when they run, so `trainer publish` needs only stripnet and schemas.
 """
 
@@ -17,6 +18,8 @@ from schemas.checkpoint import InputSpec
 from stripnet.architectures import ARCHITECTURES
 from stripnet.cam import LocateConfig
 from trainer.cv import CVConfig
+from trainer.detector import DetectorConfig
+from trainer.openset import OpenSetConfig
 from trainer.options import HelpFormatter, add_options, from_args
 from trainer.reproduce import ReproduceConfig
 from trainer.train import TrainConfig
@@ -116,9 +119,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate, measure_latency, predict_logits, predictions_doc
     from trainer.figures import plot_confusion
 
+    from trainer.detector import unknown_report
+
     model, manifest, data = _model_and_data(args)
+    doc: dict = {"model": f"{manifest.model_name} {manifest.model_version}"}
+    if model.ood is not None:
+        doc["unknown"] = unknown_report(model, data, manifest.input)
+    foreign = sorted(set(data.class_names) - set(manifest.class_names))
+    if foreign and "unknown" in doc:  # a new camera's or product's images: the unknown rate is the report
+        return _print_unknown(doc, foreign, args.json)
     metrics = evaluate(model, data, manifest.input, manifest.class_names)
-    doc = metrics.to_dict() | {"model": f"{manifest.model_name} {manifest.model_version}"}
+    doc |= metrics.to_dict()
     if args.latency:
         doc["latency"] = asdict(measure_latency(model, manifest.input))
     if args.plot:
@@ -133,6 +144,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"macro-F1 {metrics.macro_f1:.4f}")
         for name, rep in metrics.per_class.items():
             print(f"  {name:<16} precision {rep.precision:.3f} recall {rep.recall:.3f} f1 {rep.f1:.3f} n={rep.support}")
+        if "unknown" in doc:
+            _print_unknown(doc, [], False)
+    return 0
+
+
+def _print_unknown(doc: dict, foreign: list[str], as_json: bool) -> int:
+    if as_json:
+        _print_json(doc)
+        return 0
+    u = doc["unknown"]
+    if foreign:
+        print(f"{doc['model']}: the folder has classes the model does not know ({', '.join(foreign)}); unknown rate only")
+    print(f"unknown: {u['unknown_rate']:.1%} of {u['images']} images above threshold {u['threshold']:.3f} "
+          f"(calibrated for {u['calibrated_rate']:.0%} of held-in images); per folder: "
+          + ", ".join(f"{name} {rate:.1%}" for name, rate in u["per_class"].items()))
+    return 0
+
+
+def cmd_detector(args: argparse.Namespace) -> int:
+    from trainer.detector import refit_checkpoint
+
+    cfg = from_args(DetectorConfig, args)
+    spec = refit_checkpoint(cfg)
+    print(f"{cfg.model}: unknown detector on block {spec.layer}, threshold {spec.threshold:.4f} ({spec.false_unknown_rate:.0%} "
+          f"of {spec.calibration_images} held-in images, calibrated on {spec.calibrated_on}; fitted on "
+          f"{spec.fitted_images})")
+    return 0
+
+
+def cmd_openset(args: argparse.Namespace) -> int:
+    from trainer.openset import open_set
+
+    open_set(from_args(OpenSetConfig, args, recipe=from_args(TrainConfig, args)))
+    print((Path(args.out) / "openset.md").read_text())
     return 0
 
 
@@ -209,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the confusion matrix as a PNG")
     p.add_argument("--predictions", help="write every image's class probabilities as JSON")
     p.add_argument("--json", action="store_true")
+
+    p = command("detector", "fit a checkpoint's unknown detector on its training images and rewrite it in place",
+                cmd_detector)
+    add_options(p, DetectorConfig)
+
+    p = command("openset", "leave-one-class-out evaluation of the unknown detector (resumable)", cmd_openset)
+    add_options(p, OpenSetConfig)
 
     p = command("publish", "copy a fused checkpoint into a watched model directory, atomically", cmd_publish)
     p.add_argument("checkpoint_dir", help="fused checkpoint directory (manifest.json + weights)")

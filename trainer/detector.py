@@ -14,17 +14,21 @@ whose detector should be re-fitted, and rewrites it in place with every other ma
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 
 from schemas.checkpoint import InputSpec, OODSpec
+from stripnet.bundled import resolve_model_dir
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import RepNet
 from stripnet.ood import calibrate, fit_head, with_detector
 from stripnet.preprocess import normalize
 from trainer.data import ImageSet, fingerprint, load_image_folder, load_split, stratified_split
+from trainer.options import Opt, parse_split
 
 DEFAULT_FALSE_UNKNOWN_RATE = 0.01
 DEFAULT_OOD_LAYER = 1  # the second block: the best mean AUROC of every block and score tried (docs/openset.md)
@@ -73,19 +77,31 @@ def unknown_scores(model: RepNet, images: torch.Tensor, spec: InputSpec) -> np.n
         return model.ood(features).numpy()
 
 
-def refit_checkpoint(model_dir: Path, data_dir: Path, *, split_file: Path | None = None,
-                     split: tuple[float, ...] = (0.8, 0.1, 0.1), split_seed: int = 0,
-                     rate: float = DEFAULT_FALSE_UNKNOWN_RATE, layer: int = DEFAULT_OOD_LAYER) -> OODSpec:
-    """Fit the detector of the checkpoint at `model_dir` on its training part of `data_dir` (`split_file`, or the
+@dataclass(frozen=True)
+class DetectorConfig:
+    model: Annotated[Path, "checkpoint directory ('default': the bundled model), rewritten in place"]
+    data: Annotated[Path, "the image folder the model was trained on (its data fingerprint is checked)"]
+    split_file: Annotated[Path | None, "the run's split.json: its train part fits, train + val calibrate"] = None
+    split: Annotated[tuple[float, ...], Opt("without --split-file: the train:val[:test] split the run drew",
+                                            parse=parse_split)] = (0.8, 0.1, 0.1)
+    split_seed: Annotated[int, "without --split-file: the seed of that split"] = 0
+    false_unknown_rate: Annotated[float, "the share of held-in images the threshold flags"] = DEFAULT_FALSE_UNKNOWN_RATE
+    layer: Annotated[int, "the block (0-based) whose channel mean and std are the features"] = DEFAULT_OOD_LAYER
+
+
+def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
+    """Fit the detector of the checkpoint `cfg.model` on its training part of `cfg.data` (`split_file`, or the
     seeded stratified `split` its run drew) and rewrite the checkpoint in place, every other field kept."""
+    model_dir = resolve_model_dir(cfg.model)
     model, manifest = load_checkpoint(model_dir)
-    data = load_image_folder(data_dir, manifest.input.size, color=manifest.input.color)
+    data = load_image_folder(cfg.data, manifest.input.size, color=manifest.input.color)
     if manifest.data_fingerprint and fingerprint(data) != manifest.data_fingerprint:
-            raise ValueError(f"{data_dir} is not the data {model_dir} was trained on (data fingerprint differs)")
-    parts = load_split(split_file, data) if split_file else stratified_split(data.labels, split, split_seed)
+            raise ValueError(f"{cfg.data} is not the data {model_dir} was trained on (data fingerprint differs)")
+    parts = load_split(cfg.split_file, data) if cfg.split_file else stratified_split(data.labels, cfg.split,
+                                                                                     cfg.split_seed)
     held_in = data.subset(parts[1]) if len(parts) > 1 and parts[1] else None
-    fitted = fit_detector(model, manifest.class_names, data.subset(parts[0]), held_in, manifest.input, rate, layer)
-    model_dir = Path(model_dir)
+    fitted = fit_detector(model, manifest.class_names, data.subset(parts[0]), held_in, manifest.input,
+                          cfg.false_unknown_rate, cfg.layer)
     staged = model_dir.with_name(f".{model_dir.name}.refit")
     shutil.rmtree(staged, ignore_errors=True)
     written = export_checkpoint(
@@ -105,3 +121,17 @@ def _replace_directory(new: Path, old: Path) -> None:
     old.rename(retired)
     new.rename(old)
     shutil.rmtree(retired)
+
+
+def unknown_report(model: RepNet, data: ImageSet, spec: InputSpec, threshold: float | None = None) -> dict:
+    """The share of `data`'s images the model's detector calls unknown, overall and per class folder, at its
+    calibrated threshold (or `threshold`): what a new camera's images would get before going live."""
+    if model.ood is None or model.ood.spec is None:
+        raise ValueError("this model has no unknown detector (fit one with `trainer detector`)")
+    limit = model.ood.spec.threshold if threshold is None else threshold
+    unknown = unknown_scores(model, data.images, spec) > limit
+    labels = data.labels.numpy()
+    return {"threshold": limit, "calibrated_rate": model.ood.spec.false_unknown_rate, "images": len(data),
+            "unknown_rate": float(unknown.mean()) if len(data) else 0.0,
+            "per_class": {name: float(unknown[labels == i].mean()) for i, name in enumerate(data.class_names)
+                          if (labels == i).any()}}

@@ -11,7 +11,7 @@ from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
 from trainer.data import fingerprint, load_image_folder, stratified_split
-from trainer.detector import fit_detector, refit_checkpoint, unknown_scores
+from trainer.detector import DetectorConfig, fit_detector, refit_checkpoint, unknown_report, unknown_scores
 from trainer.train import TrainConfig, fit
 
 SIZE = 32
@@ -59,7 +59,7 @@ def test_refit_adds_a_detector_in_place_and_keeps_the_rest_of_the_manifest(folde
                                model_name="m", model_version="v1", input_spec=InputSpec(size=SIZE),
                                metrics={"val_accuracy": 0.5}, data_fingerprint=fingerprint(data), notes="kept")
     assert before.ood is None
-    spec = refit_checkpoint(tmp_path / "ckpt", folder, split=(0.8, 0.2))
+    spec = refit_checkpoint(DetectorConfig(model=tmp_path / "ckpt", data=folder, split=(0.8, 0.2)))
     model, after = load_checkpoint(tmp_path / "ckpt")
     assert model.ood is not None and after.ood == spec and spec.calibration_images == 60
     assert (after.model_name, after.model_version, after.metrics, after.notes) == ("m", "v1", {"val_accuracy": 0.5}, "kept")
@@ -71,4 +71,33 @@ def test_refit_refuses_data_the_model_was_not_trained_on(folder, tmp_path):
     export_checkpoint(build_model(EG_REPVGG, 3), tmp_path / "ckpt", class_names=data.class_names, model_name="m",
                       input_spec=InputSpec(size=SIZE), data_fingerprint="0" * 64)
     with pytest.raises(ValueError, match="fingerprint"):
-        refit_checkpoint(tmp_path / "ckpt", folder)
+        refit_checkpoint(DetectorConfig(model=tmp_path / "ckpt", data=folder))
+
+
+def test_the_unknown_report_counts_a_folder_overall_and_per_class(folder):
+    torch.manual_seed(0)
+    data = load_image_folder(folder, SIZE)
+    model = fit_detector(build_model(EG_REPVGG, 3).eval(), data.class_names, data, None, InputSpec(size=SIZE), 0.1)
+    report = unknown_report(model, data, InputSpec(size=SIZE))
+    assert report["images"] == 60 and report["unknown_rate"] == pytest.approx(0.1)
+    assert set(report["per_class"]) == {"a", "b", "c"}
+    assert unknown_report(model, data, InputSpec(size=SIZE), threshold=1e9)["unknown_rate"] == 0.0
+
+
+def test_the_cli_fits_a_detector_and_evaluate_reports_the_unknown_rate_of_a_foreign_folder(folder, tmp_path, capsys):
+    from trainer.cli import main
+
+    data = load_image_folder(folder, SIZE)
+    export_checkpoint(build_model(EG_REPVGG, 3), tmp_path / "ckpt", class_names=data.class_names, model_name="m",
+                      input_spec=InputSpec(size=SIZE), data_fingerprint=fingerprint(data))
+    assert main(["detector", "--model", str(tmp_path / "ckpt"), "--data", str(folder), "--split", "8:2"]) == 0
+    assert "threshold" in capsys.readouterr().out
+    foreign = tmp_path / "foreign" / "noise"
+    foreign.mkdir(parents=True)
+    (tmp_path / "foreign" / "flat").mkdir()
+    for i in range(4):
+        cv2.imwrite(str(foreign / f"{i}.png"), np.random.default_rng(i).integers(0, 256, (SIZE, SIZE), dtype=np.uint8))
+        cv2.imwrite(str(tmp_path / "foreign" / "flat" / f"{i}.png"), np.full((SIZE, SIZE), 120, np.uint8))
+    assert main(["evaluate", "--model", str(tmp_path / "ckpt"), "--data", str(tmp_path / "foreign")]) == 0
+    out = capsys.readouterr().out
+    assert "does not know (flat, noise)" in out and "per folder: flat" in out
