@@ -19,6 +19,7 @@ intra-op thread it approximates throughput on an idle core; with more, it sums a
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import sys
@@ -223,6 +224,9 @@ def student_cases(model: RepNet, manifest: Manifest, plan: Plan, threads: int) -
         ("onnxruntime, gray folded", "onnxruntime", {"exporter": "dynamo", "fold_gray": True}),
         ("onnxruntime (torchscript export)", "onnxruntime", {"exporter": "torchscript"}),
         (BF16_SERVED, "bf16", {"fold_gray": True}),
+        # the unknown detector's cost (docs/openset.md): the served engines without it, beside the rows above
+        (f"{ORT_SERVED}, {NO_DETECTOR}", "onnxruntime", {"exporter": "dynamo", "fold_gray": True, "detector": False}),
+        (f"{BF16_SERVED}, {NO_DETECTOR}", "bf16", {"fold_gray": True, "detector": False}),
     ]
     if plan.compile:
         variants.append(("torch.compile", "compile", {}))
@@ -234,7 +238,9 @@ def student_cases(model: RepNet, manifest: Manifest, plan: Plan, threads: int) -
         log(f"setting up {STUDENT} / {engine}")
         t0 = time.perf_counter()
         try:
-            backend = RUNNERS[backend_name](model, manifest, RunnerOptions(  # type: ignore[index]
+            served, served_manifest = (model, manifest) if kwargs.get("detector", True) else without_detector(model,
+                                                                                                          manifest)
+            backend = RUNNERS[backend_name](served, served_manifest, RunnerOptions(  # type: ignore[index]
                 torch.device("cpu"), max(plan.batch_sizes), threads=threads, fold_gray=kwargs.get("fold_gray", False),
                 exporter=kwargs.get("exporter", "dynamo")))
             for batch in plan.batch_sizes:  # warmed up, as the service's loader does
@@ -255,6 +261,14 @@ def student_cases(model: RepNet, manifest: Manifest, plan: Plan, threads: int) -
 
 
 BF16_SERVED = "bf16 (served: convolutions in bf16), gray folded"
+NO_DETECTOR = "no unknown detector"
+
+
+def without_detector(model: RepNet, manifest: Manifest) -> tuple[RepNet, Manifest]:
+    """The same network without its unknown detector: what the detector costs is the difference."""
+    plain = copy.deepcopy(model)
+    plain.ood = None
+    return plain, manifest.model_copy(update={"ood": None})
 ORT_SERVED = "onnxruntime, gray folded"  # the fp32 backend the service falls back to
 
 

@@ -73,6 +73,8 @@ class ModelStore(Generic[T]):
     def __init__(self, model_dir: Path | None, prepare: Callable[[RepNet, Manifest], T], *,
                  metrics: Metrics, reading: ReadPolicy = ReadPolicy(), rejects_file: Path | None = None) -> None:
         self._model_dir = Path(model_dir) if model_dir is not None else None
+        if self._model_dir is not None and self._model_dir.exists() and not self._model_dir.is_dir():
+            raise NotADirectoryError(f"model directory {self._model_dir} is not a directory")
         self._prepare = prepare
         self._metrics = metrics
         self._reading = reading

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -149,13 +149,13 @@ class Pipeline:
         self.offsets.finish((o.source.tp, o.source.offset) for o in outputs)
         await self.offsets.commit()
 
-    async def drain(self, inference: asyncio.Task[None], timeout_s: float) -> None:
-        """After the source stopped: finish queued frames, wait for acks, commit (each bounded in time)."""
+    async def drain(self, inference: asyncio.Task[None], deadline: float) -> None:
+        """After the source stopped: finish queued frames, wait for acks, commit, all by `deadline` (loop time)."""
         started = time.monotonic()
         self._log.info("draining", queued=len(self.batcher), in_flight=self.offsets.in_flight())
         await self.batcher.close()
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout_at(deadline):
                 await inference
                 await self.sink.flush()
         except TimeoutError:
@@ -163,7 +163,7 @@ class Pipeline:
             self._log.warning("drain_timeout", uncommitted=self.offsets.in_flight(),
                               note="uncommitted frames are re-delivered on the next start")
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout_at(deadline):
                 await self.offsets.commit()
         except TimeoutError:  # e.g. the topic vanished and aiokafka retries the commit without end
             self._log.warning("commit_timeout", uncommitted=self.offsets.in_flight(),
@@ -176,6 +176,7 @@ class InspectorService:
         self.settings, self.metrics = settings, metrics
         self._models = models
         self._serving: ServingModel[Runner] | None = None
+        self._stop_by: float | None = None  # loop time by which a stop must be complete, once one began
         self._log = structlog.get_logger(__name__).bind(topic=settings.topic, group_id=settings.group_id)
 
     @property
@@ -183,8 +184,10 @@ class InspectorService:
         return self._serving
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until `stop` is set; returns after a clean drain, raises if the pipeline fails."""
-        s = self.settings
+        """Serve until `stop` is set; returns after a clean drain, raises if the pipeline fails. From the moment
+        a stop begins, draining, committing and closing the clients all end within `shutdown_timeout_s`,
+        whatever state the service was in (loading a model, connecting, serving)."""
+        s, self._stop_by = self.settings, None
         try:  # on a daemon thread, and a stop ends the wait: a read that hangs cannot hold start-up or exit
             self._serving = await unless_stopped(on_daemon(self._models.load_initial, "model-load"), stop)
         except Stopped:
@@ -195,12 +198,12 @@ class InspectorService:
             if producer is None:
                 self._log.info("stopped_before_connecting")
                 return
-            stack.push_async_callback(producer.stop)
+            stack.push_async_callback(self._close, "producer", producer.stop)
             consumer = await self._connect(lambda: new_consumer(s), "consumer", stop)
             if consumer is None:
                 self._log.info("stopped_before_connecting")
                 return
-            stack.push_async_callback(self._leave, consumer)
+            stack.push_async_callback(self._close, "consumer", lambda: self._leave(consumer))
             offsets = CommitPolicy(consumer.commit)
             consumer.subscribe([s.topic], listener=DrainBeforeRevoke(offsets, self.metrics, s.shutdown_timeout_s))
             executor = ThreadPoolExecutor(max_workers=s.inference_workers, thread_name_prefix="inference")
@@ -214,7 +217,21 @@ class InspectorService:
     async def _connect(self, factory: Callable[[], C], name: str, stop: asyncio.Event) -> C | None:
         s = self.settings
         return await start_with_retry(factory, name=name, servers=s.bootstrap_servers, stop=stop,
-                                      backoff_max_s=s.connect_backoff_max_s)
+                                      backoff_max_s=s.connect_backoff_max_s, attempt_timeout_s=s.connect_timeout_s)
+
+    def _deadline(self) -> float:
+        """When the stop under way must be complete (set by the first call: a stop, or a failure, began)."""
+        if self._stop_by is None:
+            self._stop_by = asyncio.get_running_loop().time() + self.settings.shutdown_timeout_s
+        return self._stop_by
+
+    async def _close(self, name: str, close: Callable[[], Awaitable[None]]) -> None:
+        try:
+            async with asyncio.timeout_at(self._deadline()):
+                await close()
+        except TimeoutError:
+            self._log.warning("close_timeout", client=name, shutdown_timeout_s=self.settings.shutdown_timeout_s,
+                              note="closed without waiting for the broker")
 
     async def _leave(self, consumer: AIOKafkaConsumer) -> None:
         await consumer.stop()
@@ -229,7 +246,7 @@ class InspectorService:
                 pipeline.sink.failure(), self._watch_models(), self._log_summaries())]
             inference = tasks.create_task(pipeline.infer_and_publish(s.inference_workers))
             await pipeline.consume(stop)
-            await pipeline.drain(inference, s.shutdown_timeout_s)
+            await pipeline.drain(inference, self._deadline())
             for task in background:
                 task.cancel()
         self._log.info("inspector_stopped", **self.metrics.summary().as_log())

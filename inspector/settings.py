@@ -134,8 +134,18 @@ class Settings(BaseSettings):
     """longest a stop (or a rebalance) waits for in-flight frames and their commit"""
     connect_backoff_max_s: float = Field(default=10.0, gt=0)
     """longest pause between attempts to reach the broker"""
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    """longest one attempt to reach the broker may take (aiokafka's own request timeout is 40 s): an address that
+    accepts connections but does not speak Kafka (a wrong port, a stuck proxy) gets kafka_unreachable this soon"""
 
     kafka: KafkaSecurity = KafkaSecurity()
+
+    @model_validator(mode="after")
+    def _batch_fits_the_queue(self) -> Settings:
+        if self.queue_frames < self.max_batch:
+            raise ValueError(f"queue_frames ({self.queue_frames}) must be at least max_batch ({self.max_batch}): "
+                             "no more frames than queue_frames are ever in flight, so a batch would never fill")
+        return self
 
     @model_validator(mode="after")
     def _heartbeat_below_session(self) -> Settings:

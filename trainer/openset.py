@@ -33,6 +33,7 @@ from stripnet.ood import calibrate, channel_stats, fit_head
 from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
 from trainer.detector import DEFAULT_OOD_LAYER
+from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
 
 OUTPUTS = "outputs.safetensors"
@@ -106,7 +107,8 @@ def run_split(cfg: OpenSetConfig, held_out: str) -> Path:
     save_file({"logits": logits, "labels": known[data.labels], "part": part}
               | {f"stats_{b}": t.contiguous() for b, t in enumerate(stats)}, tmp,
               metadata={"held_out": held_out, "class_names": json.dumps(manifest.class_names),
-                        "epochs": str(cfg.recipe.epochs), "seconds": f"{result.seconds:.0f}"})
+                        "epochs": str(cfg.recipe.epochs),
+                        "seconds": f"{sum(row['seconds'] for row in read_rows(result.out)):.0f}"})
     tmp.replace(done)
     return done
 
