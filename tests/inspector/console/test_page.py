@@ -86,7 +86,9 @@ def choose(driver, select_id: str, value: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    Select(driver.find_element(By.ID, select_id)).select_by_value(value)
+    menu = lambda d: Select(d.find_element(By.ID, select_id))  # noqa: E731 - options follow the figures' refresh
+    wait(driver, lambda d: value in [o.get_attribute("value") for o in menu(d).options], f"{value!r} in #{select_id}")
+    menu(driver).select_by_value(value)
 
 
 def test_the_page_shows_the_line_live(kafka_broker, new_topic, tmp_path, browser, console_process) -> None:
@@ -99,7 +101,7 @@ def test_the_page_shows_the_line_live(kafka_broker, new_topic, tmp_path, browser
     inspector = InspectorProcess(settings, tmp_path / "inspector").start()
     try:
         console = console_process("--bootstrap-servers", kafka_broker, "--topic", settings.output_topic,
-                                  "--dead-letter-topic", settings.dead_letter_topic, "--max-cards-per-s", "100",
+                                  "--dead-letter-topic", settings.dead_letter_topic, "--max-cards-per-s", "1000",
                                   "--session-timeout-ms", "3000", "--heartbeat-interval-ms", "500")
         console.wait_joined()
         asyncio.run(inspector.wait_for_log("inspector_started", timeout_s=WAIT_S))  # latencies then measure the line
