@@ -1,4 +1,4 @@
-"""`inspector` command line: run, broker, replay, demo — generated from the typed settings.
+"""`inspector` command line: run, broker, replay, demo, console — generated from the typed settings.
 
 Each command is a `Settings` subclass, so every setting is a flag (`--topic`, `--max-batch`,
 `--kafka.security-protocol`…) with its docstring as help and its default shown by pydantic-settings;
@@ -17,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import CliApp, CliSubCommand, SettingsError, get_subcommand
 
+from inspector.console.settings import ConsoleSettings
 from inspector.settings import LogLevel, Settings, kafka_client_kwargs
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -78,7 +79,8 @@ class Replay(Command):
 
 
 class Demo(Command):
-    """A local broker, a camera replaying a folder and the inspector together, with a live summary."""
+    """A local broker, a camera replaying a folder, the inspector and the operator console together, with a
+    live summary and the console's URL."""
 
     images: Path | None = None
     """image folder (none: ../shared/datasets/neu-cls if present, else synthesized frames)"""
@@ -90,6 +92,10 @@ class Demo(Command):
     """broker port (none: a free one)"""
     timeout: float = Field(default=600.0, gt=0)
     """give up after this many seconds"""
+    console_port: int = Field(default=9500, ge=0, le=65535)
+    """port of the operator console (taken or 0: a free one)"""
+    stay: bool = False
+    """after the replay, keep broker, inspector and console running until Ctrl-C (to look at the page)"""
     log_level: LogLevel = "warning"
 
     def execute(self) -> int:
@@ -104,6 +110,17 @@ class Demo(Command):
             return EXIT_FAILED
 
 
+class Console(ConsoleSettings):
+    """A live page of the defect events every inspector replica produces, with the frames' pictures, at
+    http://HOST:HTTP_PORT/: a consumer of the events and dead-letter topics with a group of its own. Its
+    settings are its own (INSPECTOR_CONSOLE_… variables); runs until SIGINT/SIGTERM."""
+
+    def execute(self) -> int:
+        from inspector.console.app import run_console
+
+        return asyncio.run(run_console(self))
+
+
 class Commands(BaseModel):
     """Strip-steel line inspector: Kafka frames in, defect events out."""
 
@@ -116,10 +133,12 @@ class Commands(BaseModel):
     replay: CliSubCommand[Replay]
     """publish a folder of images as a camera would"""
     demo: CliSubCommand[Demo]
-    """broker + replay + inspector together, with a live summary"""
+    """broker + replay + inspector (+ console) together, with a live summary"""
+    console: CliSubCommand[Console]
+    """the operator console: a live web page of the events, with pictures"""
 
 
-def parse(argv: Sequence[str] | None = None) -> tuple[str, Command]:
+def parse(argv: Sequence[str] | None = None) -> tuple[str, Command | Console]:
     """The command named by `argv` (default: sys.argv[1:]) and its settings. Usage errors exit 2 (argparse);
     invalid values raise pydantic's ValidationError."""
     cli = CliApp.run(Commands, cli_args=None if argv is None else list(argv))

@@ -1,11 +1,12 @@
-"""`inspector demo`: a local broker, a camera replaying a folder, the inspector, and a live summary.
+"""`inspector demo`: a local broker, a camera replaying a folder, the inspector, the console and a live summary.
 
 The summary reads the defect events back from the output topic, as a downstream consumer would:
 events per class, throughput and latency (frame captured → event emitted). When the frames come from
 an ImageFolder (one sub-folder per class, like NEU-CLS), it also shows how often the label agrees with
 the folder. Images: --images, else ../shared/datasets/neu-cls next to the repository, else frames it
 synthesizes (and says so). Model: --model-dir, else the bundled model, else an untrained network
-(and says so: its labels are noise).
+(and says so: its labels are noise). The operator console (inspector/console) runs in the same process
+and the demo prints its URL; `--stay` keeps everything running after the replay, to look at the page.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer
 
 from inspector.app import build
-from inspector.broker import LocalBroker
+from inspector.broker import LocalBroker, port_open
 from inspector.codec import loads
+from inspector.console.app import running_console, until_signalled
+from inspector.console.settings import ConsoleSettings
 from inspector.metrics import Metrics
 from inspector.replay import frame_files, replay
 from inspector.settings import Settings, kafka_client_kwargs
@@ -137,6 +140,8 @@ async def run_demo(demo: Demo) -> int:
         client = kafka_client_kwargs(settings)
         await ensure_topics({settings.topic: PARTITIONS, settings.output_topic: PARTITIONS,
                              settings.dead_letter_topic: PARTITIONS}, client_kwargs=client)
+        console = await stack.enter_async_context(running_console(console_settings(settings, demo.console_port)))
+        say(f"demo: console on {console.url}" + ("" if demo.stay else " (--stay keeps it open after the replay)"))
         inspector = build(settings)
         expected = len(frame_files(images)[0][: demo.limit])
         stop = asyncio.Event()
@@ -146,11 +151,24 @@ async def run_demo(demo: Demo) -> int:
             say(f"demo: inspector ready (model {inspector.service.serving.version}); replaying {expected} frames"
                 + (f" at {demo.rate:g} fps" if demo.rate else ""))
             tally = await _watch(settings, images, demo, expected, client, serving)
+            if demo.stay:
+                say(f"demo: replay over — the console stays on {console.url}; Ctrl-C stops")
+                await until_signalled()
         finally:
             stop.set()
             await serving
         say(f"demo: done — {tally.line(expected)}")
         return 0 if tally.events == expected else 1
+
+
+def console_settings(settings: Settings, port: int) -> ConsoleSettings:
+    """The demo's console: its broker and topics, read from their beginning (a page opened late still shows
+    every event), on `port` unless something already listens there (then on a free one)."""
+    return ConsoleSettings(
+        bootstrap_servers=settings.bootstrap_servers, topic=settings.output_topic,
+        dead_letter_topic=settings.dead_letter_topic, from_beginning=True, http_port=0 if port_open(port) else port,
+        session_timeout_ms=settings.session_timeout_ms, heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        kafka=settings.kafka)
 
 
 async def _until_ready(metrics: Metrics, serving: asyncio.Task, timeout_s: float) -> None:

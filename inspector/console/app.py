@@ -56,11 +56,20 @@ async def running_console(settings: ConsoleSettings) -> AsyncIterator[RunningCon
         await runner.cleanup()
 
 
-async def run_console(settings: ConsoleSettings) -> int:
+async def until_signalled() -> None:
+    """Return on SIGINT or SIGTERM (the handlers are this function's only while it waits)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with running_console(settings):
+    try:
         await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def run_console(settings: ConsoleSettings) -> int:
+    async with running_console(settings):
+        await until_signalled()
     return 0

@@ -117,12 +117,23 @@ def test_run_waits_for_the_broker_serves_and_stops_cleanly_on_sigterm(published_
     assert "Traceback" not in err
 
 
-def test_demo_runs_broker_replay_and_inspector_together():
-    demo = subprocess.run([INSPECTOR, "demo", "--limit", "12", "--max-batch", "4", "--rate", "100"],
-                          capture_output=True, text=True, timeout=120)
-    assert demo.returncode == 0, demo.stdout + demo.stderr
-    assert "demo: done — events 12/12" in demo.stdout
-    assert "ev/s" in demo.stdout and "latency p50" in demo.stdout
+def test_demo_runs_broker_replay_inspector_and_console_together():
+    """With --stay the demo keeps serving after the replay; its console has counted every event."""
+    demo = spawn("demo", "--limit", "12", "--max-batch", "4", "--rate", "100", "--stay", "--console-port", "0")
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 120
+        while not lines or "replay over" not in lines[-1]:
+            assert demo.poll() is None and time.monotonic() < deadline, "".join(lines) + demo.stderr.read()
+            lines.append(demo.stdout.readline())
+        (url,) = [line.split("demo: console on ", 1)[1].split()[0] for line in lines if "demo: console on" in line]
+        state = lambda: json.loads(http_get(url + "api/state")[2] or b"{}")  # noqa: E731
+        wait_until(lambda: state().get("events") == 12, 30, "the console to count the 12 events", demo)
+    finally:
+        code, out, err, _ = stop(demo, timeout_s=30)
+    assert code == 0, "".join(lines) + out + err
+    assert "demo: done — events 12/12" in out
+    assert "ev/s" in "".join(lines) + out and "latency p50" in out
 
 
 def test_usage_errors_are_one_line_and_exit_2(tmp_path):
@@ -136,7 +147,7 @@ def test_help_lists_every_command_and_every_setting_with_its_default():
     top = subprocess.run([INSPECTOR, "--help"], capture_output=True, text=True, timeout=60)
     run = subprocess.run([INSPECTOR, "run", "--help"], capture_output=True, text=True, timeout=60)
     assert top.returncode == run.returncode == 0
-    assert all(name in top.stdout for name in ("run", "broker", "replay", "demo"))
+    assert all(name in top.stdout for name in ("run", "broker", "replay", "demo", "console"))
     assert "--max-batch int" in run.stdout and "(default: 32)" in run.stdout
     assert "--kafka.security-protocol" in run.stdout
 
