@@ -6,8 +6,11 @@
 - models: tiny checkpoints and BN statistics worth testing against;
 - images: colour and gray image folders on disk, and the X-SDD development set (skips when absent);
 - deploy: the files under deploy/, parsed;
-- http: one blocking GET.
-- gpu: the CUDA skip, reference frames (NEU-CLS or synthetic), the GPU side of a profiler trace.
+- http: one blocking GET;
+- gpu: the CUDA skip, reference frames (NEU-CLS or synthetic), the GPU side of a profiler trace;
+- hostile: hostile model versions, each with the rejection it must get;
+- console: `inspector console` as a subprocess, and headless Chromium driven by Selenium;
+- commits: a commit policy that has already fetched records.
 """
 
 from pathlib import Path

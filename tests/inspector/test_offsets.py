@@ -4,6 +4,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError
 
 from inspector.offsets import CommitPolicy, OffsetTracker
+from tests.helpers.commits import tracking
 
 P0, P1 = TopicPartition("frames", 0), TopicPartition("frames", 1)
 
@@ -55,9 +56,7 @@ async def acknowledged(policy: CommitPolicy, done: list) -> None:
 def test_acknowledgements_commit_and_a_failed_commit_is_retried_with_the_next():
     async def scenario():
         consumer = FakeConsumer(fail_first=1)
-        policy = CommitPolicy(consumer.commit)
-        for offset in range(3):
-            policy.track(P0, offset)
+        policy = tracking(consumer.commit, P0, range(3))
         await acknowledged(policy, [(P0, 0)])  # this commit fails
         await acknowledged(policy, [(P0, 2)])  # offset 1 is still in flight; the failed position 1 is retried
         await acknowledged(policy, [(P0, 1)])
@@ -69,9 +68,7 @@ def test_acknowledgements_commit_and_a_failed_commit_is_retried_with_the_next():
 def test_drain_waits_for_in_flight_records_then_commits_and_forgets():
     async def scenario():
         consumer = FakeConsumer()
-        policy = CommitPolicy(consumer.commit)
-        for offset in range(4):
-            policy.track(P0, offset)
+        policy = tracking(consumer.commit, P0, range(4))
 
         async def acks_arrive():
             for offset in range(4):
@@ -89,9 +86,7 @@ def test_drain_waits_for_in_flight_records_then_commits_and_forgets():
 def test_drain_gives_up_after_its_timeout_and_commits_what_is_done():
     async def scenario():
         consumer = FakeConsumer()
-        policy = CommitPolicy(consumer.commit)
-        for offset in range(3):
-            policy.track(P0, offset)
+        policy = tracking(consumer.commit, P0, range(3))
         await acknowledged(policy, [(P0, 0)])
         drained = await policy.drain([P0], timeout_s=0.05)
         return drained, consumer.commits

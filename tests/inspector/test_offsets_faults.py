@@ -13,7 +13,7 @@ import time
 from aiokafka import TopicPartition
 from structlog.testing import capture_logs
 
-from inspector.offsets import CommitPolicy
+from tests.helpers.commits import tracking
 
 P0 = TopicPartition("frames", 0)
 
@@ -32,11 +32,8 @@ class HangingConsumer:
 def test_drain_before_revocation_is_bounded_even_when_the_commit_hangs():
     async def scenario():
         consumer = HangingConsumer()
-        policy = CommitPolicy(consumer.commit)
-        for offset in range(3):
-            policy.track(P0, offset)
-        for offset in range(3):
-            policy._tracker.finish(P0, offset)  # finished, not yet committed
+        policy = tracking(consumer.commit, P0, range(3))
+        policy.finish([(P0, offset) for offset in range(3)])  # finished, not yet committed
         started = time.monotonic()
         with capture_logs() as logs:
             drained = await policy.drain([P0], timeout_s=0.2)
