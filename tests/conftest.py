@@ -69,6 +69,15 @@ def published_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _one_torch_thread() -> None:
+    """torch computes on one thread in every test, as the service does by default (`threads`): the tests share two
+    cores with other work, where one thread is the faster choice (README, Performance)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
 def _restore_structlog() -> Iterator[None]:
     """An in-process CLI call configures structlog globally (e.g. --log-level error); undo it after each
     test so later tests that capture logs see every line."""

@@ -161,7 +161,7 @@ def cross_validate(cfg: CVConfig) -> dict:
 
 
 @dataclass(frozen=True)
-class Prediction:
+class HeldOutPrediction:
     path: str
     fold: int
     true: str
@@ -169,7 +169,7 @@ class Prediction:
     confidence: float
 
 
-def _load_predictions(out: Path) -> tuple[tuple[str, ...], list[Prediction]]:
+def _load_predictions(out: Path) -> tuple[tuple[str, ...], list[HeldOutPrediction]]:
     names: tuple[str, ...] = ()
     preds = []
     for path in sorted(out.glob("fold-*/predictions.json")):
@@ -177,11 +177,12 @@ def _load_predictions(out: Path) -> tuple[tuple[str, ...], list[Prediction]]:
         names = tuple(doc["class_names"])
         for row in doc["predictions"]:
             best = int(np.argmax(row["probabilities"]))
-            preds.append(Prediction(row["path"], doc["fold"], row["true"], names[best], row["probabilities"][best]))
+            preds.append(HeldOutPrediction(row["path"], doc["fold"], row["true"], names[best],
+                                           row["probabilities"][best]))
     return names, preds
 
 
-def _metrics(preds: list[Prediction], names: tuple[str, ...]) -> Metrics:
+def _metrics(preds: list[HeldOutPrediction], names: tuple[str, ...]) -> Metrics:
     index = {n: i for i, n in enumerate(names)}
     return compute_metrics(np.array([index[p.true] for p in preds]), np.array([index[p.predicted] for p in preds]),
                            names)

@@ -10,7 +10,6 @@ import time
 from collections import Counter
 
 import pytest
-import torch
 
 from schemas.messages import DeadLetter, DefectEvent
 from tests.helpers.harness import Tail, record_figures
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.kafka
 
 POISON = 1000
 VALID = 300
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def test_a_thousand_poison_records_go_to_the_dead_letter_topic_and_every_valid_frame_is_classified(

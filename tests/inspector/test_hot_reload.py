@@ -41,11 +41,6 @@ RATE = 150.0
 SLACK_S = 1.0  # event-loop and thread scheduling on a loaded 2-core machine; everything else is measured
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def base_checkpoint(tmp_path_factory) -> Path:
     return export_tiny(tmp_path_factory.mktemp("ckpt") / "base", "v1")

@@ -27,11 +27,6 @@ CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale
 BATCH_SIZES = (1, 3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 # -- a fake runner loader -------------------------------------------------------------------------------
 
 

@@ -28,11 +28,6 @@ MAX_BATCH = 8
 WITH_BF16, WITHOUT = frozenset({"fpu", "avx512f", "avx512_bf16"}), frozenset({"fpu", "avx2", "avx512f"})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def bundled() -> tuple[RepNet, Manifest]:
     return load_checkpoint(resolve_model_dir("default"))

@@ -45,11 +45,6 @@ HEAD_GAIN = 10.0
 AT = datetime(2025, 1, 1, tzinfo=UTC)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def cpu(**overrides) -> Settings:
     """fp32 unless a test names its backend: these tests hold runners to fp32 tolerances (bf16: test_precision)."""
     return Settings(**({"device": "cpu", "max_batch": MAX_BATCH, "backend": "onnxruntime"} | overrides))

@@ -7,7 +7,6 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
-import torch
 from structlog.testing import capture_logs
 
 from inspector.app import build
@@ -24,11 +23,6 @@ from tests.helpers.streams import (
 )
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def neu_sample(root, per_class: int):

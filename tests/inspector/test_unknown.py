@@ -9,7 +9,6 @@ import math
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from schemas.messages import DefectEvent
 from stripnet.checkpoint import read_manifest
@@ -18,11 +17,6 @@ from tests.helpers import NEU_CLASSES
 from tests.helpers.streams import encoded_frame, image_frames, produce, read_records, running_service, service_settings
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

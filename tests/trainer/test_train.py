@@ -8,6 +8,7 @@ from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
 from tests.helpers.images import hue_folder
+from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
 
 
@@ -17,13 +18,9 @@ def smoke_cfg(neu_cls, tmp_path):
                        limit_per_class=12, split=(0.75, 0.25), progress=False)
 
 
-def _log(run):
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-
-
 def test_two_epoch_smoke_run_learns_and_exports(smoke_cfg):
     result = fit(smoke_cfg)
-    rows = _log(smoke_cfg.out)
+    rows = read_rows(smoke_cfg.out)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
     for name in ("split.json", "config.json", "log.csv", "best.pt", "last.pt", "curves.png", "confusion_val.png",
@@ -38,7 +35,7 @@ def test_two_epoch_smoke_run_learns_and_exports(smoke_cfg):
 def test_resume_continues_from_the_last_epoch(smoke_cfg):
     fit(replace(smoke_cfg, epochs=1))
     fit(smoke_cfg)  # same out dir: resumes at epoch 2
-    rows = _log(smoke_cfg.out)
+    rows = read_rows(smoke_cfg.out)
     assert [r["epoch"] for r in rows] == [1, 2]
 
 
@@ -46,7 +43,7 @@ def test_distillation_uses_the_teacher(smoke_cfg, tmp_path):
     teacher = export_checkpoint(build_model(EG_REPVGG, 6), tmp_path / "teacher",
                                 class_names=("a", "b", "c", "d", "e", "f"), model_name="teacher")
     fit(replace(smoke_cfg, epochs=1, teacher=tmp_path / "teacher", teacher_cache_dir=tmp_path / "cache"))
-    rows = _log(smoke_cfg.out)
+    rows = read_rows(smoke_cfg.out)
     assert rows[0]["train_kd"] > 0
     assert len(list((tmp_path / "cache").glob("teacher-logits-*.pt"))) == 1
     assert load_checkpoint(smoke_cfg.out / "model")[1].teacher == teacher.model_name
@@ -79,14 +76,14 @@ def test_colour_data_train_an_rgb_model_at_their_own_size_balanced_and_selected_
     assert notes[0].startswith("colour rgb") and notes[1].startswith("size 24×24: the images' own size")
     assert notes[2].startswith("balance sampling") and notes[3] == "select by macro-F1 on validation"
     assert "balance sampling" in manifest.notes
-    assert all(0.0 <= row["val_macro_f1"] <= 1.0 for row in _log(hue_cfg.out))
+    assert all(0.0 <= row["val_macro_f1"] <= 1.0 for row in read_rows(hue_cfg.out))
 
 
 def test_distillation_from_a_colour_teacher_and_a_gray_teacher_is_refused(hue_cfg, tmp_path):
     teacher = fit(replace(hue_cfg, out=tmp_path / "teacher", epochs=1, model_name="tiny-teacher")).out / "model"
     student = replace(hue_cfg, epochs=1, teacher=teacher, balance="loss")
     fit(student)
-    assert _log(student.out)[0]["train_kd"] > 0
+    assert read_rows(student.out)[0]["train_kd"] > 0
     assert load_checkpoint(student.out / "model")[1].teacher == "tiny-teacher"
     export_checkpoint(build_model(EG_REPVGG, 3), tmp_path / "gray-teacher", class_names=("a", "b", "c"),
                       model_name="gray", input_spec=InputSpec(size=24))
