@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,11 @@ class InspectorProcess:
                                                                   for k, v in labels.items())):
                     return sample.value
         return None
+
+
+def logged_at(line: dict[str, Any]) -> float:
+    """When a JSON log line was written (its ISO `timestamp`), as seconds since the epoch (time.time())."""
+    return datetime.fromisoformat(line["timestamp"]).timestamp()
 
 
 def peak_rss_bytes(pid: int) -> int:

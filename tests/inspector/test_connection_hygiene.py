@@ -19,7 +19,6 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -27,8 +26,10 @@ import pytest
 
 from inspector.broker import LocalBroker, free_port
 from inspector.cli import main
+from inspector.endpoints import serve_http
+from inspector.metrics import Metrics
 from inspector.topics import ensure_topics
-from tests.helpers.harness import InspectorProcess, Tail
+from tests.helpers.harness import InspectorProcess, Tail, logged_at, record_figures
 from tests.helpers.http import http_get
 from tests.helpers.models import export_tiny, version_dir_name
 from tests.helpers.streams import produce, service_settings, tiny_frame
@@ -55,10 +56,6 @@ def models(tmp_path_factory) -> Path:
     return root
 
 
-def logged_at(line: dict) -> float:
-    return datetime.fromisoformat(line["timestamp"]).timestamp()
-
-
 def terminate_timed(inspector: InspectorProcess) -> tuple[int, float]:
     """SIGTERM and (exit code, seconds to exit); a process still there after 60 s is killed and fails the test."""
     started = time.monotonic()
@@ -74,7 +71,8 @@ def test_a_silent_bootstrap_is_reported_within_connect_timeout_and_sigterm_ends_
     try:
         unreachable = asyncio.run(inspector.wait_for_log("kafka_unreachable", 60))
         starting = inspector.events("inspector_started") or inspector.events("model_active")
-        assert logged_at(unreachable) - logged_at(starting[-1]) < CONNECT_S + SLACK_S
+        warned_after_s = logged_at(unreachable) - logged_at(starting[-1])
+        assert warned_after_s < CONNECT_S + SLACK_S
         assert "no Kafka answer within 1.5s" in unreachable["error"]
         (listening,) = inspector.events("http_listening")  # the logged address is the one that answers
         assert http_get(listening["url"] + "/live")[0] == 200 and listening["host"] == "127.0.0.1"
@@ -85,6 +83,9 @@ def test_a_silent_bootstrap_is_reported_within_connect_timeout_and_sigterm_ends_
             inspector.kill()
     assert code == 0 and seconds < SHUTDOWN_S + SLACK_S, (code, seconds)
     assert "stopped_before_connecting" in [e.get("event") for e in inspector.lines()]
+    record_figures("hygiene_silent_bootstrap", {"connect_timeout_s": CONNECT_S, "shutdown_timeout_s": SHUTDOWN_S,
+                                                "warned_after_s": round(warned_after_s, 3),
+                                                "sigterm_exit_s": round(seconds, 3)})
 
 
 HUNG_READ = textwrap.dedent("""
@@ -132,6 +133,7 @@ def test_sigterm_ends_a_process_whose_model_read_hangs(where, kafka_broker, new_
             child.kill()
             child.wait()
     assert child.returncode == 0 and "exited" in out and seconds < SHUTDOWN_S + SLACK_S, (child.returncode, seconds)
+    record_figures(f"hygiene_hung_{where}", {"sigterm_exit_s": round(seconds, 3), "shutdown_timeout_s": SHUTDOWN_S})
 
 
 def tansu_process(port: int) -> psutil.Process:
@@ -166,6 +168,7 @@ def test_sigterm_ends_a_drain_against_a_broker_that_stopped_answering(models, tm
                 inspector.kill()
         broker.stop()
     assert code == 0 and seconds < SHUTDOWN_S + SLACK_S, (code, seconds)
+    record_figures("hygiene_stuck_drain", {"sigterm_exit_s": round(seconds, 3), "shutdown_timeout_s": SHUTDOWN_S})
     names = [e.get("event") for e in inspector.lines()]
     assert "drained" in names and ("drain_timeout" in names or "commit_timeout" in names or "close_timeout" in names)
 
@@ -193,3 +196,14 @@ def test_settings_round_trip_for_the_child_processes(models):
     settings = service_settings("127.0.0.1:1", "t", models)
     assert Settings.model_validate_json(settings.model_dump_json()) == settings
     assert json.loads(settings.model_dump_json())["model_limits"]["max_blocks"] == 64
+
+
+def test_the_reported_address_is_the_bound_one_on_all_interfaces_too():
+    """Issue 13, item 8: the server listened on 0.0.0.0 while its log line said 127.0.0.1."""
+    async def scenario() -> tuple[str, str, int]:
+        async with serve_http(Metrics(), "0.0.0.0", 0) as endpoint:
+            status, _, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{endpoint.port}/live")
+            return endpoint.host, endpoint.url, status
+
+    host, url, status = asyncio.run(scenario())
+    assert host == "0.0.0.0" and url.startswith("http://0.0.0.0:") and status == 200

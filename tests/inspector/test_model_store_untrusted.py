@@ -16,6 +16,8 @@ import torch
 from structlog.testing import capture_logs
 
 from inspector import model_store
+from inspector.app import model_store as build_store
+from inspector.cli import parse
 from inspector.metrics import Metrics
 from inspector.model_store import ModelStore, ReadPolicy
 from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, Manifest
@@ -183,3 +185,46 @@ def test_a_model_dir_that_turns_into_a_file_warns_once(model_dir, tmp_path):
         for _ in range(3):
             assert store.poll() is None
     assert len(events(logs, "model_dir_unreadable")) == 1
+
+
+def test_any_exception_from_reading_is_a_rejection_not_a_crash(model_dir, good, monkeypatch):
+    """Issue 13, item 1: torch's RuntimeError ("you tried to allocate 36000000000000 bytes") escaped the store's
+    `except (CheckpointError, OSError)` and ended the process. Whatever reading raises, the old model serves on."""
+    real = model_store.load_checkpoint
+
+    def allocation_fails_for_v2(path, limits, batch):
+        if path.name.endswith("-v2"):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 36000000000000 bytes")
+        return real(path, limits, batch)
+
+    monkeypatch.setattr(model_store, "load_checkpoint", allocation_fails_for_v2)
+    metrics = Metrics()
+    store = store_for(model_dir, metrics)
+    store.load_initial()
+    with_version(good, model_dir / version_dir_name(2, "v2"), "v2")
+    with capture_logs() as logs:
+        for _ in range(3):
+            assert store.poll() is None
+    [line] = events(logs, "model_rejected")
+    assert line["kind"] == "read_error" and line["reason"].startswith("RuntimeError: DefaultCPUAllocator")
+    assert store.current.version == "v1" and reloads(metrics) == (1, 1)
+
+
+@pytest.mark.parametrize("source", ["flag", "environment"])
+def test_the_caps_are_settings(source, model_dir, tmp_path, monkeypatch):
+    """--model-limits.* and INSPECTOR_MODEL_LIMITS__* reach the store the service builds (inspector.app)."""
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in [n for n in os.environ if n.startswith("INSPECTOR_")]:
+        monkeypatch.delenv(name)
+    args = ["run", "--model-dir", str(model_dir), "--model-rejects-file", str(tmp_path / "rejects.json")]
+    if source == "flag":
+        args += ["--model-limits.max-blocks", "8"]
+    else:
+        monkeypatch.setenv("INSPECTOR_MODEL_LIMITS__MAX_BLOCKS", "8")
+    _, settings = parse(args)
+
+    with capture_logs() as logs, pytest.raises(model_store.NoValidModelError):
+        build_store(settings, prepare, Metrics()).load_initial()  # EG-RepVGG has 9 blocks: v1 and the bundled one
+    [pending] = events(logs, "model_pending")
+    [rejected] = events(logs, "model_rejected")  # the bundled model: no second look
+    assert pending["reason"] == rejected["reason"] == "architecture has 9 blocks > limit 8"

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,18 @@ def test_the_activation_limit_depends_on_the_batch(good):
     assert load_checkpoint(good, limits, batch=16)[1].model_version == "v1"
     with pytest.raises(CheckpointError, match="activation bytes at batch 32"):
         load_checkpoint(good, limits, batch=32)
+
+
+@pytest.mark.parametrize("name", [MANIFEST_NAME, WEIGHTS_NAME])
+def test_a_device_node_in_the_folder_is_not_read(name, good, tmp_path):
+    """A character device inside the folder itself (no symbolic link to leave it): /dev/zero's numbers, which
+    read for ever. Creating one needs CAP_MKNOD."""
+    ckpt = tmp_path / "dev"
+    shutil.copytree(good, ckpt)
+    (ckpt / name).unlink()
+    try:
+        os.mknod(ckpt / name, 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+    except PermissionError:
+        pytest.skip("creating a device node needs CAP_MKNOD")
+    with pytest.raises(CheckpointError, match=r"not a regular file \(mode c"):
+        load_checkpoint(ckpt)
