@@ -34,7 +34,8 @@ class RunningConsole:
 @contextlib.asynccontextmanager
 async def running_console(settings: ConsoleSettings) -> AsyncIterator[RunningConsole]:
     board = Board(settings)
-    pictures = PictureCache(settings.picture_cache_bytes, settings.max_pixels, settings.picture_timeout_s)
+    pictures = PictureCache(settings.picture_cache_bytes, settings.max_pixels, settings.picture_timeout_s,
+                            settings.max_picture_bytes)
     stop = asyncio.Event()
     runner = web.AppRunner(build_app(Parts(settings, board, pictures, stop)), access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)

@@ -5,6 +5,7 @@ Mutated only on the event loop (the reader parses records in a worker thread, th
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -88,10 +89,10 @@ class Board:
 
     def viewer(self, wanted: CardFilter) -> Viewer:
         rate = self._settings.max_cards_per_s
-        return Viewer(wanted, rate=rate, burst=rate * self._settings.tick_s + 1)  # +1: keeps the fractions
+        return Viewer(wanted, rate=rate, burst=max(1, math.ceil(rate * self._settings.tick_s)))
 
     def open(self, viewer: Viewer) -> list[dict[str, Any]]:
-        return self.wall.open(viewer, self._clock(), self._settings.wall_cards)
+        return self.wall.open(viewer, self._settings.wall_cards)
 
     def take(self, viewer: Viewer) -> list[dict[str, Any]]:
         return self.wall.take(viewer, self._clock())

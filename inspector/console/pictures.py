@@ -1,7 +1,9 @@
 """Frame pictures for the cards, fetched from the frames topic by an event's `source` position.
 
 Events stay small: they carry where their frame is, not the frame. One consumer without a group seeks
-to each wanted position; the result is cached, least recently used first out, within `max_bytes`.
+to each wanted position and asks for little (FETCH_BYTES: Kafka still returns a larger record batch whole,
+so any frame comes back, without megabytes of the frames after it); the result is cached, least recently
+used first out, within `max_bytes`.
 Concurrent requests for the same frame share one fetch. The console never decodes a compressed frame:
 its headers are validated against the frame contract, PNG, JPEG and BMP frames go to the browser as they
 are (with their own content type and `nosniff`), and raw frames, checked against their declared size and
@@ -26,6 +28,7 @@ from pydantic import ValidationError
 from schemas.messages import BYTES_PER_PIXEL, FrameHeaders, SourcePosition
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "bmp": "image/bmp"}
+FETCH_BYTES = 64 * 1024
 
 
 def picture_path(source: SourcePosition) -> str:
@@ -48,8 +51,9 @@ class PictureError(Exception):
 
 
 class PictureCache:
-    def __init__(self, max_bytes: int, max_pixels: int, timeout_s: float) -> None:
+    def __init__(self, max_bytes: int, max_pixels: int, timeout_s: float, max_record_bytes: int) -> None:
         self._max_bytes, self._max_pixels, self._timeout_s = max_bytes, max_pixels, timeout_s
+        self._max_record_bytes = max_record_bytes
         self._cache: OrderedDict[SourcePosition, Picture] = OrderedDict()
         self._bytes = 0
         self._pending: dict[SourcePosition, asyncio.Task[Picture]] = {}
@@ -58,9 +62,9 @@ class PictureCache:
         self.hits = self.fetches = 0
 
     @staticmethod
-    def consumer_factory(client_kwargs: dict[str, Any], max_bytes: int) -> Callable[[], AIOKafkaConsumer]:
+    def consumer_factory(client_kwargs: dict[str, Any]) -> Callable[[], AIOKafkaConsumer]:
         return lambda: AIOKafkaConsumer(group_id=None, enable_auto_commit=False, auto_offset_reset="none",
-                                        max_partition_fetch_bytes=max_bytes, fetch_max_bytes=max_bytes,
+                                        max_partition_fetch_bytes=FETCH_BYTES, fetch_max_bytes=FETCH_BYTES,
                                         **client_kwargs)
 
     def attach(self, consumer: AIOKafkaConsumer | None) -> None:
@@ -123,6 +127,8 @@ class PictureCache:
             raise PictureError(422, "the frame's headers are not valid") from None
         if not value:
             raise PictureError(422, "the frame is empty")
+        if len(value) > self._max_record_bytes:
+            raise PictureError(422, f"a frame of {len(value)} bytes is not shown (limit {self._max_record_bytes})")
         if meta.encoding != "raw":
             return Picture(CONTENT_TYPES[meta.encoding], value)
         return Picture("image/png", self._raw_png(meta, value))

@@ -150,8 +150,7 @@ class EventReader:
 
 async def serve_pictures(settings: ConsoleSettings, pictures: PictureCache, stop: asyncio.Event) -> None:
     """Connect the pictures' consumer (retrying like the reader) and keep it until `stop`."""
-    factory = PictureCache.consumer_factory(kafka_client_kwargs(settings),  # type: ignore[arg-type]
-                                            settings.max_picture_bytes)
+    factory = PictureCache.consumer_factory(kafka_client_kwargs(settings))  # type: ignore[arg-type]
     consumer = await start_with_retry(factory, name="console-pictures", servers=settings.bootstrap_servers,
                                       stop=stop, backoff_max_s=settings.connect_backoff_max_s)
     if consumer is None:

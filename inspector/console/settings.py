@@ -41,7 +41,7 @@ class ConsoleSettings(BaseSettings):
     recent_events: int = Field(default=500, gt=0, description="events kept for the wall, filters and details")
     wall_cards: int = Field(default=48, gt=0, description="cards a page shows at once")
     picture_cache_mb: float = Field(default=64.0, gt=0, description="memory for frame pictures (LRU)")
-    max_picture_bytes: int = Field(default=16 * MIB, gt=0, description="most bytes one picture fetch asks for")
+    max_picture_bytes: int = Field(default=16 * MIB, gt=0, description="larger frame records are not shown")
     max_pixels: int = Field(default=4096 * 4096, gt=0, description="larger raw frames are not shown")
     picture_timeout_s: float = Field(default=5.0, gt=0, description="how long a picture fetch may take")
     max_keys: int = Field(default=256, gt=0, description="distinct cameras, classes or models counted by name; "

@@ -1,8 +1,8 @@
 """The wall of cards: the most recent events, and which of them each page gets.
 
 Every event read is kept (up to `recent_events`) with a sequence number. A page is a `Viewer` with its
-filter and a token bucket: on each tick it gets the newest matching events it has not seen, at most
-`max_cards_per_s` per second; the ones it skipped are still counted (figures.py), just not drawn.
+filter and its card budget: on each tick it gets the newest matching events it has not seen, at most
+`max_cards_per_s` in any one-second window; the ones it skipped are still counted (figures.py), just not drawn.
 """
 
 from __future__ import annotations
@@ -29,20 +29,24 @@ class CardFilter:
 
 @dataclass
 class Viewer:
-    """One connected page: what it wants to see, what it has seen, and its card budget: `rate` cards per
-    second, at most `burst` at once (about rate × tick + 1, so no one-second window holds more than `rate`)."""
+    """One connected page: what it wants to see, what it has seen, and its card budget: at most `rate` cards
+    in any one-second window (below one a second: one card per 1/rate seconds), and at most `burst` at once,
+    so the cards of a second come a few each tick rather than all on its first."""
 
     filter: CardFilter
     rate: float
-    burst: float
+    burst: int
     seen_seq: int = 0
-    tokens: float = 0.0
-    refilled_at: float = 0.0
+    sent: deque[float] = field(default_factory=deque)  # when each card of the current window was sent
 
-    def refill(self, now: float) -> int:
-        self.tokens = min(self.burst, self.tokens + self.rate * max(0.0, now - self.refilled_at))
-        self.refilled_at = now
-        return int(self.tokens)
+    def budget(self, now: float) -> int:
+        window_s = max(1.0, 1.0 / self.rate)
+        while self.sent and self.sent[0] <= now - window_s:
+            self.sent.popleft()
+        return max(0, min(self.burst, max(1, int(self.rate * window_s)) - len(self.sent)))
+
+    def spend(self, now: float, cards: int) -> None:
+        self.sent.extend([now] * cards)
 
 
 @dataclass
@@ -101,18 +105,21 @@ class Wall:
         entry = self._by_id.get(event_id)
         return entry.event if entry else None
 
-    def open(self, viewer: Viewer, now: float, count: int) -> list[dict[str, Any]]:
-        """The newest `count` matching cards for a page that just connected (oldest first)."""
-        viewer.seen_seq, viewer.tokens, viewer.refilled_at = self._seq, 0.0, now
+    def open(self, viewer: Viewer, count: int) -> list[dict[str, Any]]:
+        """The newest `count` matching cards for a page that just connected (oldest first); they are its
+        starting wall, outside its budget."""
+        viewer.seen_seq = self._seq
+        viewer.sent.clear()
         return self._newest(viewer.filter, count, after=0)
 
     def take(self, viewer: Viewer, now: float) -> list[dict[str, Any]]:
         """The newest matching cards `viewer` has not seen, within its budget (oldest first)."""
-        budget = viewer.refill(now)
-        cards = self._newest(viewer.filter, budget, after=viewer.seen_seq) if budget else []
-        if budget:
-            viewer.seen_seq = self._seq  # what it skipped now, it never gets: the wall shows the present
-        viewer.tokens -= len(cards)
+        budget = viewer.budget(now)
+        if not budget:
+            return []
+        cards = self._newest(viewer.filter, budget, after=viewer.seen_seq)
+        viewer.seen_seq = self._seq  # what it skipped now, it never gets: the wall shows the present
+        viewer.spend(now, len(cards))
         return cards
 
     def _newest(self, wanted: CardFilter, count: int, after: int) -> list[dict[str, Any]]:

@@ -38,7 +38,7 @@ def test_events_dead_letters_and_pictures_over_http(kafka_broker, new_topic, con
                                                     make_dead_letter, fetch) -> None:
     frames, events, dlq = new_topic(), new_topic(), new_topic()
     settings = console_settings(bootstrap_servers=kafka_broker, topic=events, dead_letter_topic=dlq,
-                                picture_timeout_s=1.0)
+                                picture_timeout_s=1.0, max_picture_bytes=5000)
     pixels = np.arange(48 * 32, dtype=np.uint8).reshape(32, 48)
     rgb = np.stack([pixels, 255 - pixels, pixels // 2], axis=-1)
     ok, png = cv2.imencode(".png", pixels)
@@ -73,6 +73,10 @@ def test_events_dead_letters_and_pictures_over_http(kafka_broker, new_topic, con
             assert console.pictures.fetches == 3 and console.pictures.hits == 1  # cached
             assert (await fetch(console.url + f"frames/{events}/0/0"))[0] == 404  # not a frames topic
             assert (await fetch(console.url + f"frames/{frames}/0/99"))[0] == 504
+            (big,) = await produce(kafka_broker, frames,
+                                   [encoded_frame("big", bytes(6000), "raw", width=100, height=60)])
+            status, _, body = await fetch(console.url + f"frames/{frames}/0/{big.offset}")
+            assert status == 422 and b"6000 bytes" in body  # over max_picture_bytes
 
             status, _, body = await fetch(console.url + f"api/event?id={sent[1].event_id}")
             assert status == 200 and orjson.loads(body)["probabilities"] == sent[1].probabilities
