@@ -1,13 +1,14 @@
 """The page in a real browser: broker, `inspector run --locate` and `inspector console` as processes, the page
 opened before any frame exists, then a few dozen frames replayed while it watches.
 
-CONSOLE_SCREENSHOT_DIR=docs/img/console saves the screenshots there (README, deploy/README.md); otherwise
-they go to the test's temporary directory.
+The screenshots (the whole page, beyond the window) go to the test's temporary directory, or to
+CONSOLE_SCREENSHOT_DIR when it is set: scripts/console_screenshot.py makes docs/img/console.png from them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 from collections import Counter
 from pathlib import Path
@@ -169,6 +170,14 @@ def test_the_page_shows_the_line_live(kafka_broker, new_topic, tmp_path, browser
 
 
 def save(driver, tmp_path: Path, name: str) -> None:
+    """A PNG of the whole page: the viewport made as tall as the page for the capture (Chromium DevTools)."""
     folder = Path(os.environ.get("CONSOLE_SCREENSHOT_DIR") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
-    assert driver.save_screenshot(str(folder / name))
+    width, height = script(driver, "return [window.innerWidth, document.documentElement.scrollHeight]")
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    (folder / name).write_bytes(base64.b64decode(shot["data"]))
