@@ -10,7 +10,8 @@
 - gpu: the CUDA skip, reference frames (NEU-CLS or synthetic), the GPU side of a profiler trace;
 - hostile: hostile model versions, each with the rejection it must get;
 - console: `inspector console` as a subprocess, and headless Chromium driven by Selenium;
-- commits: a commit policy that has already fetched records.
+- commits: a commit policy that has already fetched records;
+- metrics: readings of the inspector's metrics object (model reloads).
 """
 
 from pathlib import Path

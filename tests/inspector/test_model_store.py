@@ -21,6 +21,7 @@ from schemas.checkpoint import MANIFEST_NAME, WEIGHTS_NAME, InputSpec, Manifest
 from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, read_manifest, sha256_file
 from stripnet.network import RepNet, build_model
+from tests.helpers.metrics import model_reloads
 from trainer.publish import publish
 
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
@@ -45,12 +46,6 @@ def prepare(model: RepNet, manifest: Manifest) -> Runner:
             if not torch.isfinite(out).all():
                 raise ValueError(f"non-finite outputs at batch size {n}")
     return Runner(model, BATCH_SIZES)
-
-
-def reloads(metrics: Metrics) -> tuple[int, int]:
-    """(successful, failed) model reloads the store counted."""
-    get = metrics.registry.get_sample_value
-    return tuple(int(get("inspector_model_reloads_total", {"result": r})) for r in ("success", "failure"))
 
 
 def serving_version(metrics: Metrics) -> str | None:
@@ -207,7 +202,7 @@ def test_load_initial_serves_the_newest_version_warmed_up(store: ModelStore[Runn
     assert (serving.version, serving.path) == ("v2", newest)
     assert serving.runner.warmed_batch_sizes == BATCH_SIZES
     assert store.current is serving
-    assert serving_version(metrics) == "v2" and reloads(metrics) == (1, 0)
+    assert serving_version(metrics) == "v2" and model_reloads(metrics) == (1, 0)
 
 
 def test_poll_returns_a_newer_version_once(store: ModelStore[Runner], model_dir: Path,
@@ -287,7 +282,7 @@ def test_a_broken_version_is_rejected_and_the_old_model_stays(breakage: str, sto
     assert line["version"] == bad.name and line["serving"] == "v1"
     assert line["kind"] == "invalid_checkpoint"
     assert re.search(reason, line["reason"]), line["reason"]
-    assert reloads(metrics) == (1, 1)
+    assert model_reloads(metrics) == (1, 1)
     assert serving_version(metrics) == "v1"
 
 
@@ -304,7 +299,7 @@ def test_non_finite_outputs_are_rejected_by_the_warm_up(store: ModelStore[Runner
     [line] = rejections(logs)
     assert (line["version"], line["kind"]) == (bad.name, "prepare_failed")
     assert "non-finite" in line["reason"]
-    assert reloads(metrics) == (1, 1)
+    assert model_reloads(metrics) == (1, 1)
     assert store.current.version == "v1"
 
 
@@ -341,7 +336,7 @@ def test_a_rejected_version_is_not_retried_until_its_files_change(store: ModelSt
         for _ in range(3):
             assert store.poll() is None
     assert len(rejections(logs)) == 1
-    assert reloads(metrics)[1] == 1
+    assert model_reloads(metrics)[1] == 1
 
     # an operator repairs the manifest in place; same size, so move the mtime as a later write would
     (bad / MANIFEST_NAME).write_bytes(good_manifest)
@@ -367,9 +362,9 @@ def test_load_initial_skips_broken_versions(store: ModelStore[Runner], model_dir
     (publish(variant("v2"), model_dir) / WEIGHTS_NAME).unlink()
 
     assert store.load_initial().version == "v1"
-    assert reloads(metrics) == (1, 0)  # v2 is pending, not yet rejected
+    assert model_reloads(metrics) == (1, 0)  # v2 is pending, not yet rejected
     assert store.poll() is None
-    assert reloads(metrics) == (1, 1)
+    assert model_reloads(metrics) == (1, 1)
 
 
 def test_a_class_set_change_is_served_with_a_warning(store: ModelStore[Runner], model_dir: Path,

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from structlog.testing import capture_logs
 
 from inspector import model_store
@@ -25,23 +24,14 @@ from stripnet.budget import CheckpointLimits
 from stripnet.network import RepNet
 from tests.helpers.harness import peak_rss_bytes, reset_peak_rss
 from tests.helpers.hostile import HOSTILE, ISSUE_KINDS
+from tests.helpers.metrics import model_reloads
 from tests.helpers.models import export_tiny, version_dir_name, with_version
 
 BOUND_BYTES = 600 << 20  # issue 13: peak RSS growth per hostile version
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def prepare(model: RepNet, manifest: Manifest) -> RepNet:
     return model
-
-
-def reloads(metrics: Metrics) -> tuple[int, int]:
-    get = metrics.registry.get_sample_value
-    return tuple(int(get("inspector_model_reloads_total", {"result": r})) for r in ("success", "failure"))
 
 
 def events(logs: list[dict], name: str) -> list[dict]:
@@ -86,7 +76,7 @@ def test_a_hostile_version_is_rejected_cheaply_and_the_old_model_serves_on(kind,
     [line] = events(logs, "model_rejected")
     assert line["version"] == bad.name and line["serving"] == "v1"
     assert re.search(HOSTILE[kind].reason, line["reason"]), line["reason"]
-    assert reloads(metrics) == (1, 1)
+    assert model_reloads(metrics) == (1, 1)
 
 
 @pytest.mark.parametrize("kind", ISSUE_KINDS)
@@ -112,7 +102,7 @@ def test_a_rejection_is_remembered_across_a_restart(model_dir, good, tmp_path):
         assert restarted.load_initial().version == "v1"
         assert restarted.poll() is None
     assert events(logs, "model_rejected") == [] and events(logs, "model_pending") == []
-    assert reloads(metrics) == (1, 0)
+    assert model_reloads(metrics) == (1, 0)
 
     shutil.rmtree(bad)  # a fixed version under the same name is a new version: tried again
     with_version(good, bad, "huge-fixed")
@@ -146,7 +136,7 @@ def test_a_slow_non_atomic_copy_is_pending_not_rejected_then_serves(model_dir, g
     assert found is not None and found.version == "v1"  # the copy carries v1's manifest
     assert events(logs, "model_rejected") == []
     assert len(events(logs, "model_pending")) == 1  # one line for the whole copy
-    assert reloads(metrics) == (2, 0)
+    assert model_reloads(metrics) == (2, 0)
 
 
 def test_a_read_that_hangs_is_a_rejection_within_the_timeout(model_dir, good, monkeypatch):
@@ -171,7 +161,7 @@ def test_a_read_that_hangs_is_a_rejection_within_the_timeout(model_dir, good, mo
             assert store.poll() is None  # not tried again: no second stuck thread
         [line] = events(logs, "model_rejected")
         assert line["kind"] == "read_timeout" and store.current.version == "v1"
-        assert reloads(metrics) == (1, 1)
+        assert model_reloads(metrics) == (1, 1)
     finally:
         release.set()
 
@@ -207,7 +197,7 @@ def test_any_exception_from_reading_is_a_rejection_not_a_crash(model_dir, good, 
             assert store.poll() is None
     [line] = events(logs, "model_rejected")
     assert line["kind"] == "read_error" and line["reason"].startswith("RuntimeError: DefaultCPUAllocator")
-    assert store.current.version == "v1" and reloads(metrics) == (1, 1)
+    assert store.current.version == "v1" and model_reloads(metrics) == (1, 1)
 
 
 @pytest.mark.parametrize("source", ["flag", "environment"])
