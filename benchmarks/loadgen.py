@@ -1,4 +1,4 @@
-"""Load for the service benchmark: JPEG frames, a paced or closed-loop producer, and an event reader.
+"""Load for the service and console benchmarks: JPEG frames, a paced or closed-loop producer, an event reader.
 
 The producer and the reader run in the benchmark's own event loop, on the same 2-core machine as the
 broker and the system under test. A frame's latency is the moment the reader received its event minus
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -150,18 +151,15 @@ class Load:
         await asyncio.gather(*acks)
 
     async def fixed_rate(self, prefix: str, rate: float, seconds: float) -> Offered:
-        """Offer `rate` frames/s for `seconds`, paced against the clock (a late tick sends what is due)."""
+        """Offer `rate` frames/s for `seconds`, paced against the clock (see `paced`)."""
         offered = Offered(prefix)
-        offered.started = start = time.perf_counter()
-        total = int(rate * seconds)
-        while len(offered.sent) < total:
-            due = min(total, int((time.perf_counter() - start) * rate) + 1)
-            while len(offered.sent) < due:
-                await self._send(offered)
-            await asyncio.sleep(max(0.0, start + len(offered.sent) / rate - time.perf_counter()))
+
+        async def send() -> None:
+            await self._send(offered)
             if len(self._acks) > 2000:
                 await self._settle()
-        offered.ended = time.perf_counter()
+
+        offered.started, offered.ended = await paced(send, rate, int(rate * seconds))
         await self._settle()
         return offered
 
@@ -181,6 +179,20 @@ class Load:
         offered.ended = time.perf_counter()
         await self._settle()
         return offered
+
+
+async def paced(send: Callable[[], Awaitable[object]], rate: float, total: int) -> tuple[float, float]:
+    """Call `send` `total` times, `rate` times per second against the clock (a late tick sends what is due);
+    the window's (start, end) in perf_counter seconds."""
+    start = time.perf_counter()
+    sent = 0
+    while sent < total:
+        due = min(total, int((time.perf_counter() - start) * rate) + 1)
+        while sent < due:
+            await send()
+            sent += 1
+        await asyncio.sleep(max(0.0, start + sent / rate - time.perf_counter()))
+    return start, time.perf_counter()
 
 
 def latencies(offered: Offered, reader: EventReader) -> np.ndarray:

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from benchmarks import RESULTS_DIR, BenchOptions, LoadAverage, Machine, Section, load_average, machine
 
-BENCHMARKS: tuple[str, ...] = ("model", "service", "gpu")
+BENCHMARKS: tuple[str, ...] = ("model", "service", "console", "gpu")
 
 
 class ResultFile(BaseModel):

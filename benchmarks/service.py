@@ -655,6 +655,12 @@ def _num(v: float | None, fmt: str = "{:,.2f}") -> str:
     return "–" if v is None else fmt.format(v)
 
 
+def targets_table(targets: list[Target], source: str) -> str:
+    return markdown_table([f"Target ({source})", "Measured", "Met"],
+                          [[t.target, t.measured, {True: "yes", False: "**no**", None: "–"}[t.met]] for t in targets],
+                          "lrl")
+
+
 def render(report: ServiceReport, plan: Plan) -> str:
     phase_rows = [[p.system, p.phase, "closed loop" if p.offered_fps is None else f"{p.offered_fps:,.0f}/s",
                    f"{p.sent_fps:,.0f}", f"{p.delivered_fps:,.0f}", _ms(p.p50_ms), _ms(p.p90_ms), _ms(p.p99_ms),
@@ -687,9 +693,7 @@ def render(report: ServiceReport, plan: Plan) -> str:
         "frames per CPU-second (the system's CPU time per delivered frame against the ceiling's) compare the work "
         "each does per frame.",
         markdown_table(["Ratio", "Value"], [[k, _num(v, "{:.2f}×")] for k, v in report.ratios.items()], "lr"),
-        markdown_table(["Target (issue 14)", "Measured", "Met"],
-                       [[t.target, t.measured, {True: "yes", False: "**no**", None: "–"}[t.met]]
-                        for t in report.targets], "lrl"),
+        targets_table(report.targets, "issue 14"),
         "CPU cores used during each phase (2 = the whole machine): the system under test, the broker, this "
         "load generator, everything else, idle. CPU ms/frame (phase table) = the system under test's CPU time per "
         "delivered frame: steadier than frames/s when other jobs take a varying share of the cores. Inference busy "
