@@ -84,6 +84,20 @@ class OODSpec(_Frozen):
     fitted_images: int = Field(gt=0, description="training images the class means and covariance come from")
 
 
+class BoxHeadSpec(_Frozen):
+    """The localization head saved with the weights as `boxes.*` tensors (stripnet/boxhead.py): a centre heat
+    map per class and the box's offset and size, on the finest of the blocks `layers` (CenterNet style)."""
+
+    method: Literal["centernet"] = "centernet"
+    layers: tuple[int, ...] = Field(min_length=1, max_length=4, description="the blocks (0-based) whose outputs "
+                                    "the head reads, finest first; coarser ones are repeated up to its size")
+    hidden: int = Field(gt=0, le=256, description="channels of the head's one 3×3 block")
+    score_threshold: float = Field(default=0.3, gt=0, lt=1, description="a centre below this is not a box")
+    max_boxes: int = Field(default=8, gt=0, le=64, description="at most this many boxes per frame, best first")
+    fitted_images: int = Field(gt=0, description="annotated images the head was trained on")
+    annotations: str = Field(default="", description="where the training boxes came from")
+
+
 class Manifest(_Frozen):
     format_version: Literal[1] = CHECKPOINT_FORMAT_VERSION
     model_name: str
@@ -102,6 +116,8 @@ class Manifest(_Frozen):
     data_fingerprint: str = ""
     teacher: str | None = None
     ood: OODSpec | None = Field(default=None, description="the unknown detector; none: every frame gets a class")
+    boxes: BoxHeadSpec | None = Field(default=None, description="the localization head; none: boxes come from "
+                                                                "the class activation map")
     created_at: datetime
     notes: str = ""
 
@@ -111,4 +127,6 @@ class Manifest(_Frozen):
             raise ValueError("class_names must be unique")
         if self.ood is not None and self.ood.layer >= len(self.architecture.blocks):
             raise ValueError(f"ood.layer {self.ood.layer} is not a block of the architecture")
+        if self.boxes is not None and max(self.boxes.layers) >= len(self.architecture.blocks):
+            raise ValueError(f"boxes.layers {self.boxes.layers} are not all blocks of the architecture")
         return self

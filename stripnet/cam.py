@@ -7,6 +7,8 @@ input pixel (s·j, s·i), s = the product of the block strides (each stride-2 3�
 centres output j on input 2j), so the map is placed on the frame by that affine map, not by a
 generic resize. Boxes are the connected components of the map above `threshold` × its maximum.
 
+A model with a localization head (stripnet/boxhead.py) gets that head's boxes instead, from the same pass
+(measured far better: docs/locate.md); the CAM stays for figures and for models without one.
 Serving calls `locate_batch`; `trainer locate` scores the same boxes against annotations.
 Boxes are the contract's `schemas.messages.Box`.
 """
@@ -24,7 +26,8 @@ import torch
 from torch import nn
 
 from schemas.messages import Box
-from stripnet.network import RepNet
+from stripnet.boxhead import Detections, decode, to_frame_boxes
+from stripnet.network import RepNet, run_chain
 from stripnet.ood import channel_stats
 
 
@@ -35,6 +38,8 @@ class LocateConfig:
     min_area: Annotated[float, "drop components smaller than this fraction of the frame (interpolation specks)"] = 0.01
     max_boxes: Annotated[int, "at most this many boxes per frame, best first"] = 8
     step: Annotated[int, "evaluate the map every STEP frame pixels: boxes snap to that grid, cost falls ~STEP²"] = 4
+    method: Annotated[Literal["auto", "head", "cam"], "whose boxes: the localization head's (auto: when the model "
+                                                     "has one) or the CAM's components"] = "auto"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -65,22 +70,45 @@ def class_activation_maps(features: torch.Tensor, fc: nn.Linear, classes: torch.
 @torch.inference_mode()
 def logits_and_cams(model: RepNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward pass → (logits, predicted classes, CAM of the predicted class at feature resolution)."""
-    return _one_pass(model, x)[:3]
+    found = one_pass(model, x)
+    return found.logits, found.classes, found.cams
 
 
-def _one_pass(model: RepNet, x: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(logits, predicted classes, their CAMs, the unknown scores when the model has a detector) from one pass."""
+@dataclass(frozen=True)
+class Pass:
+    logits: torch.Tensor
+    classes: torch.Tensor  # (N,) predicted class index
+    cams: torch.Tensor  # (N, h, w) CAM of the predicted class at feature resolution
+    ood_scores: torch.Tensor | None  # when the model has an unknown detector
+    box_maps: torch.Tensor | None  # (N, C + 4, h', w') when the model has a localization head
+
+
+def one_pass(model: RepNet, x: torch.Tensor) -> Pass:
+    """Logits, classes, CAMs and, with the model's detector and head, unknown scores and box maps, in one pass."""
     layer = model.ood.spec.layer if model.ood is not None and model.ood.spec is not None else None
-    stats = None
-    for i, block in enumerate(model.blocks):
-        x = block(x)
-        if i == layer:
-            stats = channel_stats(x)
+    box_layers = model.boxes.spec.layers if model.boxes is not None else ()
+    x, kept = run_chain(model.blocks, x, (*box_layers, *(() if layer is None else (layer,))))
     logits = model.head.fc(model.head.pool(x))
     classes = logits.argmax(dim=1)
-    ood_scores = model.ood(stats) if stats is not None else None
-    return logits, classes, class_activation_maps(x, model.head.fc, classes), ood_scores
+    return Pass(logits, classes, class_activation_maps(x, model.head.fc, classes),
+                model.ood(channel_stats(kept[layer])) if layer is not None else None,
+                model.boxes([kept[i] for i in box_layers]) if model.boxes is not None else None)
+
+
+def uses_head(model: RepNet, config: LocateConfig) -> bool:
+    return config.method == "head" or (config.method == "auto" and model.boxes is not None)
+
+
+def head_detections(model: RepNet, found: Pass, input_size: int, score_threshold: float | None = None,
+                    max_boxes: int | None = None) -> Detections:
+    """The localization head's boxes of each image's predicted class, in input pixels: as served (the head's own
+    score threshold and box limit) unless `score_threshold` or `max_boxes` say otherwise."""
+    if model.boxes is None or found.box_maps is None:
+        raise ValueError("this model has no localization head (fit one with `trainer boxes`)")
+    spec = model.boxes.spec
+    return decode(found.box_maps, found.classes, model.boxes.stride, input_size,
+                  score_threshold=spec.score_threshold if score_threshold is None else score_threshold,
+                  max_boxes=spec.max_boxes if max_boxes is None else max_boxes)
 
 
 def normalize_cam(cam: np.ndarray) -> np.ndarray:
@@ -143,17 +171,19 @@ def locate_batch(
     frame_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> Located:
     """Logits and boxes (and unknown scores, with a detector) for a batch in one forward pass. `x` is the model
-    input (N, C, S, S);
-    `frame_sizes` are the original (height, width) per image (default: S×S), boxes are in those pixels."""
+    input (N, C, S, S); `frame_sizes` are the original (height, width) per image (default: S×S), boxes are in
+    those pixels. The boxes are the localization head's when the model has one (stripnet/boxhead.py), else
+    the CAM's components (`config`)."""
     input_size = x.shape[-1]
     with torch.inference_mode():
-        logits, classes, cams, ood_scores = _one_pass(model, x)
-    cams_np = cams.float().cpu().numpy()
+        found = one_pass(model, x)
+    cams_np = found.cams.float().cpu().numpy()
     sizes = frame_sizes if frame_sizes is not None else [(x.shape[-2], input_size)] * len(cams_np)
     if len(sizes) != len(cams_np):
         raise ValueError(f"{len(sizes)} frame sizes for a batch of {len(cams_np)}")
-    boxes = tuple(
-        boxes_from_map(frame_map(model, cam, size, input_size, config.step), config, size)
-        for cam, size in zip(cams_np, sizes)
-    )
-    return Located(logits, classes, cams_np, boxes, ood_scores)
+    if uses_head(model, config):
+        boxes = to_frame_boxes(head_detections(model, found, input_size), sizes, input_size)
+    else:
+        boxes = tuple(boxes_from_map(frame_map(model, cam, size, input_size, config.step), config, size)
+                      for cam, size in zip(cams_np, sizes))
+    return Located(found.logits, found.classes, cams_np, boxes, found.ood_scores)

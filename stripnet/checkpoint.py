@@ -117,10 +117,31 @@ def export_checkpoint(
             macs=count_macs(fused, input_spec.size, input_spec.channels), metrics=metrics or {},
             data_fingerprint=data_fingerprint, teacher=teacher, created_at=datetime.now(UTC), notes=notes,
             ood=fused.ood.spec if fused.ood is not None else None,
+            boxes=fused.boxes.spec if fused.boxes is not None else None,
             recipe=recipe or {},
         )
         (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2))
     return manifest
+
+
+def rewrite_checkpoint(model: RepNet, model_dir: str | Path, manifest: Manifest) -> Manifest:
+    """Replace the checkpoint at `model_dir` by `model` (a fitted detector or head added), every other field of
+    its `manifest` kept: written beside it, then two renames, so the directory is complete at every moment
+    but the instant between them. Not for a watched directory: publish a new version there instead."""
+    model_dir = Path(model_dir)
+    staged = model_dir.with_name(f".{model_dir.name}.rewrite")
+    shutil.rmtree(staged, ignore_errors=True)
+    written = export_checkpoint(
+        model, staged, class_names=manifest.class_names, model_name=manifest.model_name,
+        model_version=manifest.model_version, input_spec=manifest.input, metrics=manifest.metrics,
+        data_fingerprint=manifest.data_fingerprint, teacher=manifest.teacher, notes=manifest.notes,
+        recipe=manifest.recipe)
+    retired = model_dir.with_name(f".{model_dir.name}.old")
+    shutil.rmtree(retired, ignore_errors=True)
+    model_dir.rename(retired)
+    staged.rename(model_dir)
+    shutil.rmtree(retired)
+    return written
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -174,7 +195,8 @@ def read_manifest(ckpt_dir: str | Path, limits: CheckpointLimits = CheckpointLim
 
 
 def _network(manifest: Manifest) -> RepNet:
-    return build_model(manifest.architecture, len(manifest.class_names), deploy=manifest.deploy, ood=manifest.ood)
+    return build_model(manifest.architecture, len(manifest.class_names), deploy=manifest.deploy, ood=manifest.ood,
+                       boxes=manifest.boxes)
 
 
 def expected_tensors(manifest: Manifest) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:

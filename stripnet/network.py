@@ -8,7 +8,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from schemas.checkpoint import ArchitectureSpec, InputSpec, Normalization, OODSpec
+from schemas.checkpoint import ArchitectureSpec, BoxHeadSpec, InputSpec, Normalization, OODSpec
+from stripnet.boxhead import BoxHead
 from stripnet.layers import RepVGGBlock
 from stripnet.ood import OODHead, channel_stats, feature_dim
 
@@ -36,10 +37,11 @@ class ClassifierHead(nn.Module):
 
 class RepNet(nn.Module):
     """One definition for training (multi-branch) and inference (plain 3×3 chain, `deploy=True`). With `ood`,
-    it carries an unknown detector on one block's channel statistics (stripnet/ood.py; fitted after training)."""
+    it carries an unknown detector on one block's channel statistics (stripnet/ood.py), with `boxes` a
+    localization head on some blocks' outputs (stripnet/boxhead.py); both are fitted after training."""
 
     def __init__(self, spec: ArchitectureSpec, num_classes: int, *, deploy: bool = False,
-                 ood: OODSpec | None = None) -> None:
+                 ood: OODSpec | None = None, boxes: BoxHeadSpec | None = None) -> None:
         super().__init__()
         self.spec, self.num_classes = spec, num_classes
         blocks, in_ch = [], spec.in_channels
@@ -53,6 +55,8 @@ class RepNet(nn.Module):
         self.head = ClassifierHead(in_ch, num_classes)
         self.ood: OODHead | None = (OODHead(num_classes, feature_dim(spec.blocks[ood.layer].out_channels), ood)
                                     if ood is not None else None)
+        self.boxes: BoxHead | None = (BoxHead(spec, num_classes, boxes, deploy=deploy)
+                                      if boxes is not None else None)
 
     @property
     def is_deploy(self) -> bool:
@@ -72,19 +76,26 @@ class RepNet(nn.Module):
 def forward_with_stats(blocks: nn.Sequential | list[nn.Module], head: ClassifierHead, x: torch.Tensor,
                        layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The chain of `blocks`, then `head`, keeping block `layer`'s channel statistics on the way."""
-    stats = None
+    x, kept = run_chain(blocks, x, (layer,))
+    return head(x), channel_stats(kept[layer])
+
+
+def run_chain(blocks: nn.Sequential | list[nn.Module], x: torch.Tensor, keep: tuple[int, ...] = ()
+              ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The chain's output, and the outputs of the blocks `keep` on the way."""
+    kept = {}
     for i, block in enumerate(blocks):
         x = block(x)
-        if i == layer:
-            stats = channel_stats(x)
-    if stats is None:
-        raise ValueError(f"block {layer} is not in a chain of {len(blocks)} blocks")
-    return head(x), stats
+        if i in keep:
+            kept[i] = x
+    if len(kept) != len(set(keep)):
+        raise ValueError(f"block {min(set(keep) - kept.keys())} is not in a chain of {len(blocks)} blocks")
+    return x, kept
 
 
 def build_model(spec: ArchitectureSpec, num_classes: int, *, deploy: bool = False,
-                ood: OODSpec | None = None) -> RepNet:
-    return RepNet(spec, num_classes, deploy=deploy, ood=ood)
+                ood: OODSpec | None = None, boxes: BoxHeadSpec | None = None) -> RepNet:
+    return RepNet(spec, num_classes, deploy=deploy, ood=ood, boxes=boxes)
 
 
 def reparameterize(model: nn.Module) -> nn.Module:

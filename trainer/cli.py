@@ -1,7 +1,9 @@
-"""`trainer` command line: summary, fit, cv, export, evaluate, detector, openset, publish, reproduce, locate.
+"""`trainer` command line: summary, fit, cv, export, evaluate, detector, openset, boxes, boxes-cv, publish,
+reproduce, locate.
 
-The options of fit, cv, detector, openset, reproduce and locate are generated from their configs
-(`TrainConfig`, `CVConfig`, `DetectorConfig`, `OpenSetConfig`, `ReproduceConfig`, `LocateConfig`) by
+The options of fit, cv, detector, openset, boxes, boxes-cv, reproduce and locate are generated from their configs
+(`TrainConfig`, `CVConfig`, `DetectorConfig`, `OpenSetConfig`, `BoxesConfig`, `BoxesCVConfig`, `ReproduceConfig`,
+`LocateConfig`) by
 trainer/options.py: adding a field adds its flag.
 Commands import what they run when they run, so `trainer publish` needs only stripnet and schemas.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from schemas.checkpoint import InputSpec
 from stripnet.architectures import ARCHITECTURES
 from stripnet.cam import LocateConfig
+from trainer.boxes import BoxesConfig, BoxesCVConfig
 from trainer.cv import CVConfig
 from trainer.detector import DetectorConfig
 from trainer.openset import OpenSetConfig
@@ -25,7 +28,7 @@ from trainer.reproduce import ReproduceConfig
 from trainer.train import TrainConfig
 
 PARTS = ("train", "val", "test")  # the parts of a split.json
-TRAINING_EXTRAS = ("tqdm", "matplotlib")  # pyproject's `train` extra: not in the runtime image
+TRAINING_EXTRAS = ("tqdm", "matplotlib", "torchmetrics", "pycocotools")  # pyproject's `train` extra: not in the runtime image
 
 
 def _print_json(obj) -> None:
@@ -195,14 +198,34 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_boxes(args: argparse.Namespace) -> int:
+    from trainer.boxes import fit_checkpoint
+
+    cfg = from_args(BoxesConfig, args)
+    spec = fit_checkpoint(cfg)
+    print(f"localization head on blocks {list(spec.layers)} ({spec.hidden} channels), trained on "
+          f"{spec.fitted_images} annotated images, written into {cfg.model}")
+    return 0
+
+
+def cmd_boxes_cv(args: argparse.Namespace) -> int:
+    from trainer.boxes import cross_validate_boxes
+
+    cfg = from_args(BoxesCVConfig, args)
+    cross_validate_boxes(cfg)
+    print((Path(cfg.out) / "boxes-cv.md").read_text())
+    return 0
+
+
 def cmd_locate(args: argparse.Namespace) -> int:
     from trainer.locate import format_table, pick_examples, run_locate, write_examples
 
     model, manifest, data = _model_and_data(args)
-    report, items, found = run_locate(model, manifest, data, Path(args.boxes), from_args(LocateConfig, args))
+    config = from_args(LocateConfig, args)
+    report, items, found = run_locate(model, manifest, data, Path(args.boxes), config)
     if args.examples:
         chosen = pick_examples(data, items, args.examples_per_class)
-        write_examples(model, manifest, data, items, found, chosen, Path(args.examples))
+        write_examples(model, manifest, data, items, found, chosen, Path(args.examples), config)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_table(report))
     return 0
 
@@ -262,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("openset", "leave-one-class-out evaluation of the unknown detector (resumable)", cmd_openset)
     add_options(p, OpenSetConfig)
 
+    p = command("boxes", "train a checkpoint's localization head on Pascal VOC boxes (the network stays frozen) "
+                         "and rewrite it in place", cmd_boxes)
+    add_options(p, BoxesConfig)
+
+    p = command("boxes-cv", "a localization head per fold of a `trainer cv` run, scored on the fold it never saw "
+                            "(resumable)", cmd_boxes_cv)
+    add_options(p, BoxesCVConfig)
+
     p = command("publish", "copy a fused checkpoint into a watched model directory, atomically", cmd_publish)
     p.add_argument("checkpoint_dir", help="fused checkpoint directory (manifest.json + weights)")
     p.add_argument("--model-dir", required=True, help="directory the inspector watches")
@@ -269,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reproduce", "the paper's protocol: teacher, EG-RepVGG, KD-EG-RepVGG, report", cmd_reproduce)
     add_options(p, ReproduceConfig)
 
-    p = command("locate", "CAM boxes scored against Pascal VOC boxes: pointing game, IoU, recall", cmd_locate)
+    p = command("locate", "boxes (the localization head's, else the CAM's) scored against Pascal VOC boxes: mAP, "
+                          "pointing game, IoU, recall", cmd_locate)
     _add_model_and_data(p, "score")
     p.add_argument("--boxes", required=True, help="folder of Pascal VOC XML files named after the images")
     add_options(p, LocateConfig)

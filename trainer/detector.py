@@ -13,7 +13,6 @@ whose detector should be re-fitted, and rewrites it in place with every other ma
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -23,7 +22,7 @@ import torch
 
 from schemas.checkpoint import InputSpec, OODSpec
 from stripnet.bundled import resolve_model_dir
-from stripnet.checkpoint import export_checkpoint, load_checkpoint
+from stripnet.checkpoint import load_checkpoint, rewrite_checkpoint
 from stripnet.network import RepNet
 from stripnet.ood import calibrate, fit_head, with_detector
 from stripnet.preprocess import normalize
@@ -102,25 +101,9 @@ def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
     held_in = data.subset(parts[1]) if len(parts) > 1 and parts[1] else None
     fitted = fit_detector(model, manifest.class_names, data.subset(parts[0]), held_in, manifest.input,
                           cfg.false_unknown_rate, cfg.layer)
-    staged = model_dir.with_name(f".{model_dir.name}.refit")
-    shutil.rmtree(staged, ignore_errors=True)
-    written = export_checkpoint(
-        fitted, staged, class_names=manifest.class_names, model_name=manifest.model_name,
-        model_version=manifest.model_version, input_spec=manifest.input, metrics=manifest.metrics,
-        data_fingerprint=manifest.data_fingerprint, teacher=manifest.teacher, notes=manifest.notes,
-        recipe=manifest.recipe)
-    _replace_directory(staged, model_dir)
+    written = rewrite_checkpoint(fitted, model_dir, manifest)
     assert written.ood is not None
     return written.ood
-
-
-def _replace_directory(new: Path, old: Path) -> None:
-    """`new` takes `old`'s name: two renames, so `old` is complete at every moment but the instant between them."""
-    retired = old.with_name(f".{old.name}.old")
-    shutil.rmtree(retired, ignore_errors=True)
-    old.rename(retired)
-    new.rename(old)
-    shutil.rmtree(retired)
 
 
 def unknown_report(model: RepNet, data: ImageSet, spec: InputSpec, threshold: float | None = None) -> dict:

@@ -20,7 +20,9 @@ import torch
 
 from schemas.checkpoint import Manifest
 from schemas.messages import Box
-from stripnet.cam import LocateConfig, boxes_from_map, frame_map, logits_and_cams
+from stripnet.boxhead import to_frame_boxes
+from stripnet.cam import (LocateConfig, Pass, boxes_from_map, frame_map, head_detections, one_pass, upsample_cam,
+                          uses_head)
 from stripnet.network import RepNet
 from stripnet.preprocess import normalize
 from trainer.data import ImageSet
@@ -150,17 +152,21 @@ class Annotated:
 class Localization:
     predicted: int
     peak: tuple[int, int]  # (x, y) of the map's maximum
-    boxes: tuple[Box, ...]
+    boxes: tuple[Box, ...]  # as served
+    ranked: np.ndarray  # (k, 5) x0, y0, x1, y1, score, best first: what the mean average precision ranks
 
 
 @dataclass(frozen=True)
 class LocateReport:
     model: str
+    method: str  # "head" (the localization head) or "cam"
     config: LocateConfig
     images: int
     skipped_unannotated: int
     rows: dict[str, ClassScore]
     baseline: dict[str, ClassScore]  # whole frame as the box, frame centre as the peak
+    map: dict  # mAP@0.5 and @0.5:0.95, overall and per class (`mean_average_precision`)
+    baseline_map: dict
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,37 +187,81 @@ def collect_annotations(data: ImageSet, boxes_dir: Path, size: int) -> tuple[lis
     return found, skipped
 
 
+RANKED_SCORE, RANKED_MAX = 0.01, 20  # the head's detections that mAP ranks: every centre above 1 %, 20 at most
+
+
 def localize(
     model: RepNet, images: torch.Tensor, manifest: Manifest, config: LocateConfig, batch_size: int = 32,
 ) -> list[Localization]:
     size, out = manifest.input.size, []
+    head = uses_head(model, config)
     for start in range(0, len(images), batch_size):
-        _, classes, cams = logits_and_cams(model, normalize(images[start:start + batch_size], manifest.input))
-        for cls, cam in zip(classes.tolist(), cams.float().cpu().numpy()):
+        with torch.inference_mode():
+            found = one_pass(model, normalize(images[start:start + batch_size], manifest.input))
+        if head:
+            out += _head_localizations(model, found, size)
+            continue
+        for cls, cam in zip(found.classes.tolist(), found.cams.float().cpu().numpy()):
             heat = frame_map(model, cam, (size, size), size, config.step)
             row, col = np.unravel_index(int(heat.argmax()), heat.shape)
-            peak = (int(col) * config.step, int(row) * config.step)
-            out.append(Localization(cls, peak, boxes_from_map(heat, config, (size, size))))
+            boxes = boxes_from_map(heat, config, (size, size))
+            out.append(Localization(cls, (int(col) * config.step, int(row) * config.step), boxes,
+                                    as_ranked([(*corners(b), b.score) for b in boxes])))
     return out
 
 
-def score_all(
-    data: ImageSet, items: list[Annotated], found: list[Localization], class_names: tuple[str, ...], size: int,
-) -> tuple[list[ImageScore], list[ImageScore]]:
-    """Scores of the localizations and of the whole-frame / frame-centre baseline."""
-    scores, baseline = [], []
-    frame, centre = [(0, 0, size, size)], (size // 2, size // 2)
-    for item, loc in zip(items, found, strict=True):
-        name = data.class_names[int(data.labels[item.index])]
-        correct = class_names[loc.predicted] == name
-        scores.append(score_image(name, correct, loc.peak, [corners(b) for b in loc.boxes], item.boxes))
-        baseline.append(score_image(name, correct, centre, frame, item.boxes))
-    return scores, baseline
+def _head_localizations(model: RepNet, found: Pass, size: int) -> list[Localization]:
+    ranked = head_detections(model, found, size, RANKED_SCORE, RANKED_MAX)
+    served = to_frame_boxes(head_detections(model, found, size), [(size, size)] * len(found.classes), size)
+    return [Localization(cls, peak, boxes, np.column_stack([c, s]).reshape(-1, 5))
+            for cls, peak, boxes, c, s in zip(found.classes.tolist(), ranked.peaks, served, ranked.corners,
+                                              ranked.scores, strict=True)]
 
 
-def run_locate(
-    model: RepNet, manifest: Manifest, data: ImageSet, boxes_dir: Path, config: LocateConfig,
-) -> tuple[LocateReport, list[Annotated], list[Localization]]:
+def method_of(model: RepNet, config: LocateConfig) -> str:
+    return "head" if uses_head(model, config) else "cam"
+
+
+def as_ranked(rows: Sequence[Sequence[float]]) -> np.ndarray:
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+
+
+def mean_average_precision(ranked: Sequence[np.ndarray], predicted: Sequence[int], truth: Sequence[Sequence[Corners]],
+                           labels: Sequence[int], class_names: Sequence[str]) -> dict:
+    """mAP@0.5 and mAP@0.5:0.95 (COCO's definitions, by torchmetrics over pycocotools), overall and per class.
+    Every box of an image carries the class the classifier chose for it."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    preds = [{"boxes": torch.as_tensor(r[:, :4], dtype=torch.float32), "scores": torch.as_tensor(r[:, 4], dtype=torch.float32),
+              "labels": torch.full((len(r),), int(k), dtype=torch.long)} for r, k in zip(ranked, predicted, strict=True)]
+    target = [{"boxes": torch.tensor(b, dtype=torch.float32).reshape(-1, 4),
+               "labels": torch.full((len(b),), int(label), dtype=torch.long)} for b, label in zip(truth, labels, strict=True)]
+    doc: dict = {}
+    for name, thresholds in (("map_50", [0.5]), ("map_50_95", None)):
+        metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="pycocotools",
+                                      iou_thresholds=thresholds)
+        metric.update(preds, target)
+        result = metric.compute()
+        doc[name] = float(result["map"])
+        doc[f"{name}_per_class"] = {class_names[int(c)]: float(v) for c, v in
+                                    zip(result["classes"].reshape(-1), result["map_per_class"].reshape(-1))}
+    return doc
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One image set's localizations and their scores, ready to pool with other sets' (cross-validation folds)."""
+
+    labels: list[int]  # the true class, as the model's index
+    truth: list[tuple[Corners, ...]]
+    found: list[Localization]
+    scores: list[ImageScore]
+    baseline: list[ImageScore]
+    skipped: int
+
+
+def score_set(model: RepNet, manifest: Manifest, data: ImageSet, boxes_dir: Path, config: LocateConfig
+              ) -> tuple[Scored, list[Annotated]]:
     unknown = [n for n in data.class_names if n not in manifest.class_names]
     if unknown:
         raise ValueError(f"the data has classes the model does not know: {unknown}")
@@ -220,28 +270,63 @@ def run_locate(
     if not items:
         raise ValueError(f"none of the {len(data)} images has an annotation in {boxes_dir}")
     found = localize(model, data.images[[a.index for a in items]], manifest, config)
-    scores, baseline = score_all(data, items, found, manifest.class_names, size)
-    report = LocateReport(
-        model=f"{manifest.model_name} {manifest.model_version}", config=config, images=len(items),
-        skipped_unannotated=skipped, rows=summarize_by_class(scores, data.class_names),
-        baseline=summarize_by_class(baseline, data.class_names),
+    scores, baseline = [], []
+    frame, centre = [(0, 0, size, size)], (size // 2, size // 2)
+    labels = [manifest.class_names.index(data.class_names[int(data.labels[a.index])]) for a in items]
+    for item, loc, label in zip(items, found, labels, strict=True):
+        name, correct = manifest.class_names[label], loc.predicted == label
+        scores.append(score_image(name, correct, loc.peak, [corners(b) for b in loc.boxes], item.boxes))
+        baseline.append(score_image(name, correct, centre, frame, item.boxes))
+    return Scored(labels, [a.boxes for a in items], found, scores, baseline, skipped), items
+
+
+def pooled_report(model: str, method: str, config: LocateConfig, sets: Sequence[Scored],
+                  class_names: tuple[str, ...], size: int) -> LocateReport:
+    """One report over every set: images, boxes and detections pooled, as if one model had scored them all."""
+    def pool(field: str) -> list:
+        return [x for s in sets for x in getattr(s, field)]
+    labels, truth, found = pool("labels"), pool("truth"), pool("found")
+    predicted = [f.predicted for f in found]
+    whole = [as_ranked([(0, 0, size, size, 1.0)])] * len(found)
+    present = [n for i, n in enumerate(class_names) if i in set(labels)]
+    return LocateReport(
+        model=model, method=method, config=config, images=len(found),
+        skipped_unannotated=sum(s.skipped for s in sets), rows=summarize_by_class(pool("scores"), present),
+        baseline=summarize_by_class(pool("baseline"), present),
+        map=mean_average_precision([f.ranked for f in found], predicted, truth, labels, class_names),
+        baseline_map=mean_average_precision(whole, predicted, truth, labels, class_names),
     )
-    return report, items, found
+
+
+def run_locate(
+    model: RepNet, manifest: Manifest, data: ImageSet, boxes_dir: Path, config: LocateConfig,
+) -> tuple[LocateReport, list[Annotated], list[Localization]]:
+    scored, items = score_set(model, manifest, data, boxes_dir, config)
+    report = pooled_report(f"{manifest.model_name} {manifest.model_version}", method_of(model, config), config, [scored],
+                           manifest.class_names, manifest.input.size)
+    return report, items, scored.found
 
 
 def format_table(report: LocateReport) -> str:
+    method = ("localization head" if report.method == "head" else
+              f"CAM boxes, threshold {report.config.threshold}, step {report.config.step}")
     lines = [
-        f"{report.model}: {report.images} annotated images ({report.skipped_unannotated} without annotation skipped), "
-        f"threshold {report.config.threshold}, step {report.config.step}",
-        f"{'class':<16} {'images':>6} {'acc':>6} {'pointing':>8} {'pt±15':>6} {'best IoU':>8} {'GT boxes':>8} "
-        f"{'R@0.5':>6} {'boxes/img':>9} | {'base pt':>7} {'pt±15':>6} {'base IoU':>8} {'base R':>6}",
+        f"{report.model}: {report.images} annotated images ({report.skipped_unannotated} without annotation "
+        f"skipped), {method}",
+        f"{'class':<16} {'images':>6} {'acc':>6} {'mAP50':>6} {'mAP':>6} {'pointing':>8} {'pt±15':>6} "
+        f"{'best IoU':>8} {'GT boxes':>8} {'R@0.5':>6} {'boxes/img':>9} | {'base mAP50':>10} {'pt':>6} "
+        f"{'IoU':>6} {'R@0.5':>6}",
     ]
     for name, row in report.rows.items():
         base = report.baseline[name]
+        maps = [m["map_50"] if name == "overall" else m["map_50_per_class"].get(name, float("nan"))
+                for m in (report.map, report.baseline_map)]
+        strict = report.map["map_50_95"] if name == "overall" else report.map["map_50_95_per_class"].get(name, float("nan"))
         lines.append(
-            f"{name:<16} {row.images:>6} {row.accuracy:>6.3f} {row.pointing:>8.3f} {row.pointing_tolerant:>6.3f} "
-            f"{row.mean_best_iou:>8.3f} {row.gt_boxes:>8} {row.recall:>6.3f} {row.boxes_per_image:>9.2f} | "
-            f"{base.pointing:>7.3f} {base.pointing_tolerant:>6.3f} {base.mean_best_iou:>8.3f} {base.recall:>6.3f}"
+            f"{name:<16} {row.images:>6} {row.accuracy:>6.3f} {maps[0]:>6.3f} {strict:>6.3f} {row.pointing:>8.3f} "
+            f"{row.pointing_tolerant:>6.3f} {row.mean_best_iou:>8.3f} {row.gt_boxes:>8} {row.recall:>6.3f} "
+            f"{row.boxes_per_image:>9.2f} | {maps[1]:>10.3f} {base.pointing:>6.3f} {base.mean_best_iou:>6.3f} "
+            f"{base.recall:>6.3f}"
         )
     return "\n".join(lines)
 
@@ -268,7 +353,7 @@ def _draw_boxes(ax, boxes: Sequence[Sequence[float]], color: str, style: str = "
 
 def plot_example(
     image: np.ndarray, heat: np.ndarray, pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]],
-    peak: tuple[int, int], title: str, path: Path,
+    peak: tuple[int, int], title: str, path: Path, heat_title: str = "CAM, predicted boxes",
 ) -> None:
     with figure(path, 1, 2, size=(5.0, 2.75), palette=True) as (fig, (left, right)):
         left.imshow(image, cmap="gray", vmin=0, vmax=255)
@@ -279,7 +364,7 @@ def plot_example(
         _draw_boxes(right, gt, "lime", ":")
         _draw_boxes(right, pred, "magenta")
         right.plot(*peak, marker="+", color="white", ms=8, mew=2)
-        right.set_title("CAM, predicted boxes", fontsize=8)
+        right.set_title(heat_title, fontsize=8)
         for ax in (left, right):
             ax.set_axis_off()
         fig.suptitle(title, fontsize=8)
@@ -287,19 +372,27 @@ def plot_example(
 
 def write_examples(
     model: RepNet, manifest: Manifest, data: ImageSet, items: list[Annotated], found: list[Localization],
-    chosen: Sequence[int], out_dir: Path,
+    chosen: Sequence[int], out_dir: Path, config: LocateConfig = LocateConfig(),
 ) -> list[Path]:
+    """One figure per chosen image: ground truth, and the heat map (the head's centre map of the predicted class,
+    or the CAM) with the predicted boxes."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    size, written = manifest.input.size, []
+    size, written, head = manifest.input.size, [], uses_head(model, config)
     for k in chosen:
         item, loc = items[k], found[k]
         image = data.images[item.index]
-        _, _, cams = logits_and_cams(model, normalize(image[None], manifest.input))
-        heat = frame_map(model, cams[0].float().numpy(), (size, size), size)
+        with torch.inference_mode():
+            one = one_pass(model, normalize(image[None], manifest.input))
+        if head:
+            centres = one.box_maps[0, loc.predicted].sigmoid().float().numpy()
+            heat = upsample_cam(centres, model.boxes.stride, (size, size), size)
+        else:
+            heat = frame_map(model, one.cams[0].float().numpy(), (size, size), size)
         boxes = [corners(b) for b in loc.boxes]
         title = (f"{Path(data.paths[item.index]).name}: predicted {manifest.class_names[loc.predicted]}, "
                  f"best IoU {best_iou(boxes, item.boxes):.2f}")
-        path = out_dir / f"{Path(data.paths[item.index]).stem}-cam.png"  # a figure, not a copy of the image
-        plot_example(image.numpy(), heat, boxes, item.boxes, loc.peak, title, path)
+        path = out_dir / f"{Path(data.paths[item.index]).stem}-{'head' if head else 'cam'}.png"
+        plot_example(image.numpy(), heat, boxes, item.boxes, loc.peak, title, path,
+                     "centre heat map, head boxes" if head else "CAM, predicted boxes")
         written.append(path)
     return written

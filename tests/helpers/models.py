@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from schemas.checkpoint import MANIFEST_NAME, InputSpec
+from schemas.checkpoint import MANIFEST_NAME, BoxHeadSpec, InputSpec
 from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint
-from stripnet.network import build_model
+from stripnet.boxhead import BoxHead
+from stripnet.network import RepNet, build_model
 from tests.helpers import NEU_CLASSES
 
 TINY_INPUT = InputSpec(size=32)
@@ -56,3 +58,18 @@ def with_version(src: Path, dst: Path, version: str) -> Path:
 def version_dir_name(stamp: int, version: str) -> str:
     """A model-directory entry name in the published layout; a greater `stamp` is a newer version."""
     return f"20250101T{stamp:06d}.000000Z-{version}"
+
+
+def head_spec(layers: tuple[int, ...] = (3, 7, 8), hidden: int = 8, score_threshold: float = 0.3) -> BoxHeadSpec:
+    return BoxHeadSpec(layers=layers, hidden=hidden, score_threshold=score_threshold, fitted_images=1)
+
+
+def with_random_head(model: RepNet, spec: BoxHeadSpec | None = None, seed: int = 0) -> RepNet:
+    """A copy of `model` carrying an untrained localization head with non-trivial BN statistics, whose centre
+    maps peak somewhere in every frame (a positive bias on the heat logits)."""
+    torch.manual_seed(seed)
+    out = copy.deepcopy(model)
+    out.boxes = randomize_bn(BoxHead(model.spec, model.num_classes, spec or head_spec()), seed).eval()
+    with torch.no_grad():
+        out.boxes.out.bias[:model.num_classes].fill_(0.5)
+    return out

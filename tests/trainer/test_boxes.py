@@ -1,0 +1,118 @@
+"""Training the localization head: D4 moves boxes as it moves pixels, targets decode back to their boxes, the
+head learns a synthetic defect's place, and the commands add a head without touching the classifier."""
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from stripnet.architectures import EG_REPVGG
+from stripnet.boxhead import decode
+from stripnet.checkpoint import export_checkpoint, load_checkpoint
+from stripnet.network import build_model
+from trainer.boxes import HeadConfig, targets, transform_boxes, transform_image
+from trainer.cli import main
+from tests.helpers.images import write_image
+from tests.helpers.models import randomize_bn
+
+CLASSES = ("dent", "scratch")
+
+
+@pytest.mark.parametrize("t", range(8))
+def test_a_transform_moves_boxes_with_the_pixels(t):
+    size, box = 40, (3, 5, 17, 12)
+    mask = torch.zeros(size, size)
+    mask[box[1]:box[3], box[0]:box[2]] = 1
+    moved = transform_image(mask, t)
+    rows, cols = torch.nonzero(moved, as_tuple=True)
+    expected = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
+    assert transform_boxes([box], t, size) == (expected,)
+
+
+def test_targets_put_a_peak_of_one_at_the_centre_and_decode_back_to_the_box():
+    box = (44.0, 60.0, 124.0, 100.0)  # centre (84, 80), 80 × 40 px
+    target = targets([[box]], [1], 2, (25, 25), 8)
+    assert target.heat[0, 1].max() == 1.0 and target.heat[0, 1, 10, 10] == 1.0 and target.heat[0, 0].max() == 0
+    assert target.centres.sum() == 1 and target.centres[0, 10, 10]
+    heat = target.heat.clamp(1e-6, 1 - 1e-6)
+    maps = torch.cat([torch.log(heat / (1 - heat)), target.regression], dim=1)
+    found = decode(maps, torch.tensor([1]), 8, 200, score_threshold=0.99, max_boxes=8)
+    np.testing.assert_allclose(found.corners[0], [box], atol=1e-3)
+    assert target.regression[0, 2, 10, 10] == pytest.approx(math.log(10))
+
+
+def _folder(root, n_per_class: int = 6, seed: int = 0):
+    """Gray 200×200 frames, one bright rectangle each (its VOC box), class by the rectangle's shape."""
+    rng = np.random.default_rng(seed)
+    boxes = root / "boxes"
+    boxes.mkdir(parents=True)
+    for cls in CLASSES:
+        for i in range(n_per_class):
+            image = rng.integers(80, 100, (200, 200), dtype=np.uint8)
+            w, h = (60, 60) if cls == "dent" else (120, 24)
+            x0, y0 = int(rng.integers(0, 200 - w)), int(rng.integers(0, 200 - h))
+            image[y0:y0 + h, x0:x0 + w] = 220
+            write_image(root / "data" / cls / f"{cls}_{i}.png", image)
+            (boxes / f"{cls}_{i}.xml").write_text(
+                f"<annotation><filename>{cls}_{i}.jpg</filename><size><width>200</width><height>200</height>"
+                f"<depth>1</depth></size><object><name>{cls}</name><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}"
+                f"</ymin><xmax>{x0 + w}</xmax><ymax>{y0 + h}</ymax></bndbox></object></annotation>")
+    return root / "data", boxes
+
+
+def test_boxes_command_adds_a_head_that_beats_the_whole_frame_and_leaves_the_classifier_alone(tmp_path, capsys):
+    data, boxes = _folder(tmp_path)
+    torch.manual_seed(0)
+    export_checkpoint(randomize_bn(build_model(EG_REPVGG, 2)), tmp_path / "model", class_names=CLASSES,
+                      model_name="t", model_version="v1")
+    before, _ = load_checkpoint(tmp_path / "model")
+    assert main(["boxes", "--model", str(tmp_path / "model"), "--data", str(data), "--boxes", str(boxes),
+                 "--epochs", "100", "--hidden", "16", "--lr", "0.01", "--score-threshold", "0.1",
+                 "--layers", "3", "7", "8"]) == 0
+    after, manifest = load_checkpoint(tmp_path / "model")
+    assert manifest.boxes is not None and manifest.boxes.fitted_images == 12 and manifest.model_version == "v1"
+    x = torch.randn(3, 3, 200, 200)
+    with torch.inference_mode():
+        torch.testing.assert_close(after(x), before(x))  # the classifier is what it was
+
+    capsys.readouterr()
+    assert main(["locate", "--model", str(tmp_path / "model"), "--data", str(data), "--boxes", str(boxes),
+                 "--json", "--examples", str(tmp_path / "ex")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "head" and report["images"] == 12
+    overall, whole = report["rows"]["overall"], report["baseline"]["overall"]
+    assert overall["mean_best_iou"] > whole["mean_best_iou"] + 0.2  # on its training images: it fits
+    assert report["map"]["map_50"] > report["baseline_map"]["map_50"]
+    assert all(name.endswith("-head.png") and cv2.imread(str(tmp_path / "ex" / name)) is not None
+               for name in (p.name for p in (tmp_path / "ex").iterdir()))
+    assert main(["locate", "--model", str(tmp_path / "model"), "--data", str(data), "--boxes", str(boxes),
+                 "--json", "--method", "cam"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "cam"
+
+
+def test_boxes_cv_trains_one_head_per_fold_scores_the_fold_it_never_saw_and_resumes(tmp_path, capsys):
+    data, boxes = _folder(tmp_path, n_per_class=4)
+    files = sorted(str(p.relative_to(data)) for p in data.rglob("*.png"))
+    for k in range(2):
+        torch.manual_seed(k)
+        export_checkpoint(randomize_bn(build_model(EG_REPVGG, 2)), tmp_path / "cv" / f"fold-{k}" / "student" /
+                          "model", class_names=CLASSES, model_name="t", model_version=f"fold{k}")
+        test = [f for i, f in enumerate(files) if i % 2 == k]
+        (tmp_path / "cv" / f"fold-{k}" / "split.json").write_text(json.dumps(
+            {"train": [f for f in files if f not in test], "val": test}))
+    args = ["boxes-cv", "--cv", str(tmp_path / "cv"), "--data", str(data), "--boxes", str(boxes),
+            "--out", str(tmp_path / "out"), "--epochs", "2", "--hidden", "4", "--no-augment"]
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "out" / "boxes-cv.json").read_text())
+    assert [f["fold"] for f in doc["folds"]] == ["fold-0", "fold-1"]
+    assert doc["pooled"]["head"]["images"] == 8 and doc["pooled"]["cam"]["images"] == 8
+    for k in range(2):
+        _, manifest = load_checkpoint(tmp_path / "out" / f"fold-{k}" / "model")
+        assert manifest.boxes.fitted_images == 4 and manifest.model_version == f"fold{k}"
+    assert "| localization head |" in (tmp_path / "out" / "boxes-cv.md").read_text()
+    stamp = (tmp_path / "out" / "fold-0" / "model" / "manifest.json").stat().st_mtime_ns
+    assert main(args) == 0  # resumes: the fold heads are kept
+    assert (tmp_path / "out" / "fold-0" / "model" / "manifest.json").stat().st_mtime_ns == stamp

@@ -1,0 +1,329 @@
+"""Training the localization head (stripnet/boxhead.py) on a frozen, fused model, and scoring it.
+
+The network's weights do not move: the head learns from the features the served network already computes,
+so the classifier's predictions, and its cross-validated accuracy, are exactly what they were. That also
+makes training cheap: each annotated image's features are computed once per D4 transform (the dihedral
+group: flips and quarter turns, under which a steel surface and its boxes look as plausible as the
+original) and the head trains on those cached maps.
+
+Targets follow CenterNet: per box, a Gaussian peak of 1 at its centre cell on its class's heat map, with
+spreads α·(w, h)/6 in cells (TTFNet's elliptical form, α = 0.54), the maximum where boxes overlap, and
+the box's offset and log size (in cells) at that cell. The heat maps learn by the penalty-reduced focal
+loss (α = 2, β = 4), the offsets and sizes by L1 at centre cells.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated as Help
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from schemas.checkpoint import BoxHeadSpec, InputSpec
+from stripnet.boxhead import BoxHead
+from stripnet.bundled import resolve_model_dir
+from stripnet.cam import LocateConfig
+from stripnet.checkpoint import export_checkpoint, load_checkpoint, rewrite_checkpoint
+from stripnet.network import RepNet, run_chain
+from stripnet.preprocess import normalize
+from trainer.data import ImageSet, fingerprint, load_image_folder, load_split
+from trainer.detector import model_labels
+from trainer.locate import collect_annotations, pooled_report, score_set
+from trainer.voc import Corners
+
+GAUSSIAN_ALPHA = 0.54
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    layers: Help[tuple[int, ...], "blocks whose outputs the head reads, finest first"] = (3, 7)
+    hidden: Help[int, "channels of the head's 3×3 block"] = 32
+    epochs: Help[int, "passes over the cached features"] = 30
+    batch_size: int = 64
+    lr: Help[float, "peak learning rate of AdamW (cosine decay)"] = 2e-3
+    weight_decay: float = 1e-4
+    augment: Help[bool, "the 8 D4 transforms of each training image (off: the images as they are)"] = True
+    score_threshold: Help[float, "a served centre below this is not a box"] = 0.3
+    max_boxes: Help[int, "at most this many served boxes per frame"] = 8
+    seed: int = 0
+
+
+# --- D4 on square images and their boxes ---------------------------------------------------------------------
+
+
+def transform_image(image: torch.Tensor, t: int) -> torch.Tensor:
+    """Transform t in 0..7 of (…, S, S): a horizontal flip when t >= 4, then t % 4 quarter turns (torch.rot90)."""
+    if t >= 4:
+        image = image.flip(-1)
+    return torch.rot90(image, t % 4, dims=(-2, -1))
+
+
+def transform_boxes(boxes: Sequence[Corners], t: int, size: int) -> tuple[Corners, ...]:
+    """The same transform of half-open corner boxes in an S×S frame (`transform_image`'s pixels)."""
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        if t >= 4:
+            x0, x1 = size - x1, size - x0
+        for _ in range(t % 4):  # rot90 over (rows, cols): row r, col c → row S−1−c, col r
+            x0, y0, x1, y1 = y0, size - x1, y1, size - x0
+        out.append((x0, y0, x1, y1))
+    return tuple(out)
+
+
+# --- targets and loss -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Targets:
+    heat: torch.Tensor  # (N, C, h, w) float
+    regression: torch.Tensor  # (N, 4, h, w) offset x, y and log w, h, in cells; set where `centres`
+    centres: torch.Tensor  # (N, h, w) bool
+
+
+def targets(boxes: Sequence[Sequence[Corners]], labels: Sequence[int], num_classes: int, grid: tuple[int, int],
+            stride: int) -> Targets:
+    n, (h, w) = len(boxes), grid
+    heat = torch.zeros(n, num_classes, h, w)
+    regression = torch.zeros(n, 4, h, w)
+    centres = torch.zeros(n, h, w, dtype=torch.bool)
+    rows, cols = torch.arange(h, dtype=torch.float32)[:, None], torch.arange(w, dtype=torch.float32)[None, :]
+    for k, (image_boxes, label) in enumerate(zip(boxes, labels, strict=True)):
+        for x0, y0, x1, y1 in image_boxes:
+            cx, cy = (x0 + x1) / 2 / stride, (y0 + y1) / 2 / stride
+            bw, bh = max(x1 - x0, 1.0) / stride, max(y1 - y0, 1.0) / stride
+            i, j = min(max(round(cy), 0), h - 1), min(max(round(cx), 0), w - 1)
+            sx, sy = max(GAUSSIAN_ALPHA * bw / 6, 0.3), max(GAUSSIAN_ALPHA * bh / 6, 0.3)
+            peak = torch.exp(-((cols - j) ** 2) / (2 * sx * sx) - ((rows - i) ** 2) / (2 * sy * sy))
+            heat[k, label] = torch.maximum(heat[k, label], peak)
+            regression[k, :, i, j] = torch.tensor([cx - j, cy - i, math.log(bw), math.log(bh)])
+            centres[k, i, j] = True
+    return Targets(heat, regression, centres)
+
+
+def focal_loss(logits: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss, summed and divided by the number of centres."""
+    p = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
+    positive = heat.eq(1).float()
+    loss = -(positive * (1 - p) ** 2 * p.log() + (1 - positive) * (1 - heat) ** 4 * p ** 2 * (1 - p).log())
+    return loss.sum() / positive.sum().clamp(min=1)
+
+
+def head_loss(maps: torch.Tensor, target: Targets, num_classes: int) -> torch.Tensor:
+    heat = focal_loss(maps[:, :num_classes], target.heat)
+    mask = target.centres[:, None].expand_as(target.regression)
+    regression = F.l1_loss(maps[:, num_classes:][mask], target.regression[mask], reduction="sum")
+    return heat + regression / target.centres.sum().clamp(min=1)
+
+
+# --- features of the frozen network ------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def features(model: RepNet, images: torch.Tensor, spec: InputSpec, layers: tuple[int, ...],
+             batch_size: int = 128) -> list[torch.Tensor]:
+    """(N, S, S) uint8 images → one bf16 (N, K, h, w) map per layer: what the head reads, stored compactly."""
+    model.eval()
+    out: list[list[torch.Tensor]] = [[] for _ in layers]
+    for start in range(0, len(images), batch_size):
+        _, kept = run_chain(model.blocks, normalize(images[start:start + batch_size], spec), layers)
+        for part, layer in zip(out, layers):
+            part.append(kept[layer].to(torch.bfloat16))
+    return [torch.cat(part) for part in out]
+
+
+@dataclass(frozen=True)
+class BoxSet:
+    images: torch.Tensor  # (N, S, S) or (N, 3, S, S) uint8
+    labels: tuple[int, ...]  # model class indices
+    boxes: tuple[tuple[Corners, ...], ...]  # per image, in model-input pixels
+
+
+def augmented(data: BoxSet, augment: bool) -> BoxSet:
+    transforms = range(8) if augment else range(1)
+    size = data.images.shape[-1]
+    return BoxSet(
+        torch.cat([transform_image(data.images, t) for t in transforms]),
+        tuple(label for _ in transforms for label in data.labels),
+        tuple(transform_boxes(b, t, size) for t in transforms for b in data.boxes),
+    )
+
+
+# --- the training loop -------------------------------------------------------------------------------------------
+
+
+def fit_head(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfig, log: Callable[[str], None] = print,
+             annotations: str = "") -> BoxHead:
+    """A trained (training-form) head for the frozen `model` on `data`'s images and boxes (from `annotations`)."""
+    torch.manual_seed(cfg.seed)
+    train = augmented(data, cfg.augment)
+    started = time.perf_counter()
+    cached = features(model, train.images, spec, cfg.layers)
+    head = BoxHead(model.spec, model.num_classes, head_spec(cfg, len(data.labels), annotations))
+    grid = tuple(cached[0].shape[-2:])
+    target = targets(train.boxes, train.labels, model.num_classes, grid, head.stride)
+    log(f"boxes: {len(train.labels)} training maps ({len(data.labels)} images × "
+        f"{len(train.labels) // len(data.labels)} transforms), features in {time.perf_counter() - started:.0f} s")
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(train.labels) / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=steps, pct_start=0.05)
+    for epoch in range(1, cfg.epochs + 1):
+        head.train()
+        total, started = 0.0, time.perf_counter()
+        for idx in torch.randperm(len(train.labels)).split(cfg.batch_size):
+            maps = head([c[idx].float() for c in cached])
+            loss = head_loss(maps, Targets(target.heat[idx], target.regression[idx], target.centres[idx]),
+                             model.num_classes)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+        log(f"boxes epoch {epoch}/{cfg.epochs} loss={total / len(train.labels):.4f} "
+            f"seconds={time.perf_counter() - started:.1f}")
+    return head.eval()
+
+
+def head_spec(cfg: HeadConfig, fitted_images: int, annotations: str = "") -> BoxHeadSpec:
+    return BoxHeadSpec(layers=cfg.layers, hidden=cfg.hidden, score_threshold=cfg.score_threshold,
+                       max_boxes=cfg.max_boxes, fitted_images=fitted_images, annotations=annotations)
+
+
+def with_head(model: RepNet, head: BoxHead) -> RepNet:
+    """A copy of `model` carrying a copy of `head` as `model.boxes` (export_checkpoint fuses and saves it)."""
+    out = copy.deepcopy(model)
+    out.boxes = copy.deepcopy(head).eval()
+    return out
+
+
+def box_set(data: ImageSet, boxes_dir: Path, class_names: tuple[str, ...], size: int) -> BoxSet:
+    """`data`'s annotated images with their boxes in size×size pixels and their labels as the model's indices."""
+    items, _ = collect_annotations(data, boxes_dir, size)
+    if not items:
+        raise ValueError(f"none of the {len(data)} images has an annotation in {boxes_dir}")
+    labels = model_labels(data, class_names)
+    return BoxSet(data.images[[a.index for a in items]], tuple(int(labels[a.index]) for a in items),
+                  tuple(a.boxes for a in items))
+
+
+# --- commands: a head for one checkpoint, and a head per fold of a cross-validation run ---------------------------
+
+
+@dataclass(frozen=True)
+class BoxesConfig:
+    model: Help[Path, "checkpoint directory ('default': the bundled model), rewritten in place with the head"]
+    data: Help[Path, "the image folder the model was trained on"]
+    boxes: Help[Path, "folder of Pascal VOC XML files named after the images"]
+    split_file: Help[Path | None, "the run's split.json: the head trains on its train part (unset: every "
+                                  "annotated image, for a model trained on all of them)"] = None
+    head: HeadConfig = HeadConfig()
+    threads: Help[int | None, "torch CPU threads"] = None
+
+
+def fit_checkpoint(cfg: BoxesConfig, log: Callable[[str], None] = print) -> BoxHeadSpec:
+    """Train the head of the checkpoint `cfg.model` on its training images' boxes and rewrite it in place."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_dir = resolve_model_dir(cfg.model)
+    model, manifest = load_checkpoint(model_dir)
+    data = load_image_folder(cfg.data, manifest.input.size, color=manifest.input.color)
+    if manifest.data_fingerprint and fingerprint(data) != manifest.data_fingerprint:
+        raise ValueError(f"{cfg.data} is not the data {model_dir} was trained on (data fingerprint differs)")
+    if cfg.split_file:
+        data = data.subset(load_split(cfg.split_file, data)[0])
+    train = box_set(data, cfg.boxes, manifest.class_names, manifest.input.size)
+    head = fit_head(model, train, manifest.input, cfg.head, log, annotations=Path(cfg.boxes).name)
+    written = rewrite_checkpoint(with_head(model, head), model_dir, manifest)
+    assert written.boxes is not None
+    return written.boxes
+
+
+@dataclass(frozen=True)
+class BoxesCVConfig:
+    cv: Help[Path, "a `trainer cv` run: each fold's head trains on that fold's model and training part, and is "
+                   "scored on the fold it never saw"]
+    data: Help[Path, "the image folder of that run"]
+    boxes: Help[Path, "folder of Pascal VOC XML files named after the images"]
+    out: Help[Path, "where the per-fold heads and the report go (resumes: a fold whose model exists is kept)"]
+    head: HeadConfig = HeadConfig()
+    threads: Help[int | None, "torch CPU threads"] = None
+
+
+def cross_validate_boxes(cfg: BoxesCVConfig, log: Callable[[str], None] = print) -> dict:
+    """Head and CAM boxes of every fold, scored on its held-out images, pooled: out/boxes-cv.json and .md."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    folds = sorted(p for p in Path(cfg.cv).glob("fold-*") if (p / "student" / "model").is_dir())
+    if not folds:
+        raise ValueError(f"{cfg.cv} holds no fold-*/student/model: run `trainer cv` first")
+    data, head_sets, cam_sets, per_fold = None, [], [], []
+    for fold in folds:
+        model, manifest = load_checkpoint(fold / "student" / "model")
+        data = data or load_image_folder(cfg.data, manifest.input.size, color=manifest.input.color)
+        train_idx, test_idx = load_split(fold / "split.json", data)[:2]
+        done = Path(cfg.out) / fold.name / "model"
+        if not done.is_dir():
+            log(f"{fold.name}: training the head on {len(train_idx)} images")
+            train = box_set(data.subset(train_idx), cfg.boxes, manifest.class_names, manifest.input.size)
+            head = fit_head(model, train, manifest.input, cfg.head, log, annotations=Path(cfg.boxes).name)
+            export_checkpoint(with_head(model, head), done, class_names=manifest.class_names,
+                              model_name=manifest.model_name, model_version=manifest.model_version,
+                              input_spec=manifest.input, recipe=manifest.recipe)
+        with_boxes, _ = load_checkpoint(done)
+        test = data.subset(test_idx)
+        head_scored, _ = score_set(with_boxes, manifest, test, cfg.boxes, LocateConfig(method="head"))
+        cam_scored, _ = score_set(model, manifest, test, cfg.boxes, LocateConfig(method="cam"))
+        head_sets.append(head_scored)
+        cam_sets.append(cam_scored)
+        report = pooled_report(fold.name, "head", LocateConfig(), [head_scored], manifest.class_names,
+                               manifest.input.size)
+        per_fold.append({"fold": fold.name, "map_50": report.map["map_50"], "map_50_95": report.map["map_50_95"],
+                         **{k: getattr(report.rows["overall"], k) for k in ("recall", "mean_best_iou", "pointing")}})
+        log(f"{fold.name}: {per_fold[-1]}")
+    size, names = manifest.input.size, manifest.class_names
+    doc = {"cv": str(cfg.cv), "head": asdict(cfg.head), "folds": per_fold,
+           "pooled": {"head": pooled_report("head", "head", LocateConfig(), head_sets, names, size).to_dict(),
+                      "cam": pooled_report("cam", "cam", LocateConfig(), cam_sets, names, size).to_dict()}}
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "boxes-cv.json").write_text(json.dumps(doc, indent=2, default=str))
+    (Path(cfg.out) / "boxes-cv.md").write_text(cv_markdown(doc))
+    return doc
+
+
+def cv_markdown(doc: dict) -> str:
+    """The pooled table (head, CAM, whole frame) and the per-fold spread, as docs/locate.md shows them."""
+    head, cam = doc["pooled"]["head"], doc["pooled"]["cam"]
+    rows = [("localization head", head["map"], head["rows"]["overall"]),
+            ("CAM boxes", cam["map"], cam["rows"]["overall"]),
+            ("whole frame", head["baseline_map"], head["baseline"]["overall"])]
+    lines = [f"{head['images']} annotated images, each scored by the fold model that never saw it "
+             f"({len(doc['folds'])} folds of {doc['cv']})", "",
+             "| boxes | mAP@0.5 | mAP@0.5:0.95 | recall@0.5 | mean best IoU | pointing game | boxes/image |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {m['map_50']:.3f} | {m['map_50_95']:.3f} | {r['recall']:.3f} | {r['mean_best_iou']:.3f} | "
+              f"{r['pointing']:.3f} | {r['boxes_per_image']:.2f} |" for name, m, r in rows]
+    lines += ["", "| class | images | head mAP@0.5 | head recall@0.5 | head mean best IoU | CAM mean best IoU | "
+              "whole-frame mean best IoU |", "|---|---|---|---|---|---|---|"]
+    for name, r in head["rows"].items():
+        if name == "overall":
+            continue
+        lines.append(f"| {name} | {r['images']} | {head['map']['map_50_per_class'].get(name, float('nan')):.3f} | "
+                     f"{r['recall']:.3f} | {r['mean_best_iou']:.3f} | {cam['rows'][name]['mean_best_iou']:.3f} | "
+                     f"{head['baseline'][name]['mean_best_iou']:.3f} |")
+    folds = doc["folds"]
+    lines += ["", "| fold | mAP@0.5 | mAP@0.5:0.95 | recall@0.5 | mean best IoU | pointing game |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {f['fold']} | {f['map_50']:.3f} | {f['map_50_95']:.3f} | {f['recall']:.3f} | "
+              f"{f['mean_best_iou']:.3f} | {f['pointing']:.3f} |" for f in folds]
+    for key in ("map_50", "recall", "mean_best_iou"):
+        values = np.array([f[key] for f in folds])
+        lines.append(f"\n{key}: {values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f} "
+                     "(mean ± standard deviation over folds)")
+    return "\n".join(lines) + "\n"
