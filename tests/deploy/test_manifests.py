@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from inspector.cli import parse
+from inspector.console.settings import ConsoleSettings
 from inspector.settings import Settings
 from tests.helpers.deploy import (
     DEPLOY, K8S, compose, compose_env, dockerfile_env, dockerfile_instructions, flag, k8s_docs, k8s_one,
@@ -29,6 +30,7 @@ from trainer.cli import build_parser as trainer_parser
 PORT = 9400
 PROGRAMS = ("inspector", "trainer")
 ENV_NAME = re.compile(r"\bINSPECTOR_[A-Z0-9_]*[A-Z0-9]")
+CONSOLE_PREFIX = ConsoleSettings.model_config["env_prefix"]
 
 
 def accepted(argv: list[str]) -> bool:
@@ -52,9 +54,9 @@ def nested_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def resolve_env_name(settings: type[BaseModel], name: str) -> bool:
+def resolve_env_name(settings: type[BaseModel], name: str, prefix: str = "INSPECTOR_") -> bool:
     model: type[BaseModel] | None = settings
-    for part in name.removeprefix("INSPECTOR_").lower().split("__"):
+    for part in name.removeprefix(prefix).lower().split("__"):
         if model is None or part not in model.model_fields:
             return False
         model = nested_model(model.model_fields[part].annotation)
@@ -118,7 +120,6 @@ def test_the_inspector_cli_takes_the_port_flag_and_refuses_what_it_does_not_know
 
 
 def test_every_inspector_env_name_is_a_settings_field() -> None:
-    settings = Settings
     names: dict[str, set[str]] = {}
     for path in [p for p in DEPLOY.rglob("*") if p.is_file()]:
         for name in ENV_NAME.findall(path.read_text()):
@@ -126,8 +127,15 @@ def test_every_inspector_env_name_is_a_settings_field() -> None:
     expected = {"INSPECTOR_BOOTSTRAP_SERVERS", "INSPECTOR_GROUP_ID", "INSPECTOR_MODEL_DIR", "INSPECTOR_HTTP_PORT",
                 "INSPECTOR_KAFKA__SECURITY_PROTOCOL", "INSPECTOR_KAFKA__SASL_PASSWORD"}
     assert expected <= names.keys()
-    unknown = {n: sorted(where) for n, where in names.items() if not resolve_env_name(settings, n)}
-    assert not unknown, f"INSPECTOR_* names that are not Settings fields: {unknown}"
+    unknown = {n: sorted(where) for n, where in names.items() if not known_env_name(n)}
+    assert not unknown, f"INSPECTOR_* names that are not Settings (or ConsoleSettings) fields: {unknown}"
+
+
+def known_env_name(name: str) -> bool:
+    """A field of the service's settings, or of the console's (INSPECTOR_CONSOLE_…, or that prefix itself)."""
+    if name.startswith(CONSOLE_PREFIX.rstrip("_")):
+        return name == CONSOLE_PREFIX.rstrip("_") or resolve_env_name(ConsoleSettings, name, CONSOLE_PREFIX)
+    return resolve_env_name(Settings, name)
 
 
 @pytest.mark.parametrize("where", ["k8s ConfigMap", "compose inspector", "Dockerfile ENV"])
