@@ -121,3 +121,58 @@ def test_stream_sends_figures_then_cards(kafka_broker, new_topic, console_settin
             assert {card["camera_id"] for card in cards} == {"cam-2"}  # the stream's filter
 
     asyncio.run(scenario())
+
+
+def test_a_console_starts_from_the_latest_events_unless_told_to_replay(kafka_broker, new_topic, console_settings,
+                                                                      make_event) -> None:
+    events, dlq = new_topic(), new_topic()
+
+    async def scenario() -> None:
+        for i in range(3):  # one record batch each: tansu's "latest" is its last batch's base offset + 1
+            await produce(kafka_broker, events, [message(make_event(f"old-{i}"))])
+        # two consoles in one process: each its own group (the default is one per process)
+        async with running_console(console_settings(bootstrap_servers=kafka_broker, topic=events,
+                                                    dead_letter_topic=dlq, group_id=f"{events}-a")) as latest, \
+                running_console(console_settings(bootstrap_servers=kafka_broker, topic=events, dead_letter_topic=dlq,
+                                                 group_id=f"{events}-b", from_beginning=True)) as replay:
+            await asyncio.gather(joined(latest), joined(replay))
+            await produce(kafka_broker, events, [message(make_event("new"))])
+            await wait_for(replay, lambda s: s["events"] == 4, "the replaying console")
+            assert (await wait_for(latest, lambda s: s["events"] >= 1, "the new event"))["events"] == 1
+
+    asyncio.run(scenario())
+
+
+def test_the_picture_cache_and_the_pages_are_bounded(kafka_broker, new_topic, console_settings, make_event,
+                                                     fetch) -> None:
+    """Pictures of ~10 kB each in a 24 kB cache: at most two stay, the least recently used goes first.
+    One page at a time (max_clients 1): a second stream is refused."""
+    frames, events = new_topic(), new_topic()
+    settings = console_settings(bootstrap_servers=kafka_broker, topic=events, dead_letter_topic=new_topic(),
+                                picture_cache_mb=24_000 / 2**20, max_clients=1)
+    rng = np.random.default_rng(0)
+    pngs = [cv2.imencode(".png", rng.integers(0, 256, (100, 100), dtype=np.uint8))[1].tobytes() for _ in range(3)]
+
+    async def scenario() -> None:
+        async with running_console(settings) as console:
+            await joined(console)
+            acks = await produce(kafka_broker, frames,
+                                 [encoded_frame(f"p{i}", png, "png") for i, png in enumerate(pngs)])
+            await produce(kafka_broker, events, [message(make_event("e", topic=frames, offset=acks[0].offset))])
+            await wait_for(console, lambda s: s["events"] == 1, "the event naming the frames topic")
+            urls = [console.url + f"frames/{frames}/0/{ack.offset}" for ack in acks]
+            for url, png in zip(urls, pngs):
+                assert (await fetch(url))[2] == png
+            assert console.pictures.cached_bytes <= settings.picture_cache_bytes
+            await fetch(urls[2])  # cached: the newest
+            await fetch(urls[0])  # evicted by the third: fetched again
+            assert (console.pictures.fetches, console.pictures.hits) == (4, 1)
+
+            host, port = console.url.removeprefix("http://").strip("/").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"text/event-stream" in await reader.readuntil(b"\r\n\r\n")
+            assert (await fetch(console.url + "stream"))[0] == 503  # too many pages open
+            writer.close()
+
+    asyncio.run(scenario())
