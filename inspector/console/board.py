@@ -98,7 +98,8 @@ class Board:
         return self.wall.take(viewer, self._clock())
 
     def stats(self) -> dict[str, Any]:
-        return self.figures.snapshot(self._clock()) | {"kafka": self.link.snapshot()}
+        return self.figures.snapshot(self._clock()) | {"kafka": self.link.snapshot(),
+                                                       "wall_cards": self._settings.wall_cards}
 
     def stats_json(self) -> bytes:
         """`stats()` as JSON, computed at most once per `stats_interval_s` for all pages together."""

@@ -2,7 +2,7 @@
 // value, never parsed as markup; the server's Content-Security-Policy allows no inline script anyway.
 "use strict";
 
-const WALL_CARDS = 48;
+let wallCards = 48; // the server's wall_cards, from its figures
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 const filters = { label: $("filter-label"), status: $("filter-status"), camera: $("filter-camera") };
@@ -83,7 +83,7 @@ function addCards(cards) {
     if (wall.querySelector(`[data-event-id="${CSS.escape(c.event_id)}"]`)) continue;
     wall.prepend(cardNode(c));
   }
-  while (wall.childElementCount > WALL_CARDS) wall.lastElementChild.remove();
+  while (wall.childElementCount > wallCards) wall.lastElementChild.remove();
   $("wall-note").textContent = wall.childElementCount ? `newest ${wall.childElementCount} shown` : "no matching events yet";
 }
 
@@ -120,9 +120,11 @@ function setOptions(select, names) {
 
 function showStats(s) {
   showLink(s.kafka);
+  wallCards = s.wall_cards;
   const dead = s.dead_letters;
   meta($("totals"), []);
-  for (const [k, v] of [["events", s.events], ["uncertain", s.statuses.uncertain || 0], ["dead letters", dead.total],
+  for (const [k, v] of [["events", s.events], ["uncertain", s.statuses.uncertain || 0],
+                        ["unknown", s.statuses.unknown || 0], ["dead letters", dead.total],
                         ["duplicates", s.duplicates], ["invalid", Object.values(s.invalid).reduce((a, b) => a + b, 0)]]) {
     const pair = el("div");
     pair.append(el("dt", null, k), el("dd", null, v));
@@ -208,6 +210,12 @@ async function drawCoil(coilId) {
 
 // -- detail ----------------------------------------------------------------------------------------------
 
+function unknownScore(e) {
+  if (e.ood_score == null) return []; // the model has no unknown detector
+  const threshold = e.model.ood_threshold == null ? "" : ` (threshold ${e.model.ood_threshold.toFixed(2)})`;
+  return [["unknown score", e.ood_score.toFixed(2) + threshold]];
+}
+
 async function openDetail(eventId) {
   const response = await fetch(`/api/event?id=${encodeURIComponent(eventId)}`);
   if (!response.ok) return;
@@ -230,6 +238,7 @@ async function openDetail(eventId) {
   meta($("detail-meta"), [
     ["camera", e.camera_id], ["frame", e.frame_id], ["coil", (e.coil_id ?? "–") + metres(e.strip_offset_m)],
     ["model", `${e.model.name} ${e.model.version}`], ["sha256", e.model.sha256.slice(0, 16) + "…"],
+    ...unknownScore(e),
     ["source", `${e.source.topic} [${e.source.partition}] @ ${e.source.offset}`], ["latency", `${e.latency_ms.toFixed(1)} ms`],
     ...Object.entries(e.times).map(([k, v]) => [k.replace("_at", ""), v]), ["event id", e.event_id],
   ]);

@@ -61,6 +61,7 @@ def test_events_dead_letters_and_pictures_over_http(kafka_broker, new_topic, con
 
             status, headers, body = await fetch(console.url + "api/state")
             assert status == 200 and orjson.loads(body)["events"] == 3
+            assert orjson.loads(body)["wall_cards"] == settings.wall_cards  # the page trims its wall to it
             assert "script-src 'self'" in headers["Content-Security-Policy"]
             assert headers["X-Content-Type-Options"] == "nosniff"
 
