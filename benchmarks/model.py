@@ -39,9 +39,10 @@ from torchvision import models as tv
 
 from benchmarks import BenchOptions, Section, markdown_table, percentile_ms
 from benchmarks.loadgen import NEU_CLS
-from inspector.runners import RUNNERS, Bf16Net, RunnerOptions, softmax
+from inspector.runners import RUNNERS, RunnerOptions, softmax
 from schemas.checkpoint import InputSpec, Manifest
 from stripnet.architectures import EG_REPVGG, REPVGG_A0
+from stripnet.bf16 import Bf16Net
 from stripnet.bundled import resolve_model_dir
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import RepNet, build_model, fold_gray, reparameterize

@@ -1,13 +1,15 @@
-"""Inference: gray frames → class probabilities, by one runner per backend behind one small protocol.
+"""Inference: frames → class probabilities, by one runner per backend behind one small protocol.
 
-A runner holds one fused model ready on one device and maps a batch of (H, W) uint8 gray frames of
-any size to probabilities (and, with `locate`, boxes in each frame's own pixels): stripnet's
-preprocessing, one forward pass, softmax. Which runner serves is chosen once, by `Loader`, from the
+A runner holds one fused model ready on one device and maps a batch of uint8 frames of any size, (H, W)
+gray or (H, W, 3) RGB, to probabilities (and, with `locate`, boxes in each frame's own pixels): stripnet's
+preprocessing (which brings a frame to the model's colour), one forward pass, softmax. Which runner serves is chosen once, by `Loader`, from the
 settings: the CUDA device runs `CudaRunner`; on the CPU `locate` runs eager torch (the boxes need
 its feature map) and otherwise `Settings.backend` names the runner. `Loader.load` is the model
 store's `prepare`: it builds the runner for a checkpoint's model, warms it up and refuses a model
 whose outputs are not finite — once per model load. Everything here blocks: the service calls
-`predict` on its single inference thread.
+`predict` from its inference worker threads (`Settings.inference_workers`), several at once when there are
+several. The CPU runners keep no state between calls; the CUDA runner takes one call at a time (its
+pinned host buffer is one per runner).
 
 `--backend auto` (the default) serves bf16 where the CPU has bf16 dot-product instructions
 (inspector/precision.py reads the flags) and ONNX Runtime fp32 elsewhere. A bf16 runner is accepted
@@ -15,7 +17,7 @@ for a model only after the accuracy gate (inspector/precision.py) on the checkpo
 against the fp32 runner; a model that fails it is served in fp32, said in one log line
 (`bf16_rejected`) and in the `inspector_backend` metric's labels.
 
-On the CPU the gray → C-channel replication is folded into the first convolution when every channel
+On the CPU a gray model's gray → C-channel replication is folded into the first convolution when every channel
 shares one mean and std (stripnet.network.fold_gray: exact, and one plane to normalize instead of C).
 CUDA (tests/gpu, `pytest -m gpu`, and scripts/gpu-check run it on a CUDA machine): frames are
 resized straight into a pinned host buffer, uploaded with non-blocking copies as uint8, normalized on
@@ -31,6 +33,7 @@ from __future__ import annotations
 import copy
 import importlib
 import io
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,8 +49,9 @@ from inspector.precision import CpuFlags, GateResult, cpu_flags, gate, has_bf16,
 from inspector.settings import CpuBackend, DeviceName, Settings
 from schemas.checkpoint import InputSpec, Manifest
 from schemas.messages import Box
+from stripnet.bf16 import Bf16Net
 from stripnet.cam import LocateConfig, locate_batch
-from stripnet.network import RepNet, can_fold_gray, fold_gray, forward_with_stats
+from stripnet.network import RepNet, can_fold_gray, fold_gray
 from stripnet.ood import scored
 from stripnet.preprocess import frame_pixels, normalize, pixel_shape, preprocess
 
@@ -71,7 +75,7 @@ class Runner(Protocol):
     precision: str  # "fp32" or a reduced one, which the loader's accuracy gate checks
 
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:
-        """1..max_batch (H, W) uint8 gray frames of any size → probabilities (and boxes)."""
+        """1..max_batch uint8 frames of any size, (H, W) gray or (H, W, 3) RGB → probabilities (and boxes)."""
         ...
 
 
@@ -184,8 +188,9 @@ class Bf16Runner(TorchRunner):
     against torch.autocast on the whole network this is both faster and closer to fp32. The one-channel first
     convolution is slower in bf16 than in fp32 (the input reorder costs more than the arithmetic saves) and
     rounding the input pixels to bf16 was most of the error; eager GELU and the attention's scaling are slower
-    on bf16 tensors than on fp32 ones, and their rounding was the rest of it. The weights are cast once here
-    (autocast re-casts them on every call); torch.compile of the same module was slower than eager."""
+    on bf16 tensors than on fp32 ones, and their rounding was the rest of it. The weights are cast once, by
+    stripnet.bf16.Bf16Net (autocast re-casts them on every call); torch.compile of the same module was slower
+    than eager."""
 
     name: ClassVar[str] = "bf16"
     precision: ClassVar[str] = "bf16"
@@ -193,33 +198,6 @@ class Bf16Runner(TorchRunner):
     @staticmethod
     def _compiled(net: RepNet) -> Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
         return scored(Bf16Net(net), net.ood)  # the unknown detector runs in fp32 (stripnet.ood.OODHead)
-
-
-class Bf16Net(nn.Module):
-    """A fused RepNet with the convolutions after the first one in bf16 (bf16 in, fp32 accumulation, bf16 out
-    converted back to fp32); the caller's model is not modified (the bf16 weights are copies)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.stem, self.head = net.blocks[0], net.head
-        self.body = nn.Sequential(*[_Bf16ConvBlock(block) for block in net.blocks[1:]])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(self.stem(x)))
-
-    def forward_with_features(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward_with_stats([self.stem, *self.body], self.head, x, layer)
-
-
-class _Bf16ConvBlock(nn.Module):
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        conv = block.reparam_conv
-        self.conv = copy.deepcopy(conv).to(torch.bfloat16)
-        self.attn, self.act = block.attn, block.act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.attn(self.conv(x.to(torch.bfloat16)).float()))
 
 
 class OnnxRuntimeRunner:
@@ -313,13 +291,16 @@ class CudaRunner:
         self.stream = options.stream if options.stream is not None else torch.cuda.Stream(self.device)
         self._host = torch.empty((options.max_batch, *pixel_shape(self.spec)), dtype=torch.uint8).pin_memory()
         self._host_pixels = self._host.numpy()  # the same pinned memory, for resizing straight into it
+        self._one_call = threading.Lock()  # inference workers share the pinned buffer
 
     def predict(self, images: Sequence[np.ndarray]) -> Prediction:
         _check_batch(images, self._max_batch)
         n = len(images)
-        # Safe to overwrite: the previous predict returned only after its .cpu(), which waited for its upload.
-        np.stack([frame_pixels(image, self.spec) for image in images], out=self._host_pixels[:n])
-        with torch.inference_mode(), torch.cuda.stream(self.stream):
+        pixels = [frame_pixels(image, self.spec) for image in images]
+        # Safe to overwrite under the lock: the previous predict returned only after its .cpu(), which waited
+        # for its upload.
+        with self._one_call, torch.inference_mode(), torch.cuda.stream(self.stream):
+            np.stack(pixels, out=self._host_pixels[:n])
             x = self.prepare(self._host[:n].to(self.device, non_blocking=True))
             if self._locate is None:
                 logits, ood_scores = split_outputs(self._scored(x))

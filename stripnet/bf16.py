@@ -1,0 +1,44 @@
+"""The bf16 form of a fused RepNet that the CPU bf16 runner serves: each block's convolution after the first one
+in bfloat16, everything else (the first block, attention, activation, head) in fp32. Why this split, and not
+autocast on the whole network: inspector/runners.py (Bf16Runner) and benchmarks/model.py, which measures both."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from stripnet.layers import RepVGGBlock
+from stripnet.network import RepNet, forward_with_stats
+
+
+class Bf16Net(nn.Module):
+    """A fused RepNet with the convolutions after the first one in bf16 (bf16 in, fp32 accumulation, bf16 out
+    converted back to fp32); the caller's model is not modified (the bf16 weights are copies). It has a
+    RepNet's `forward` and `forward_with_features`, so stripnet.ood.scored wraps it like the fp32 network."""
+
+    def __init__(self, net: RepNet) -> None:
+        super().__init__()
+        if not net.is_deploy:
+            raise ValueError("Bf16Net takes a fused model; reparameterize the model first")
+        self.stem, self.head = net.blocks[0], net.head
+        self.body = nn.Sequential(*[_Bf16ConvBlock(block) for block in net.blocks[1:]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)))
+
+    def forward_with_features(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_with_stats([self.stem, *self.body], self.head, x, layer)
+
+
+class _Bf16ConvBlock(nn.Module):
+    """A fused RepVGGBlock whose convolution runs in bf16; its attention and activation stay in fp32."""
+
+    def __init__(self, block: RepVGGBlock) -> None:
+        super().__init__()
+        self.conv = copy.deepcopy(block.reparam_conv).to(torch.bfloat16)
+        self.attn, self.act = block.attn, block.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.attn(self.conv(x.to(torch.bfloat16)).float()))
