@@ -464,7 +464,7 @@ def measure(cases: list[Case], inputs: Inputs, plan: Plan) -> tuple[dict[tuple[i
 
 
 def replicate_then_normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """The order inspector.engine.Runner._normalize used when this was written: expand to 3, then normalize."""
+    """The order serving used before stripnet.preprocess.normalize: expand to 3 channels, then normalize."""
     norm = InputSpec().normalization
     mean, std = torch.tensor(norm.mean).view(1, -1, 1, 1), torch.tensor(norm.std).view(1, -1, 1, 1)
     x = pixels.to(torch.float32).div_(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
@@ -668,8 +668,8 @@ def render(report: ModelReport) -> str:
         markdown_table(["Target", "Measured", "Met"], target_body, "lrl"),
         agreement_table(report),
         "Input preparation, uint8 gray frames → normalized model input (median CPU ms per call). Gray folding "
-        "lets the engine skip the replication; the first row is the replicate-then-normalize order "
-        "inspector.engine used when this was written.",
+        "lets the engine skip the replication; the first row is the order serving used before "
+        "stripnet.preprocess.normalize: replicate to 3 channels, then normalize.",
         markdown_table(["Preparation", *[f"@{b}" for b in report.batch_sizes]],
                        [[r.method, *[_num(r.cpu_ms.get(b), "{:.3f}") for b in report.batch_sizes]]
                         for r in report.preparation]),

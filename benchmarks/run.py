@@ -70,7 +70,9 @@ def write_readme(out_dir: Path) -> Path:
     order = [n for n in BENCHMARKS if n in files] + sorted(set(files) - set(BENCHMARKS))
     parts = ["# Benchmark results", "",
              "Written by `make bench` (`python -m benchmarks.run`); do not edit by hand. "
-             "Each section comes from the JSON file of the same name in this folder."]
+             "Each section comes from the JSON file of the same name in this folder and shows the code as it was "
+             "when that benchmark last ran (the date under its title): a file or function it names, a profile's "
+             "frames say, may have moved since; running the benchmark again refreshes it."]
     for name in order:
         f = files[name]
         m, la = f.machine, f.load_average_start
