@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.checkpoint import ArchitectureSpec, Manifest
+from schemas.checkpoint import ArchitectureSpec, BoxHeadSpec, Manifest
 
 
 class CheckpointError(ValueError):
@@ -72,6 +72,28 @@ def cost(spec: ArchitectureSpec, num_classes: int, input_size: int, *, deploy: b
     return Cost(parameters=parameters + head + num_classes, macs=macs + head, activation_elements=activations)
 
 
+def sides(spec: ArchitectureSpec, input_size: int) -> tuple[int, ...]:
+    """The side of each block's output map (3×3, padding 1)."""
+    out, side = [], input_size
+    for row in spec.blocks:
+        side = (side - 1) // row.stride + 1
+        out.append(side)
+    return tuple(out)
+
+
+def box_head_cost(spec: ArchitectureSpec, num_classes: int, head: BoxHeadSpec, input_size: int, *,
+                  deploy: bool) -> Cost:
+    """The localization head's (stripnet/boxhead.py) parameters, MACs and activations, as `cost` counts them."""
+    side, hidden = sides(spec, input_size), head.hidden
+    fine = side[head.layers[0]] ** 2
+    outputs = num_classes + 4
+    parameters = sum(spec.blocks[i].out_channels * hidden + hidden for i in head.layers)  # 1×1 laterals
+    parameters += _block_parameters(hidden, hidden, 1, deploy) + hidden * outputs + outputs
+    macs = sum(side[i] ** 2 * spec.blocks[i].out_channels * hidden for i in head.layers)
+    macs += fine * hidden * hidden * (9 if deploy else 10) + fine * hidden * outputs
+    return Cost(parameters=parameters, macs=macs, activation_elements=fine * (2 * hidden + outputs))
+
+
 def check_budget(manifest: Manifest, limits: CheckpointLimits, batch: int = 1) -> Cost:
     """The architecture's cost, computed from the manifest alone; CheckpointError if it exceeds a limit."""
     spec, size = manifest.architecture, manifest.input.size
@@ -80,6 +102,9 @@ def check_budget(manifest: Manifest, limits: CheckpointLimits, batch: int = 1) -
     if spec.in_channels != manifest.input.channels:
         raise CheckpointError(f"architecture takes {spec.in_channels} channels, the input {manifest.input.channels}")
     c = cost(spec, len(manifest.class_names), size, deploy=manifest.deploy)
+    if manifest.boxes is not None:
+        h = box_head_cost(spec, len(manifest.class_names), manifest.boxes, size, deploy=manifest.deploy)
+        c = Cost(c.parameters + h.parameters, c.macs + h.macs, max(c.activation_elements, h.activation_elements))
     activation_bytes = c.activation_elements * batch * 4
     for what, value, limit in (("parameters", c.parameters, limits.max_parameters),
                                ("MACs per image", c.macs, limits.max_macs),

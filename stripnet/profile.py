@@ -57,3 +57,19 @@ def count_macs(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
     _, macs = _forward_counting(model, torch.zeros(1, in_channels, input_size, input_size))
     model.train(was_training)
     return macs
+
+
+@torch.no_grad()
+def count_head_macs(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
+    """Multiply-accumulates per image of the model's localization head alone (`model.boxes`), 0 without one."""
+    if getattr(model, "boxes", None) is None:
+        return 0
+    was_training = model.training
+    model.eval()
+    x, kept = torch.zeros(1, in_channels, input_size, input_size), {}
+    for i, block in enumerate(model.blocks):
+        x = block(x)
+        kept[i] = x
+    _, macs = _forward_counting(model.boxes, [kept[i] for i in model.boxes.spec.layers])
+    model.train(was_training)
+    return macs

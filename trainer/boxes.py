@@ -29,13 +29,15 @@ import torch.nn.functional as F
 
 from schemas.checkpoint import BoxHeadSpec, InputSpec
 from stripnet.boxhead import BoxHead
+from stripnet.budget import sides
 from stripnet.bundled import resolve_model_dir
 from stripnet.cam import LocateConfig
 from stripnet.checkpoint import export_checkpoint, load_checkpoint, rewrite_checkpoint
 from stripnet.network import RepNet, run_chain
 from stripnet.preprocess import normalize
-from trainer.data import ImageSet, fingerprint, load_image_folder, load_split
-from trainer.detector import model_labels
+from trainer.data import ImageSet, dihedral, fingerprint, load_image_folder, load_split
+from trainer.detector import fit_detector, model_labels
+from trainer.evaluate import evaluate
 from trainer.locate import collect_annotations, pooled_report, score_set
 from trainer.voc import Corners
 
@@ -44,36 +46,33 @@ GAUSSIAN_ALPHA = 0.54
 
 @dataclass(frozen=True)
 class HeadConfig:
-    layers: Help[tuple[int, ...], "blocks whose outputs the head reads, finest first"] = (3, 7)
-    hidden: Help[int, "channels of the head's 3×3 block"] = 32
-    epochs: Help[int, "passes over the cached features"] = 30
+    layers: Help[tuple[int, ...], "blocks whose outputs the head reads, finest first"] = (7, 8)
+    hidden: Help[int, "channels of the head's 3×3 block"] = 64
+    epochs: Help[int, "passes over the training maps"] = 20
     batch_size: int = 64
     lr: Help[float, "peak learning rate of AdamW (cosine decay)"] = 2e-3
     weight_decay: float = 1e-4
     augment: Help[bool, "the 8 D4 transforms of each training image (off: the images as they are)"] = True
     score_threshold: Help[float, "a served centre below this is not a box"] = 0.3
     max_boxes: Help[int, "at most this many served boxes per frame"] = 8
+    finetune_lr: Help[float | None, "also train the network, at this learning rate, with its cross-entropy in "
+                                    "the loss (unset: the network stays frozen, its classifier exactly as it was)"] = None
+    label_smoothing: Help[float, "of the cross-entropy term when fine-tuning"] = 0.1
+    bf16: Help[bool, "fine-tune under bfloat16 autocast (CPUs with avx512_bf16 or AMX)"] = True
     seed: int = 0
 
 
-# --- D4 on square images and their boxes ---------------------------------------------------------------------
+# --- D4 on boxes ---------------------------------------------------------------------
 
 
-def transform_image(image: torch.Tensor, t: int) -> torch.Tensor:
-    """Transform t in 0..7 of (…, S, S): a horizontal flip when t >= 4, then t % 4 quarter turns (torch.rot90)."""
-    if t >= 4:
-        image = image.flip(-1)
-    return torch.rot90(image, t % 4, dims=(-2, -1))
-
-
-def transform_boxes(boxes: Sequence[Corners], t: int, size: int) -> tuple[Corners, ...]:
-    """The same transform of half-open corner boxes in an S×S frame (`transform_image`'s pixels)."""
+def dihedral_boxes(boxes: Sequence[Corners], k: int, size: int) -> tuple[Corners, ...]:
+    """Half-open corner boxes in an S×S frame moved as `trainer.data.dihedral(image, k)` moves its pixels."""
     out = []
     for x0, y0, x1, y1 in boxes:
-        if t >= 4:
-            x0, x1 = size - x1, size - x0
-        for _ in range(t % 4):  # rot90 over (rows, cols): row r, col c → row S−1−c, col r
+        for _ in range(k % 4):  # rot90 over (rows, cols): row r, col c → row S−1−c, col r
             x0, y0, x1, y1 = y0, size - x1, y1, size - x0
+        if k >= 4:
+            x0, x1 = size - x1, size - x0
         out.append((x0, y0, x1, y1))
     return tuple(out)
 
@@ -86,6 +85,9 @@ class Targets:
     heat: torch.Tensor  # (N, C, h, w) float
     regression: torch.Tensor  # (N, 4, h, w) offset x, y and log w, h, in cells; set where `centres`
     centres: torch.Tensor  # (N, h, w) bool
+
+    def take(self, idx: torch.Tensor) -> Targets:
+        return Targets(self.heat[idx], self.regression[idx], self.centres[idx])
 
 
 def targets(boxes: Sequence[Sequence[Corners]], labels: Sequence[int], num_classes: int, grid: tuple[int, int],
@@ -150,45 +152,77 @@ def augmented(data: BoxSet, augment: bool) -> BoxSet:
     transforms = range(8) if augment else range(1)
     size = data.images.shape[-1]
     return BoxSet(
-        torch.cat([transform_image(data.images, t) for t in transforms]),
+        torch.cat([dihedral(data.images, k) for k in transforms]),
         tuple(label for _ in transforms for label in data.labels),
-        tuple(transform_boxes(b, t, size) for t in transforms for b in data.boxes),
+        tuple(dihedral_boxes(b, k, size) for k in transforms for b in data.boxes),
     )
 
 
 # --- the training loop -------------------------------------------------------------------------------------------
 
 
-def fit_head(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfig, log: Callable[[str], None] = print,
-             annotations: str = "") -> BoxHead:
-    """A trained (training-form) head for the frozen `model` on `data`'s images and boxes (from `annotations`)."""
+def fit_boxes(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfig, log: Callable[[str], None] = print,
+              annotations: str = "") -> RepNet:
+    """A copy of the fused `model` carrying a trained (training-form) localization head for `data`'s boxes: the
+    network frozen (the head learns from cached features), or fine-tuned with it (`cfg.finetune_lr`)."""
     torch.manual_seed(cfg.seed)
     train = augmented(data, cfg.augment)
-    started = time.perf_counter()
-    cached = features(model, train.images, spec, cfg.layers)
     head = BoxHead(model.spec, model.num_classes, head_spec(cfg, len(data.labels), annotations))
-    grid = tuple(cached[0].shape[-2:])
+    grid = _grid(model, spec, cfg.layers)
     target = targets(train.boxes, train.labels, model.num_classes, grid, head.stride)
     log(f"boxes: {len(train.labels)} training maps ({len(data.labels)} images × "
-        f"{len(train.labels) // len(data.labels)} transforms), features in {time.perf_counter() - started:.0f} s")
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(train.labels) / cfg.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=steps, pct_start=0.05)
+        f"{len(train.labels) // len(data.labels)} transforms), {'fine-tuning the network' if cfg.finetune_lr else 'network frozen'}")
+    if cfg.finetune_lr is None:
+        cached = features(model, train.images, spec, cfg.layers)
+        _train(head, [], cfg, len(train.labels), log,
+               lambda idx: head_loss(head([c[idx].float() for c in cached]), target.take(idx), model.num_classes))
+        return with_head(model, head)
+    net = with_head(model, head)
+    labels = torch.tensor(train.labels)
+    per_image = len(data.labels)
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            out, kept = run_chain(net.blocks, normalize(train.images[idx], spec), cfg.layers)
+            ce = F.cross_entropy(net.head(out).float(), labels[idx], label_smoothing=cfg.label_smoothing)
+            maps = net.boxes([kept[i] for i in cfg.layers]).float()
+        return ce + head_loss(maps, target.take(idx), model.num_classes)
+
+    network = [p for name, p in net.named_parameters() if not name.startswith(("boxes.", "ood."))]
+    # each epoch sees every image once, under one of its transforms drawn at random
+    _train(net.boxes, network, cfg, per_image, log, loss,
+           draw=lambda: torch.randperm(per_image) + per_image * torch.randint(len(train.labels) // per_image,
+                                                                               (per_image,)))
+    return net.eval()
+
+
+def _grid(model: RepNet, spec: InputSpec, layers: tuple[int, ...]) -> tuple[int, int]:
+    side = sides(model.spec, spec.size)[layers[0]]
+    return side, side
+
+
+def _train(head: BoxHead, network: list[torch.nn.Parameter], cfg: HeadConfig, samples: int,
+           log: Callable[[str], None], loss_of: Callable[[torch.Tensor], torch.Tensor],
+           draw: Callable[[], torch.Tensor] | None = None) -> None:
+    """AdamW with one-cycle cosine decay over `samples` per epoch: the head at `cfg.lr`, `network` (if any)
+    at `cfg.finetune_lr`."""
+    groups = [{"params": list(head.parameters()), "lr": cfg.lr}]
+    groups += [{"params": network, "lr": cfg.finetune_lr}] if network else []
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(samples / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in groups], total_steps=steps,
+                                                   pct_start=0.05)
     for epoch in range(1, cfg.epochs + 1):
         head.train()
         total, started = 0.0, time.perf_counter()
-        for idx in torch.randperm(len(train.labels)).split(cfg.batch_size):
-            maps = head([c[idx].float() for c in cached])
-            loss = head_loss(maps, Targets(target.heat[idx], target.regression[idx], target.centres[idx]),
-                             model.num_classes)
+        for idx in (draw() if draw else torch.randperm(samples)).split(cfg.batch_size):
+            loss = loss_of(idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total += loss.item() * len(idx)
-        log(f"boxes epoch {epoch}/{cfg.epochs} loss={total / len(train.labels):.4f} "
-            f"seconds={time.perf_counter() - started:.1f}")
-    return head.eval()
+        log(f"boxes epoch {epoch}/{cfg.epochs} loss={total / samples:.4f} seconds={time.perf_counter() - started:.1f}")
 
 
 def head_spec(cfg: HeadConfig, fitted_images: int, annotations: str = "") -> BoxHeadSpec:
@@ -239,8 +273,11 @@ def fit_checkpoint(cfg: BoxesConfig, log: Callable[[str], None] = print) -> BoxH
     if cfg.split_file:
         data = data.subset(load_split(cfg.split_file, data)[0])
     train = box_set(data, cfg.boxes, manifest.class_names, manifest.input.size)
-    head = fit_head(model, train, manifest.input, cfg.head, log, annotations=Path(cfg.boxes).name)
-    written = rewrite_checkpoint(with_head(model, head), model_dir, manifest)
+    fitted = fit_boxes(model, train, manifest.input, cfg.head, log, annotations=Path(cfg.boxes).name)
+    if cfg.head.finetune_lr is not None and manifest.ood is not None:  # the features moved: fit the detector again
+        fitted = fit_detector(fitted, manifest.class_names, data, None, manifest.input,
+                              manifest.ood.false_unknown_rate, manifest.ood.layer)
+    written = rewrite_checkpoint(fitted, model_dir, manifest)
     assert written.boxes is not None
     return written.boxes
 
@@ -272,8 +309,8 @@ def cross_validate_boxes(cfg: BoxesCVConfig, log: Callable[[str], None] = print)
         if not done.is_dir():
             log(f"{fold.name}: training the head on {len(train_idx)} images")
             train = box_set(data.subset(train_idx), cfg.boxes, manifest.class_names, manifest.input.size)
-            head = fit_head(model, train, manifest.input, cfg.head, log, annotations=Path(cfg.boxes).name)
-            export_checkpoint(with_head(model, head), done, class_names=manifest.class_names,
+            fitted = fit_boxes(model, train, manifest.input, cfg.head, log, annotations=Path(cfg.boxes).name)
+            export_checkpoint(fitted, done, class_names=manifest.class_names,
                               model_name=manifest.model_name, model_version=manifest.model_version,
                               input_spec=manifest.input, recipe=manifest.recipe)
         with_boxes, _ = load_checkpoint(done)
@@ -285,7 +322,11 @@ def cross_validate_boxes(cfg: BoxesCVConfig, log: Callable[[str], None] = print)
         report = pooled_report(fold.name, "head", LocateConfig(), [head_scored], manifest.class_names,
                                manifest.input.size)
         per_fold.append({"fold": fold.name, "map_50": report.map["map_50"], "map_50_95": report.map["map_50_95"],
-                         **{k: getattr(report.rows["overall"], k) for k in ("recall", "mean_best_iou", "pointing")}})
+                         **{k: getattr(report.rows["overall"], k) for k in ("recall", "mean_best_iou", "pointing")},
+                         # on every held-out image, annotated or not: a fine-tuned network must classify as well
+                         "accuracy": evaluate(with_boxes, test, manifest.input, manifest.class_names).accuracy,
+                         "accuracy_before": evaluate(model, test, manifest.input, manifest.class_names).accuracy,
+                         "images": len(test)})
         log(f"{fold.name}: {per_fold[-1]}")
     size, names = manifest.input.size, manifest.class_names
     doc = {"cv": str(cfg.cv), "head": asdict(cfg.head), "folds": per_fold,
@@ -318,10 +359,14 @@ def cv_markdown(doc: dict) -> str:
                      f"{r['recall']:.3f} | {r['mean_best_iou']:.3f} | {cam['rows'][name]['mean_best_iou']:.3f} | "
                      f"{head['baseline'][name]['mean_best_iou']:.3f} |")
     folds = doc["folds"]
-    lines += ["", "| fold | mAP@0.5 | mAP@0.5:0.95 | recall@0.5 | mean best IoU | pointing game |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| fold | mAP@0.5 | mAP@0.5:0.95 | recall@0.5 | mean best IoU | pointing game | accuracy with the "
+              "head | accuracy before |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {f['fold']} | {f['map_50']:.3f} | {f['map_50_95']:.3f} | {f['recall']:.3f} | "
-              f"{f['mean_best_iou']:.3f} | {f['pointing']:.3f} |" for f in folds]
+              f"{f['mean_best_iou']:.3f} | {f['pointing']:.3f} | {f['accuracy']:.4f} | {f['accuracy_before']:.4f} |"
+              for f in folds]
+    errors = [round((1 - f[key]) * f["images"]) for key in ("accuracy", "accuracy_before") for f in folds]
+    lines.append(f"\nclassification errors on all {sum(f['images'] for f in folds)} held-out images: "
+                 f"{sum(errors[:len(folds)])} with the head's network, {sum(errors[len(folds):])} before")
     for key in ("map_50", "recall", "mean_best_iou"):
         values = np.array([f[key] for f in folds])
         lines.append(f"\n{key}: {values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f} "

@@ -30,13 +30,13 @@ from inspector.settings import Settings
 from schemas.checkpoint import InputSpec, Manifest, Normalization, OODSpec
 from schemas.messages import FrameHeaders
 from stripnet.architectures import EG_REPVGG
-from stripnet.cam import LocateConfig
+from stripnet.cam import LocateConfig, locate_batch
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import RepNet, build_model
 from stripnet.ood import fit_head, with_detector
 from stripnet.preprocess import normalize, preprocess
 from tests.helpers import NEU_CLASSES
-from tests.helpers.models import randomize_bn
+from tests.helpers.models import randomize_bn, with_random_head
 from trainer.data import read_gray
 
 ATOL = 1e-5  # on probabilities
@@ -215,6 +215,30 @@ def test_locate_runs_torch_whatever_the_backend_and_adds_boxes_in_frame_pixels(
         assert boxes and all(0 <= b.x0 < b.x1 <= w and 0 <= b.y0 < b.y1 <= h for b in boxes)
     np.testing.assert_allclose(prediction.probabilities, reference_probabilities(model, manifest, images),
                                rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "bf16"])
+def test_a_model_with_a_localization_head_serves_its_boxes_with_locate_and_ignores_it_without(
+        fused: tuple[RepNet, Manifest], backend: str, tmp_path: Path) -> None:
+    model, manifest = fused
+    export_checkpoint(with_random_head(model), tmp_path / "head", class_names=manifest.class_names,
+                      model_name="t", model_version="v1")
+    headed, headed_manifest = load_checkpoint(tmp_path / "head")
+    images = gray_frames(3, sizes=(300, 200))
+    located = Loader(cpu(backend=backend, locate=True)).load(headed, headed_manifest).predict(images)
+    x = preprocess(images, headed_manifest.input)
+    expected = locate_batch(headed, x, LocateConfig(), [image.shape[:2] for image in images])
+    corners = lambda boxes: [[(b.x0, b.y0, b.x1, b.y1) for b in frame] for frame in boxes]  # noqa: E731
+    assert corners(located.boxes) == corners(expected.boxes) and any(located.boxes)
+    np.testing.assert_allclose([b.score for f in located.boxes for b in f],
+                               [b.score for f in expected.boxes for b in f], rtol=0, atol=1e-4)
+    assert expected.boxes != locate_batch(headed, x, LocateConfig(method="cam"),
+                                          [image.shape[:2] for image in images]).boxes  # the head's, not the CAM's
+    plain = Loader(cpu(backend=backend)).load(headed, headed_manifest).predict(images)
+    assert plain.boxes is None
+    reference = reference_probabilities(model, manifest, images)  # the head leaves the classifier alone
+    np.testing.assert_allclose(located.probabilities, reference, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(plain.probabilities, reference, rtol=0, atol=ATOL if backend != "bf16" else 1e-2)
 
 
 # -- loading: once per model ------------------------------------------------------------------------------

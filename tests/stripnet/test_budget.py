@@ -7,11 +7,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas.checkpoint import ArchitectureSpec, BlockSpec, InputSpec, Manifest, Normalization
+from schemas.checkpoint import ArchitectureSpec, BlockSpec, BoxHeadSpec, InputSpec, Manifest, Normalization
 from stripnet.architectures import EG_REPVGG, REPVGG_A0
-from stripnet.budget import CheckpointError, CheckpointLimits, check_budget, cost
+from stripnet.boxhead import block_strides
+from stripnet.budget import CheckpointError, CheckpointLimits, box_head_cost, check_budget, cost
 from stripnet.network import build_model
-from stripnet.profile import count_macs, count_parameters
+from stripnet.profile import count_head_macs, count_macs, count_parameters
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200")) // 8  # each example builds and runs a network
 
@@ -38,6 +39,25 @@ def test_the_arithmetic_matches_the_built_network(spec, classes, size, deploy):
             x = block(x)
             sizes.append(x.numel())
     assert c.activation_elements == max(a + b for a, b in zip(sizes, sizes[1:]))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layers=st.lists(st.integers(0, len(EG_REPVGG.blocks) - 1), min_size=1, max_size=3), hidden=st.integers(1, 16),
+       classes=st.integers(2, 7), deploy=st.booleans())
+def test_the_head_arithmetic_matches_the_built_head(layers, hidden, classes, deploy):
+    layers = tuple(sorted(layers, key=lambda i: (block_strides(EG_REPVGG)[i], i)))  # finest first
+    spec = BoxHeadSpec(layers=layers, hidden=hidden, fitted_images=1)
+    model = build_model(EG_REPVGG, classes, deploy=deploy, boxes=spec).eval()
+    c = box_head_cost(EG_REPVGG, classes, spec, 64, deploy=deploy)
+    assert c.parameters == count_parameters(model.boxes)
+    assert c.macs == count_head_macs(model, 64)
+
+
+def test_a_head_counts_against_the_limits():
+    m = manifest().model_copy(update={"boxes": BoxHeadSpec(layers=(3,), hidden=256, fitted_images=1)})
+    plain = check_budget(manifest(), CheckpointLimits())
+    with pytest.raises(CheckpointError, match="MACs"):
+        check_budget(m, CheckpointLimits(max_macs=plain.macs + 1000))
 
 
 @pytest.mark.parametrize("spec", [EG_REPVGG, REPVGG_A0], ids=lambda s: s.name)

@@ -13,7 +13,8 @@ from stripnet.architectures import EG_REPVGG
 from stripnet.boxhead import decode
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
-from trainer.boxes import HeadConfig, targets, transform_boxes, transform_image
+from trainer.boxes import dihedral_boxes, targets
+from trainer.data import dihedral
 from trainer.cli import main
 from tests.helpers.images import write_image
 from tests.helpers.models import randomize_bn
@@ -26,10 +27,10 @@ def test_a_transform_moves_boxes_with_the_pixels(t):
     size, box = 40, (3, 5, 17, 12)
     mask = torch.zeros(size, size)
     mask[box[1]:box[3], box[0]:box[2]] = 1
-    moved = transform_image(mask, t)
+    moved = dihedral(mask, t)
     rows, cols = torch.nonzero(moved, as_tuple=True)
     expected = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
-    assert transform_boxes([box], t, size) == (expected,)
+    assert dihedral_boxes([box], t, size) == (expected,)
 
 
 def test_targets_put_a_peak_of_one_at_the_centre_and_decode_back_to_the_box():
@@ -93,7 +94,7 @@ def test_boxes_command_adds_a_head_that_beats_the_whole_frame_and_leaves_the_cla
     assert json.loads(capsys.readouterr().out)["method"] == "cam"
 
 
-def test_boxes_cv_trains_one_head_per_fold_scores_the_fold_it_never_saw_and_resumes(tmp_path, capsys):
+def test_boxes_cv_fine_tunes_one_network_and_head_per_fold_scores_the_fold_it_never_saw_and_resumes(tmp_path):
     data, boxes = _folder(tmp_path, n_per_class=4)
     files = sorted(str(p.relative_to(data)) for p in data.rglob("*.png"))
     for k in range(2):
@@ -104,10 +105,14 @@ def test_boxes_cv_trains_one_head_per_fold_scores_the_fold_it_never_saw_and_resu
         (tmp_path / "cv" / f"fold-{k}" / "split.json").write_text(json.dumps(
             {"train": [f for f in files if f not in test], "val": test}))
     args = ["boxes-cv", "--cv", str(tmp_path / "cv"), "--data", str(data), "--boxes", str(boxes),
-            "--out", str(tmp_path / "out"), "--epochs", "2", "--hidden", "4", "--no-augment"]
+            "--out", str(tmp_path / "out"), "--epochs", "2", "--hidden", "4", "--no-augment", "--finetune-lr", "1e-3"]
     assert main(args) == 0
     doc = json.loads((tmp_path / "out" / "boxes-cv.json").read_text())
     assert [f["fold"] for f in doc["folds"]] == ["fold-0", "fold-1"]
+    assert all(f["images"] == 4 and 0 <= f["accuracy"] <= 1 for f in doc["folds"])
+    tuned, _ = load_checkpoint(tmp_path / "out" / "fold-0" / "model")
+    before, _ = load_checkpoint(tmp_path / "cv" / "fold-0" / "student" / "model")
+    assert not torch.equal(tuned.blocks[0].reparam_conv.weight, before.blocks[0].reparam_conv.weight)
     assert doc["pooled"]["head"]["images"] == 8 and doc["pooled"]["cam"]["images"] == 8
     for k in range(2):
         _, manifest = load_checkpoint(tmp_path / "out" / f"fold-{k}" / "model")
