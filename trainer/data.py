@@ -224,8 +224,8 @@ def camera_jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.squeeze(1) if images.ndim == 3 else x
 
 
-Balance = Literal["auto", "none", "sampling", "loss"]
-IMBALANCED = 1.5  # largest class / smallest class above which "auto" balances and selection uses macro-F1
+Balance = Literal["none", "sampling", "loss"]
+IMBALANCED = 1.5  # largest class / smallest class above which the best epoch is chosen by macro-F1
 
 
 def imbalance(labels: torch.Tensor) -> float:
@@ -235,14 +235,9 @@ def imbalance(labels: torch.Tensor) -> float:
     return float(counts.max() / counts.min())
 
 
-def choose_balance(labels: torch.Tensor, choice: Balance) -> tuple[Literal["none", "sampling", "loss"], str]:
-    """`choice` unless "auto"; then class-balanced sampling when the classes are imbalanced. Returns it and why."""
-    ratio = imbalance(labels)
-    if choice != "auto":
-        return choice, f"balance {choice} (--balance {choice}; largest/smallest class {ratio:.2f})"
-    if ratio > IMBALANCED:
-        return "sampling", f"balance sampling: largest/smallest class {ratio:.2f} > {IMBALANCED}"
-    return "none", f"balance none: largest/smallest class {ratio:.2f} ≤ {IMBALANCED}"
+def balance_note(labels: torch.Tensor, balance: Balance) -> str:
+    """The run log's line on imbalance: the balancing used and the largest/smallest class ratio."""
+    return f"balance {balance} (--balance {balance}; largest/smallest class {imbalance(labels):.2f})"
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

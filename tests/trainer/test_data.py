@@ -7,7 +7,7 @@ import torch
 
 from tests.helpers.images import hue_folder, write_image
 from trainer.data import (
-    ImageReadError, camera_jitter, choose_balance, class_weights, dihedral, dihedral_batch, epoch_order,
+    ImageReadError, balance_note, camera_jitter, class_weights, dihedral, dihedral_batch, epoch_order,
     load_image_folder, load_split, save_split, stratified_split,
 )
 
@@ -126,11 +126,10 @@ def test_the_images_own_size_unless_one_is_given(tmp_path):
     assert "median longest side of 8 images of 3 sizes (6 of 48×48" in mixed.notes[1]
 
 
-def test_auto_balance_samples_each_class_equally_when_classes_are_imbalanced():
+def test_balancing_is_what_was_asked_and_sampling_draws_each_class_equally():
     labels = torch.tensor([0] * 90 + [1] * 10)
-    assert choose_balance(labels, "auto")[0] == "sampling"
-    assert choose_balance(torch.tensor([0] * 12 + [1] * 10), "auto")[0] == "none"
-    assert choose_balance(labels, "loss")[0] == "loss"
+    assert balance_note(labels, "none") == "balance none (--balance none; largest/smallest class 9.00)"
+    assert balance_note(labels, "loss").startswith("balance loss")
     weights = class_weights(labels, 2)
     assert weights[labels].sum().item() == pytest.approx(100.0) and weights[1] == pytest.approx(9 * weights[0])
     gen = torch.Generator().manual_seed(0)

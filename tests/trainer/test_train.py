@@ -68,19 +68,21 @@ def hue_cfg(tmp_path):
                        split=(0.75, 0.25), progress=False)
 
 
-def test_colour_data_train_an_rgb_model_at_their_own_size_balanced_and_selected_by_macro_f1(hue_cfg):
+def test_colour_data_train_an_rgb_model_at_their_own_size_unbalanced_and_selected_by_macro_f1(hue_cfg):
     fit(hue_cfg)
     _, manifest = load_checkpoint(hue_cfg.out / "model")
     assert (manifest.input.color, manifest.input.channels, manifest.input.size) == ("rgb", 3, 24)
     notes = json.loads((hue_cfg.out / "input.json").read_text())["notes"]
     assert notes[0].startswith("colour rgb") and notes[1].startswith("size 24×24: the images' own size")
-    assert notes[2].startswith("balance sampling") and notes[3] == "select by macro-F1 on validation"
-    assert "balance sampling" in manifest.notes
+    assert notes[2] == "balance none (--balance none; largest/smallest class 3.00)"
+    assert notes[3] == "select by macro-F1 on validation" and notes[2] in manifest.notes
     assert all(0.0 <= row["val_macro_f1"] <= 1.0 for row in read_rows(hue_cfg.out))
 
 
 def test_distillation_from_a_colour_teacher_and_a_gray_teacher_is_refused(hue_cfg, tmp_path):
-    teacher = fit(replace(hue_cfg, out=tmp_path / "teacher", epochs=1, model_name="tiny-teacher")).out / "model"
+    teacher = fit(replace(hue_cfg, out=tmp_path / "teacher", epochs=1, model_name="tiny-teacher",
+                          balance="sampling")).out / "model"
+    assert "balance sampling" in load_checkpoint(teacher)[1].notes
     student = replace(hue_cfg, epochs=1, teacher=teacher, balance="loss")
     fit(student)
     assert read_rows(student.out)[0]["train_kd"] > 0
