@@ -44,10 +44,11 @@ from schemas.checkpoint import InputSpec, Manifest
 from stripnet.architectures import EG_REPVGG, REPVGG_A0
 from stripnet.bf16 import Bf16Net
 from stripnet.bundled import resolve_model_dir
+from stripnet.cam import LocateConfig, locate_batch
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import RepNet, build_model, fold_gray, reparameterize
 from stripnet.preprocess import normalize, resize
-from stripnet.profile import count_macs, count_parameters
+from stripnet.profile import count_head_macs, count_macs, count_parameters
 
 NUM_CLASSES, SIZE = 6, 200
 CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
@@ -254,11 +255,37 @@ def student_cases(model: RepNet, manifest: Manifest, plan: Plan, threads: int) -
             engine += f" ({backend.exporter} export: dynamo failed)"  # type: ignore[attr-defined]
         channels = backend.spec.channels
         diff = float(np.abs(backend.forward(reference[:, :channels]) - expected).max())
-        net = fold_gray(model, manifest.input)[0] if channels == 1 else model
+        net = without_head(fold_gray(model, manifest.input)[0] if channels == 1 else model)  # not run without --locate
         cases.append(Case(STUDENT, engine, backend.forward, "numpy" if backend_name == "onnxruntime" else "torch",
                           channels, count_parameters(net), count_macs(net, SIZE, channels), setup_s, diff,
                           backend.prepare))
-    return cases + bf16_alternatives(model, manifest, plan, reference, expected)
+    return cases + bf16_alternatives(model, manifest, plan, reference, expected) + locate_cases(model)
+
+
+LOCATE_HEAD = "torch eager, --locate: localization head's boxes"
+LOCATE_CAM = "torch eager, --locate: CAM boxes"
+
+
+def locate_cases(model: RepNet) -> list[Case | FailedCase]:
+    """What `inspector run --locate` runs (stripnet.cam.locate_batch, logits and boxes in one pass), with the
+    localization head (docs/locate.md) and with the CAM, beside the plain rows: the head's cost is the difference."""
+    net = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    cases: list[Case | FailedCase] = []
+    for engine, method in ((LOCATE_HEAD, "head"), (LOCATE_CAM, "cam")):
+        if method == "head" and net.boxes is None:
+            cases.append(FailedCase(STUDENT, engine, "the student checkpoint has no localization head"))
+            continue
+        config = LocateConfig(method=method)
+        macs = count_macs(net, SIZE) + (count_head_macs(net, SIZE) if method == "head" else 0)
+        cases.append(Case(STUDENT, engine, lambda x, c=config: locate_batch(net, x, c), "torch", 3,
+                          count_parameters(net if method == "head" else without_head(net)), macs, 0.0))
+    return cases
+
+
+def without_head(model: RepNet) -> RepNet:
+    plain = copy.deepcopy(model)
+    plain.boxes = None
+    return plain
 
 
 BF16_SERVED = "bf16 (served: convolutions in bf16), gray folded"
@@ -277,7 +304,7 @@ def bf16_alternatives(model: RepNet, manifest: Manifest, plan: Plan, reference: 
                       expected: np.ndarray) -> list[Case | FailedCase]:
     """What the served bf16 runner was chosen against: torch.autocast on the whole network (the issue's starting
     point) and torch.compile of the served module, both on the gray-folded network, channels-last."""
-    net, spec = fold_gray(model, manifest.input)
+    net, spec = fold_gray(without_head(model), manifest.input)
     net = net.eval().to(memory_format=torch.channels_last)
 
     def autocast(x: torch.Tensor) -> np.ndarray:

@@ -65,27 +65,48 @@ def run_one(name: str, module: Any, options: BenchOptions, command: str) -> Resu
     )
 
 
-def write_readme(out_dir: Path) -> Path:
+PROJECT_README = Path(__file__).resolve().parents[1] / "README.md"
+GENERATED = ("<!-- make bench writes from here: do not edit by hand -->", "<!-- make bench writes up to here -->")
+
+
+def sections(out_dir: Path, level: str = "##") -> list[str]:
+    """The markdown of every results/<name>.json in `out_dir`, one titled section each, in BENCHMARKS order."""
     files = {p.stem: ResultFile.model_validate_json(p.read_bytes()) for p in sorted(out_dir.glob("*.json"))}
     order = [n for n in BENCHMARKS if n in files] + sorted(set(files) - set(BENCHMARKS))
-    parts = ["# Benchmark results", "",
-             "Written by `make bench` (`python -m benchmarks.run`); do not edit by hand. "
-             "Each section comes from the JSON file of the same name in this folder and shows the code as it was "
-             "when that benchmark last ran (the date under its title): a file or function it names, a profile's "
-             "frames say, may have moved since; running the benchmark again refreshes it."]
+    parts = []
     for name in order:
         f = files[name]
         m, la = f.machine, f.load_average_start
-        parts += ["", f"## {f.title}", "",
+        parts += ["", f"{level} {f.title}", "",
                   f"`{f.command}` · {f.started_at:%Y-%m-%d %H:%M} UTC · {f.duration_s:.0f} s · "
                   f"{m.cpu}, {m.logical_cpus} logical CPUs · torch {m.torch}"
                   + (f" · onnxruntime {m.onnxruntime}" if m.onnxruntime else "")
                   + f" · load average (1 min) {la.one:.2f} at start, {f.load_average_end.one:.2f} at end"
                   + (" · **quick run: not for quoting**" if f.options.get("quick") else ""),
                   "", f.markdown.strip()]
+    return parts
+
+
+def write_readme(out_dir: Path) -> Path:
+    parts = ["# Benchmark results", "",
+             "Written by `make bench` (`python -m benchmarks.run`); do not edit by hand. "
+             "Each section comes from the JSON file of the same name in this folder and shows the code as it was "
+             "when that benchmark last ran (the date under its title): a file or function it names, a profile's "
+             "frames say, may have moved since; running the benchmark again refreshes it."]
     path = out_dir / "README.md"
-    path.write_text("\n".join(parts) + "\n")
+    path.write_text("\n".join(parts + sections(out_dir)) + "\n")
     return path
+
+
+def write_project_readme(out_dir: Path, readme: Path = PROJECT_README) -> Path:
+    """The project README's Performance tables, between the GENERATED markers, from the same results."""
+    text = readme.read_text()
+    start, end = text.find(GENERATED[0]), text.find(GENERATED[1])
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no {GENERATED[0]!r} … {GENERATED[1]!r} block to write the tables into")
+    body = "\n".join(sections(out_dir, level="###")).strip()
+    readme.write_text(text[:start + len(GENERATED[0])] + "\n\n" + body + "\n\n" + text[end:])
+    return readme
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{name}.json").write_text(result.model_dump_json(indent=2) + "\n")
         print(f"[bench] {name}: {result.duration_s:.0f} s → {args.out / (name + '.json')}", file=sys.stderr)
     print(f"[bench] table → {write_readme(args.out)}", file=sys.stderr)
+    if args.out.resolve() == RESULTS_DIR.resolve():  # a --quick run into another folder leaves README.md alone
+        print(f"[bench] Performance section → {write_project_readme(args.out)}", file=sys.stderr)
     return 0
 
 

@@ -130,7 +130,8 @@ class Box(_Frozen):
     y0: int = Field(ge=0)
     x1: int = Field(gt=0)
     y1: int = Field(gt=0)
-    score: float = Field(ge=0.0, le=1.0, description="class activation inside the box, 0..1")
+    score: float = Field(ge=0.0, le=1.0, description="the box's confidence, 0..1: the localization head's centre "
+                         "probability, or for a model without a head the class activation inside the box")
 
 
 class DefectEvent(_Frozen):

@@ -1,10 +1,11 @@
-"""Training the localization head (stripnet/boxhead.py) on a frozen, fused model, and scoring it.
+"""Training the localization head (stripnet/boxhead.py) on a fused model, and scoring it by cross-validation.
 
-The network's weights do not move: the head learns from the features the served network already computes,
-so the classifier's predictions, and its cross-validated accuracy, are exactly what they were. That also
-makes training cheap: each annotated image's features are computed once per D4 transform (the dihedral
-group: flips and quarter turns, under which a steel surface and its boxes look as plausible as the
-original) and the head trains on those cached maps.
+By default the network's weights do not move: the head learns from the features the served network already
+computes, so the classifier's predictions, and its cross-validated accuracy, are exactly what they were.
+That also makes training cheap: each annotated image's features are computed once per D4 transform (the
+dihedral group: flips and quarter turns, under which a steel surface and its boxes look as plausible as
+the original) and the head trains on those cached maps. `HeadConfig.finetune_lr` trains the network with
+the head instead, its cross-entropy kept in the loss (measured no better: docs/locate.md).
 
 Targets follow CenterNet: per box, a Gaussian peak of 1 at its centre cell on its class's heat map, with
 spreads α·(w, h)/6 in cells (TTFNet's elliptical form, α = 0.54), the maximum where boxes overlap, and

@@ -14,9 +14,13 @@ from inspector.broker import free_port
 from inspector.codec import loads
 from schemas.messages import DeadLetter, DefectEvent, event_id_for
 from stripnet.bundled import default_model_dir
+from stripnet.cam import locate_batch
+from stripnet.checkpoint import load_checkpoint
+from stripnet.preprocess import preprocess
 from tests.helpers import NEU_CLASSES
 from tests.helpers.models import export_untrained
 from tests.helpers.poison import encode, png_header
+from trainer.data import read_image
 from tests.helpers.streams import (
     Frame, committed_positions, encoded_frame, end_positions, image_frames, produce, raw_frames, read_records,
     running_service, service_settings,
@@ -84,6 +88,32 @@ def test_bundled_model_labels_neu_frames_right(kafka_broker, new_topic, neu_cls)
     assert len(events) == len(frames)
     right = sum(e["label"] == e["frame_id"].split("/")[0] for e in events)
     assert right / len(events) >= 0.9, f"{right}/{len(events)} labels agree with their folder"
+
+
+def test_locate_puts_the_bundled_models_head_boxes_in_its_events(kafka_broker, new_topic, neu_cls):
+    if (default_model_dir() / "manifest.json").is_file():
+        model, manifest = load_checkpoint(default_model_dir())
+    if not (default_model_dir() / "manifest.json").is_file() or manifest.boxes is None:
+        pytest.skip("the bundled model has no localization head (trainer boxes --model stripnet/default_model …)")
+    settings = service_settings(kafka_broker, new_topic(partitions=2), None, locate=True)
+    paths = neu_sample(neu_cls, 2)
+    frames = image_frames(neu_cls, paths)
+
+    async def scenario():
+        async with running_service(settings):
+            await produce(kafka_broker, settings.topic, frames)
+            return await read_records(kafka_broker, settings.output_topic, len(frames))
+
+    events = {e.frame_id: e for e in (DefectEvent.model_validate_json(r.value) for r in asyncio.run(scenario()))}
+    images = [read_image(p, "gray") for p in paths]
+    expected = locate_batch(model, preprocess(images, manifest.input), frame_sizes=[i.shape for i in images]).boxes
+    assert len(events) == len(frames) and sum(map(len, expected)) >= len(frames) // 2
+    for frame, boxes in zip(frames, expected, strict=True):
+        got = events[frame.frame_id].boxes or []
+        assert len(got) == len(boxes)  # the head's boxes, as stripnet computes them
+        for a, b in zip(got, boxes, strict=True):
+            assert max(abs(a.x0 - b.x0), abs(a.y0 - b.y0), abs(a.x1 - b.x1), abs(a.y1 - b.y1)) <= 1
+            assert a.score == pytest.approx(b.score, abs=1e-3)
 
 
 def test_bad_frames_go_to_the_dead_letter_topic_and_the_stream_goes_on(kafka_broker, new_topic, published_model_dir):
