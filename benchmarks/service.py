@@ -14,7 +14,8 @@ Per system, after a warm-up:
 For `inspector run` a profile phase in between samples it with py-spy (when installed) under saturation.
 
 Systems: `inspector run` with its defaults (the settings an operator gets: backend, max_batch 32,
-max_wait_ms 10, 1 thread, queue_frames 256; only the group timeouts are shortened to join faster), and
+max_wait_ms 10, 1 thread, 2 inference workers on 2+ cores, queue_frames 256; only the group timeouts are
+shortened to join faster), and
 the naive consumer of benchmarks/naive_consumer.py (one frame at a time, eager torch at batch 1).
 The model-only ceiling is the inspector's engine (same backend and threads) on pre-decoded frames at
 the service's max_batch, measured in this process before the systems run and again after them; the
@@ -63,7 +64,7 @@ System = str  # INSPECTOR, NAIVE or an inspector variant's name (VARIANTS)
 # running whole batches), against its defaults (one of each), in the same run.
 VARIANTS: dict[str, dict[str, str]] = {
     "inspector run --threads 2": {"INSPECTOR_THREADS": "2"},
-    "inspector run --inference-workers 2": {"INSPECTOR_INFERENCE_WORKERS": "2"},
+    "inspector run --inference-workers 1": {"INSPECTOR_INFERENCE_WORKERS": "1"},  # the default is 2 on 2+ cores
 }
 
 
@@ -151,6 +152,7 @@ class ServiceReport(BaseModel):
     max_batch: int
     max_wait_ms: float
     threads: int | None
+    inference_workers: int = 1  # absent from results recorded before it was a field: those ran one
     queue_frames: int
     partitions: int
     plan: dict[str, float]
@@ -574,7 +576,8 @@ async def run_all(plan: Plan, options: BenchOptions, tmp: Path) -> ServiceReport
     report = ServiceReport(
         frames=frames.source, model=model_note, backend=f"{settings.backend} → {cases[0].backend}",
         max_batch=settings.max_batch,
-        max_wait_ms=settings.max_wait_ms, threads=settings.threads, queue_frames=settings.queue_frames,
+        max_wait_ms=settings.max_wait_ms, threads=settings.threads, inference_workers=settings.inference_workers,
+        queue_frames=settings.queue_frames,
         partitions=PARTITIONS, plan={k: float(v) for k, v in plan.__dict__.items()}, phases=phases,
         ceilings=ceilings, ratios={}, targets=[], profile=profile, profile_note=profile_note,
         load_average_1min=loads, duplicates=duplicates,
@@ -674,7 +677,8 @@ def render(report: ServiceReport, plan: Plan) -> str:
     parts = [
         f"Local tansu broker, {report.partitions} partitions, loopback only. Frames: {report.frames}, 200×200 gray "
         f"JPEG. Model: {report.model}. `inspector run` with its defaults: backend `{report.backend}`, max_batch "
-        f"{report.max_batch}, max_wait_ms {report.max_wait_ms:g}, {report.threads} thread(s), queue_frames "
+        f"{report.max_batch}, max_wait_ms {report.max_wait_ms:g}, {report.threads} thread(s), "
+        f"{report.inference_workers} inference worker(s), queue_frames "
         f"{report.queue_frames}. **The load generator (producer + event reader, one Python process), the broker and "
         f"the system under test share this machine's 2 cores, and so did other jobs (model training): see the "
         f"CPU table and the load averages ({', '.join(f'{x:.2f}' for x in report.load_average_1min)} along the "
