@@ -92,7 +92,8 @@ class Settings(BaseSettings):
     once anything else ran (the event loop, decoding, a trainer)"""
     inference_workers: int = Field(default_factory=lambda: min(2, os.cpu_count() or 1), gt=0)
     """threads each running whole batches (events still leave in batch order); default 2 on a machine with 2 or
-    more cores (measured on 2 shared cores: 1.38x the saturation of 1, the same CPU per frame; README, Performance)"""
+    more cores (measured on 2 shared cores, two runs: 1.04-1.38x the saturation of one worker, 1.3-1.8x the frames
+    delivered at 1,000/s offered; README, Performance)"""
     backend: BackendName = "auto"
     """CPU inference runtime (CUDA and --locate run torch). auto: bf16 (eager torch, accuracy-gated at each model
     load) where the CPU reports avx512_bf16 or amx_bf16, else onnxruntime (fp32: 1.2-2.2x the frames/s of eager
