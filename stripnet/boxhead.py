@@ -1,17 +1,18 @@
 """The localization head: where the defects are, as boxes, from the same forward pass as the class.
 
 CenterNet (Zhou et al., "Objects as Points", 2019) on the classifier's own features. The head reads the
-outputs of the blocks `BoxHeadSpec.layers`, finest first; each coarser map is brought to the finest's
-cells by nearest-centre indexing. Feature cell (i, j) of a stride-s map is centred on input pixel
-(s·j, s·i) (stripnet/cam.py), so fine cell i takes coarse cell round(i·s_fine / s_coarse). One RepVGG
-block (fused for serving like the rest of the network) and a 1×1 convolution then give C + 4 maps:
+outputs of the blocks `BoxHeadSpec.layers`, finest first, each through its own 1×1 convolution; each
+coarser map is brought to the finest's cells by nearest-centre indexing and they are summed. Feature cell
+(i, j) of a stride-s map is centred on input pixel (s·j, s·i) (stripnet/cam.py), so fine cell i takes
+coarse cell round(i·s_fine / s_coarse). One RepVGG block (fused for serving like the rest of the network)
+and a 1×1 convolution then give C + 4 maps:
 
     a centre heat logit per class | the centre's offset from the cell (x, y, in cells) | log width, log height (cells)
 
 A box centred at (cx, cy) of size (w, h) belongs to cell (round(cy / s), round(cx / s)).
 Decoding (`decode`) takes the heat map of the class the classifier chose, its 3×3 local maxima above a
 score, best first, and reads each one's box; the classifier's accuracy is untouched by the head.
-The trainer (trainer/boxes.py) fits the head on a frozen, fused network.
+The trainer (trainer/boxes.py) fits the head on a frozen, fused network; docs/locate.md has its scores.
 """
 
 from __future__ import annotations
