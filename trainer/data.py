@@ -2,7 +2,7 @@
 
 The data decide the input unless told otherwise: colour (RGB, in that order) when any image's channels
 differ, gray otherwise; and the images' own side when they share one size (the median longest side
-when they do not). Gray is decoded by OpenCV's own gray decoder, the same one the inspector uses.
+when they do not), upsampled to a minimum side when smaller. Gray is decoded by OpenCV's own gray decoder, the same one the inspector uses.
 
 NEU-CLS is 1620 images of 200×200 gray (≈65 MB as uint8), so the whole set lives in memory and
 augmentation runs on batched tensors; no DataLoader workers are needed on a 2-core machine.
@@ -88,18 +88,23 @@ def choose_color(images: list[np.ndarray], choice: ColorChoice) -> tuple[Color, 
     return "gray", f"colour gray: all {len(images)} images have equal channels"
 
 
-def choose_size(shapes: list[tuple[int, int]], size: int | None) -> tuple[int, str]:
-    """`size` when given; else the images' own side: the side of a shared square size, else the median longest side."""
+def choose_size(shapes: list[tuple[int, int]], size: int | None, min_size: int = 0) -> tuple[int, str]:
+    """`size` when given; else the images' own side (the side of a shared square size, else the median longest
+    side), raised to `min_size` when smaller."""
     if size is not None:
         return size, f"size {size}×{size} (--size {size})"
     counts = Counter(shapes)
     native = sorted(max(shape) for shape in shapes)[len(shapes) // 2]
     if len(counts) == 1:
         h, w = shapes[0]
-        return native, f"size {native}×{native}: the images' own size (all {len(shapes)} are {h}×{w})"
-    common = ", ".join(f"{n} of {h}×{w}" for (h, w), n in counts.most_common(3))
-    return native, (f"size {native}×{native}: the median longest side of {len(shapes)} images of {len(counts)} sizes "
-                    f"({common}{', …' if len(counts) > 3 else ''}); every image is resized to it")
+        source = f"the images' own size (all {len(shapes)} are {h}×{w})"
+    else:
+        common = ", ".join(f"{n} of {h}×{w}" for (h, w), n in counts.most_common(3))
+        source = (f"the median longest side of {len(shapes)} images of {len(counts)} sizes "
+                  f"({common}{', …' if len(counts) > 3 else ''})")
+    if native < min_size:
+        return min_size, f"size {min_size}×{min_size}: {source} is {native}, below --min-size; every image is upsampled"
+    return native, f"size {native}×{native}: {source}" + ("" if len(counts) == 1 else "; every image is resized to it")
 
 
 def class_folders(root: Path) -> list[Path]:
@@ -112,10 +117,11 @@ def class_folders(root: Path) -> list[Path]:
 
 
 def load_image_folder(root: str | Path, size: int | None = 200, limit_per_class: int | None = None,
-                      color: ColorChoice = "gray") -> ImageSet:
+                      color: ColorChoice = "gray", min_size: int = 0) -> ImageSet:
     """Every image under root/<class>/ (sorted), or only the first `limit_per_class` of each class.
 
-    `size` None takes the images' own size (`choose_size`), `color` "auto" their colour (`choose_color`)."""
+    `size` None takes the images' own size, at least `min_size` (`choose_size`); `color` "auto" their colour
+    (`choose_color`)."""
     root = Path(root)
     files, labels = [], []
     folders = class_folders(root)
@@ -129,7 +135,7 @@ def load_image_folder(root: str | Path, size: int | None = 200, limit_per_class:
     chosen, color_note = choose_color(images, color)
     if chosen == "gray" and color != "gray":
         images = [read_image(path, "gray") for path in files]  # the gray decoder, exactly as with --color gray
-    side, size_note = choose_size([image.shape[:2] for image in images], size)
+    side, size_note = choose_size([image.shape[:2] for image in images], size, min_size)
     return ImageSet(
         images=torch.from_numpy(np.stack([planes(resize(image, side)) for image in images])),
         labels=torch.tensor(labels, dtype=torch.long),

@@ -41,7 +41,7 @@ def test_a_colour_model_serves_colour_frames_end_to_end(kafka_broker, new_topic,
     run = fit(TrainConfig(data=data, out=tmp_path / "run", epochs=3, warmup_epochs=0, batch_size=16, limit_per_class=3,
                           color="rgb", split=(1.0,), select="last", threads=1, progress=False, model_version="colour-v1"))
     model, manifest = load_checkpoint(run.out / "model")
-    assert (manifest.input.color, manifest.input.size) == ("rgb", 128)
+    assert (manifest.input.color, manifest.input.size) == ("rgb", 200)  # X-SDD's 128×128, upsampled to --min-size
     publish(run.out / "model", tmp_path / "models")
 
     files = [sorted((data / name).iterdir())[0] for name in manifest.class_names]

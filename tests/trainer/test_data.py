@@ -112,13 +112,18 @@ def test_gray_content_in_colour_files_loads_exactly_as_the_gray_decoder_reads_it
     np.testing.assert_array_equal(auto.images.numpy(), np.stack(by_decoder))
 
 
-def test_the_images_own_size_unless_one_is_given(tmp_path):
+def test_the_images_own_size_at_least_the_minimum_unless_one_is_given(tmp_path):
     for i in range(3):
         write_image(tmp_path / "a" / f"{i}.png", np.zeros((48, 48), np.uint8))
         write_image(tmp_path / "b" / f"{i}.png", np.zeros((48, 48), np.uint8))
     same = load_image_folder(tmp_path, size=None)
     assert same.size == 48 and same.notes[1] == "size 48×48: the images' own size (all 6 are 48×48)"
     assert load_image_folder(tmp_path, size=64).size == 64
+    raised = load_image_folder(tmp_path, size=None, min_size=64)
+    assert raised.size == 64 and raised.images.shape == (6, 64, 64)
+    assert raised.notes[1] == ("size 64×64: the images' own size (all 6 are 48×48) is 48, below --min-size; "
+                               "every image is upsampled")
+    assert load_image_folder(tmp_path, size=None, min_size=32).size == 48
     write_image(tmp_path / "b" / "odd.png", np.zeros((30, 40), np.uint8))
     write_image(tmp_path / "b" / "big.png", np.zeros((90, 90), np.uint8))
     mixed = load_image_folder(tmp_path, size=None)
@@ -151,7 +156,7 @@ def test_camera_jitter_takes_colour_and_keeps_gray_unchanged_in_form(tmp_path):
 def test_neu_cls_loads_as_before_with_the_new_defaults(neu_cls):
     """NEU-CLS (200×200 gray content in 3-channel JPEGs): colour auto and the native size give the 200×200 gray
     tensors of the old fixed path, byte for byte."""
-    auto = load_image_folder(neu_cls, size=None, limit_per_class=3, color="auto")
+    auto = load_image_folder(neu_cls, size=None, limit_per_class=3, color="auto", min_size=200)
     fixed = load_image_folder(neu_cls, size=200, limit_per_class=3, color="gray")
     assert auto.color == "gray" and auto.size == 200
     torch.testing.assert_close(auto.images, fixed.images, rtol=0, atol=0)

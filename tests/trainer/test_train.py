@@ -62,18 +62,20 @@ def test_training_on_every_image_keeps_the_last_epoch(smoke_cfg):
 
 @pytest.fixture
 def hue_cfg(tmp_path):
-    """Three classes told apart by colour alone, 24×24, imbalanced 12:12:4."""
+    """Three classes told apart by colour alone, 24×24 (trained at --min-size 200), imbalanced 12:12:4."""
     data = hue_folder(tmp_path / "hues", {"red": 12, "green": 12, "blue": 4})
     return TrainConfig(data=data, out=tmp_path / "run", epochs=2, batch_size=16, lr=0.05, warmup_epochs=0,
                        split=(0.75, 0.25), progress=False)
 
 
-def test_colour_data_train_an_rgb_model_at_their_own_size_unbalanced_and_selected_by_macro_f1(hue_cfg):
+def test_small_colour_data_train_an_upsampled_rgb_model_unbalanced_and_selected_by_macro_f1(hue_cfg):
     fit(hue_cfg)
     _, manifest = load_checkpoint(hue_cfg.out / "model")
-    assert (manifest.input.color, manifest.input.channels, manifest.input.size) == ("rgb", 3, 24)
+    assert (manifest.input.color, manifest.input.channels, manifest.input.size) == ("rgb", 3, 200)
     notes = json.loads((hue_cfg.out / "input.json").read_text())["notes"]
-    assert notes[0].startswith("colour rgb") and notes[1].startswith("size 24×24: the images' own size")
+    assert notes[0].startswith("colour rgb")
+    assert notes[1] == ("size 200×200: the images' own size (all 28 are 24×24) is 24, below --min-size; "
+                        "every image is upsampled")
     assert notes[2] == "balance none (--balance none; largest/smallest class 3.00)"
     assert notes[3] == "select by macro-F1 on validation" and notes[2] in manifest.notes
     assert all(0.0 <= row["val_macro_f1"] <= 1.0 for row in read_rows(hue_cfg.out))
@@ -88,6 +90,6 @@ def test_distillation_from_a_colour_teacher_and_a_gray_teacher_is_refused(hue_cf
     assert read_rows(student.out)[0]["train_kd"] > 0
     assert load_checkpoint(student.out / "model")[1].teacher == "tiny-teacher"
     export_checkpoint(build_model(EG_REPVGG, 3), tmp_path / "gray-teacher", class_names=("a", "b", "c"),
-                      model_name="gray", input_spec=InputSpec(size=24))
-    with pytest.raises(ValueError, match="teacher .* takes gray 24×24, the student's data are rgb 24×24"):
+                      model_name="gray", input_spec=InputSpec(size=200))
+    with pytest.raises(ValueError, match="teacher .* takes gray 200×200, the student's data are rgb 200×200"):
         fit(replace(student, out=tmp_path / "refused", teacher=tmp_path / "gray-teacher"))
