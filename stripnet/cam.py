@@ -15,7 +15,6 @@ Boxes are the contract's `schemas.messages.Box`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from schemas.messages import Box
-from stripnet.boxhead import Detections, decode, to_frame_boxes
+from stripnet.boxhead import Detections, block_strides, decode, to_frame_boxes
 from stripnet.network import RepNet, run_chain
 from stripnet.ood import channel_stats
 
@@ -58,7 +57,7 @@ class Located:
 
 
 def feature_stride(model: RepNet) -> int:
-    return math.prod(row.stride for row in model.spec.blocks)
+    return block_strides(model.spec)[-1]
 
 
 def class_activation_maps(features: torch.Tensor, fc: nn.Linear, classes: torch.Tensor) -> torch.Tensor:

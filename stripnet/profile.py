@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from stripnet.network import run_chain
+
 
 @dataclass(frozen=True)
 class LayerRow:
@@ -66,10 +68,8 @@ def count_head_macs(model: nn.Module, input_size: int, in_channels: int = 3) -> 
         return 0
     was_training = model.training
     model.eval()
-    x, kept = torch.zeros(1, in_channels, input_size, input_size), {}
-    for i, block in enumerate(model.blocks):
-        x = block(x)
-        kept[i] = x
-    _, macs = _forward_counting(model.boxes, [kept[i] for i in model.boxes.spec.layers])
+    layers = model.boxes.spec.layers
+    _, kept = run_chain(model.blocks, torch.zeros(1, in_channels, input_size, input_size), layers)
+    _, macs = _forward_counting(model.boxes, [kept[i] for i in layers])
     model.train(was_training)
     return macs
