@@ -57,21 +57,6 @@ def _block_parameters(in_ch: int, out_ch: int, stride: int, deploy: bool) -> int
     return out_ch * in_ch * 9 + out_ch * in_ch + 4 * out_ch + identity  # 3×3 and 1×1 convolutions, each with a BN
 
 
-def cost(spec: ArchitectureSpec, num_classes: int, input_size: int, *, deploy: bool) -> Cost:
-    """Parameters, per-image MACs and activations of the network on `input_size`² inputs, without building it."""
-    eca = spec.eca_kernel_size if spec.attention == "eca" else 0
-    taps = 9 if deploy else 9 + 1  # one fused 3×3, or a 3×3 and a 1×1 branch (the identity BN is element-wise)
-    parameters, macs, activations, side, in_ch = 0, 0, 0, input_size, spec.in_channels
-    for row in spec.blocks:
-        out_side = (side - 1) // row.stride + 1  # 3×3, padding 1
-        parameters += _block_parameters(in_ch, row.out_channels, row.stride, deploy) + eca
-        macs += out_side * out_side * row.out_channels * in_ch * taps
-        activations = max(activations, in_ch * side * side + row.out_channels * out_side * out_side)
-        side, in_ch = out_side, row.out_channels
-    head = in_ch * num_classes
-    return Cost(parameters=parameters + head + num_classes, macs=macs + head, activation_elements=activations)
-
-
 def sides(spec: ArchitectureSpec, input_size: int) -> tuple[int, ...]:
     """The side of each block's output map (3×3, padding 1)."""
     out, side = [], input_size
@@ -79,6 +64,20 @@ def sides(spec: ArchitectureSpec, input_size: int) -> tuple[int, ...]:
         side = (side - 1) // row.stride + 1
         out.append(side)
     return tuple(out)
+
+
+def cost(spec: ArchitectureSpec, num_classes: int, input_size: int, *, deploy: bool) -> Cost:
+    """Parameters, per-image MACs and activations of the network on `input_size`² inputs, without building it."""
+    eca = spec.eca_kernel_size if spec.attention == "eca" else 0
+    taps = 9 if deploy else 9 + 1  # one fused 3×3, or a 3×3 and a 1×1 branch (the identity BN is element-wise)
+    parameters, macs, activations, side, in_ch = 0, 0, 0, input_size, spec.in_channels
+    for row, out_side in zip(spec.blocks, sides(spec, input_size), strict=True):
+        parameters += _block_parameters(in_ch, row.out_channels, row.stride, deploy) + eca
+        macs += out_side * out_side * row.out_channels * in_ch * taps
+        activations = max(activations, in_ch * side * side + row.out_channels * out_side * out_side)
+        side, in_ch = out_side, row.out_channels
+    head = in_ch * num_classes
+    return Cost(parameters=parameters + head + num_classes, macs=macs + head, activation_elements=activations)
 
 
 def box_head_cost(spec: ArchitectureSpec, num_classes: int, head: BoxHeadSpec, input_size: int, *,
