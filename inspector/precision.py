@@ -1,8 +1,7 @@
-"""Reduced precision on the CPU: which CPUs have bf16, and the accuracy gate a bf16 model must pass at load.
+"""Reduced precision on the CPU: the accuracy gate a bf16 model must pass at load.
 
-`cpu_flags()` reads the feature flags the kernel reports (/proc/cpuinfo), falling back to torch's own
-probe where there is no /proc; `has_bf16(flags)` says whether they include bf16 dot-product
-instructions (AVX512-BF16 or AMX-BF16), which is what makes bf16 faster than fp32 rather than emulated.
+Which CPUs have bf16 is `stripnet.bf16.cpu_flags` and `has_bf16`, shared with the trainer (its bf16
+autocast default).
 
 The gate: a reduced-precision runner is accepted for a model only when, on a reference batch, every
 argmax agrees with the fp32 runner's and no class probability differs by more than `MAX_PROB_DIFF`.
@@ -16,39 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 from schemas.checkpoint import InputSpec
 
-BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 MAX_PROB_DIFF = 1e-2
 REFERENCE_FRAMES = 32
 REFERENCE_SEED = 14
-CPUINFO = Path("/proc/cpuinfo")
-
-CpuFlags = Callable[[], frozenset[str]]
-
-
-def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
-    """The CPU feature flags of the first processor in /proc/cpuinfo; torch's probe where that is unreadable."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    import torch
-
-    probes = {"avx512_bf16": torch.cpu._is_avx512_bf16_supported, "amx_bf16": torch.cpu._is_amx_tile_supported}
-    return frozenset(flag for flag, probe in probes.items() if probe())
-
-
-def has_bf16(flags: frozenset[str]) -> bool:
-    return not BF16_FLAGS.isdisjoint(flags)
-
 
 @dataclass(frozen=True)
 class GateResult:

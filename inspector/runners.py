@@ -45,11 +45,11 @@ import torch
 from torch import nn
 
 from inspector.metrics import Metrics
-from inspector.precision import CpuFlags, GateResult, cpu_flags, gate, has_bf16, reference_frames
+from inspector.precision import GateResult, gate, reference_frames
 from inspector.settings import CpuBackend, DeviceName, Settings
 from schemas.checkpoint import InputSpec, Manifest
 from schemas.messages import Box
-from stripnet.bf16 import Bf16Net
+from stripnet.bf16 import Bf16Net, CpuFlags, cpu_flags, has_bf16
 from stripnet.cam import LocateConfig, locate_batch
 from stripnet.network import RepNet, can_fold_gray, fold_gray
 from stripnet.ood import scored

@@ -41,8 +41,8 @@ PARTS = ("train", "val", "test", "unknown")  # `part` codes in the features file
 
 
 def _default_recipe() -> TrainConfig:
-    # Short runs: 20 epochs from scratch, bf16 autocast, one thread (see docs/openset.md for the cost).
-    return TrainConfig(data=Path("."), out=Path("."), epochs=20, bf16=True, threads=1, progress=False)
+    # The default recipe, as `trainer fit` trains, on one thread (see docs/openset.md for the cost).
+    return TrainConfig(data=Path("."), out=Path("."), threads=1, progress=False)
 
 
 @dataclass(frozen=True)

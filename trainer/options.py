@@ -3,9 +3,9 @@
 `add_options(parser, Config)` adds one option per field: the name from the field (`batch_size` →
 `--batch-size`), the type, choices (`Literal`) and default from the annotation and the field, and
 the help from `Annotated[type, "help"]` (or an `Opt` for what a name and a type cannot say). A field
-without a default is required; `bool` fields are switches (`--bf16`, or `--no-progress` when the
-default is on); `tuple[int, ...]` takes several values; a field whose type is itself a config
-dataclass contributes its own fields, flat. `from_args(Config, args)` builds the config back.
+without a default is required; `bool` fields are switch pairs (`--bf16` / `--no-bf16`);
+`tuple[int, ...]` takes several values; a field whose type is itself a config dataclass contributes
+its own fields, flat. `from_args(Config, args)` builds the config back.
 Defaults are shown by the help formatter from the fields themselves, never restated in help text.
 Imports nothing heavy: the runtime image builds this CLI for `trainer publish`.
 """
@@ -90,9 +90,7 @@ def add_options(parser: argparse.ArgumentParser, config: type, *, exclude: Itera
             continue  # a field the command line cannot express (an optional nested config): the command sets it
         taken.add(f.name)
         flag, help = f.opt.flag or "--" + f.name.replace("_", "-"), f.opt.help
-        if f.base is bool and f.default is True:
-            flag, help = f.opt.flag or "--no-" + f.name.replace("_", "-"), f"turn off {f.name}: {help}"
-        elif f.base is not bool and "choices" not in kwargs:
+        if f.base is not bool and "choices" not in kwargs:
             kwargs["metavar"] = flag.removeprefix("--").replace("-", "_").upper()
         parser.add_argument(flag, dest=f.name, help=help, **kwargs)
 
@@ -100,8 +98,8 @@ def add_options(parser: argparse.ArgumentParser, config: type, *, exclude: Itera
 def _option(f: _Field) -> dict[str, Any] | None:
     required = f.default is dataclasses.MISSING
     kwargs: dict[str, Any] = {"required": True} if required else {"default": f.default}
-    if f.base is bool:
-        return {"action": "store_false" if f.default is True else "store_true", "default": f.default}
+    if f.base is bool:  # --name and --no-name, whatever the default (which may depend on the machine)
+        return {"action": argparse.BooleanOptionalAction, "default": f.default}
     if f.opt.parse is not None:
         return kwargs | {"type": f.opt.parse}
     if f.opt.choices is not None:
@@ -134,11 +132,13 @@ def from_args(config: type, args: argparse.Namespace, **given: Any) -> Any:
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Adds each option's default, taken from its config field (none for switches, required or unset options)."""
+    """Adds each option's default, taken from its config field (on/off for switches; none for required or unset
+    options)."""
 
     def _format_action(self, action: argparse.Action) -> str:
         if action.help is not None and not action.required and action.option_strings \
-                and action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool):
+                and action.default not in (None, argparse.SUPPRESS):
+            shown = ("on" if action.default else "off") if isinstance(action.default, bool) else "%(default)s"
             action = copy.copy(action)
-            action.help = " ".join(filter(None, [action.help, "(default: %(default)s)"]))
+            action.help = " ".join(filter(None, [action.help, f"(default: {shown})"]))
         return super()._format_action(action)

@@ -43,13 +43,14 @@ class ReproduceConfig:
 
 def stage_configs(cfg: ReproduceConfig) -> dict[str, TrainConfig]:
     """Run name → its fit config. Students share the teacher's split file and the cached teacher logits."""
+    # The paper's recipe: D4 augmentation only, no jitter, label smoothing or EMA, fp32 students.
     common = dict(data=cfg.data, limit_per_class=cfg.limit_per_class, progress=cfg.progress, split=cfg.split,
-                  size=cfg.size, color="gray")
+                  size=cfg.size, color="gray", jitter=False, label_smoothing=0.0, ema_decay=None)
     teacher_dir = cfg.out / "teacher"
     stages = {"teacher": TrainConfig(out=teacher_dir, arch="repvgg-a0", epochs=cfg.teacher_epochs,
                                      bf16=cfg.teacher_bf16, model_name="repvgg-a0-teacher", **common)}
     for seed in cfg.seeds:
-        student = dict(common, arch="eg-repvgg", epochs=cfg.student_epochs, seed=seed,
+        student = dict(common, arch="eg-repvgg", epochs=cfg.student_epochs, seed=seed, bf16=False,
                        split_file=teacher_dir / "split.json")
         stages[f"eg-s{seed}"] = TrainConfig(out=cfg.out / f"eg-s{seed}", model_name="eg-repvgg", **student)
         stages[f"kd-s{seed}"] = TrainConfig(

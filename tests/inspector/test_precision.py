@@ -14,7 +14,7 @@ import structlog
 import torch
 
 from inspector.metrics import Metrics
-from inspector.precision import MAX_PROB_DIFF, compare, cpu_flags, reference_frames
+from inspector.precision import MAX_PROB_DIFF, compare, reference_frames
 from inspector.runners import Bf16Runner, Loader, OnnxRuntimeRunner
 from inspector.settings import Settings
 from schemas.checkpoint import Manifest
@@ -67,14 +67,6 @@ def test_the_backend_setting_forces_either(backend: str, flags: frozenset[str], 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("INSPECTOR_BACKEND", backend)
     assert Loader(Settings(device="cpu"), flags=lambda: flags).runner is expected
-
-
-def test_cpu_flags_come_from_the_first_processor_in_cpuinfo(tmp_path: Path) -> None:
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx512f avx512_bf16\n\n"
-                       "processor\t: 1\nflags\t\t: fpu\n")
-    assert cpu_flags(cpuinfo) == frozenset({"fpu", "sse2", "avx512f", "avx512_bf16"})
-    assert isinstance(cpu_flags(tmp_path / "missing"), frozenset)  # torch's probe instead
 
 
 # -- the gate ---------------------------------------------------------------------------------------------

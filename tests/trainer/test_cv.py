@@ -35,7 +35,7 @@ def test_wilson_interval_matches_the_closed_form():
 def test_cv_end_to_end_predicts_every_image_once_and_resumes(neu_cls, tmp_path, capsys):
     out = tmp_path / "cv"
     args = ["cv", "--data", str(neu_cls), "--out", str(out), "--folds", "3", "--limit-per-class", "6",
-            "--epochs", "2", "--batch-size", "16", "--warmup-epochs", "0", "--jitter", "--label-smoothing", "0.1",
+            "--epochs", "2", "--batch-size", "16", "--warmup-epochs", "0", "--label-smoothing", "0.1",
             "--ema", "0.9"]
     assert main(args) == 0
     doc = json.loads((out / "cv.json").read_text())
