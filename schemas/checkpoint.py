@@ -8,7 +8,7 @@ model without importing training code.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -93,6 +93,10 @@ class BoxHeadSpec(_Frozen):
                                     "the head reads, finest first; coarser ones are repeated up to its size")
     hidden: int = Field(gt=0, le=256, description="channels of the head's one 3×3 block")
     score_threshold: float = Field(default=0.3, gt=0, lt=1, description="a centre below this is not a box")
+    class_thresholds: tuple[Annotated[float, Field(gt=0, lt=1)], ...] | None = Field(
+        default=None, description="per class (in class_names order), the centre score below which a box of a frame "
+                                  "of that class is not served, chosen on annotated images the head did not train "
+                                  "on; none: score_threshold for every class")
     max_boxes: int = Field(default=8, gt=0, le=64, description="at most this many boxes per frame, best first")
     fitted_images: int = Field(gt=0, description="annotated images the head was trained on")
     annotations: str = Field(default="", description="where the training boxes came from")
@@ -129,4 +133,8 @@ class Manifest(_Frozen):
             raise ValueError(f"ood.layer {self.ood.layer} is not a block of the architecture")
         if self.boxes is not None and max(self.boxes.layers) >= len(self.architecture.blocks):
             raise ValueError(f"boxes.layers {self.boxes.layers} are not all blocks of the architecture")
+        if self.boxes is not None and self.boxes.class_thresholds is not None and len(
+                self.boxes.class_thresholds) != len(self.class_names):
+            raise ValueError(f"boxes.class_thresholds has {len(self.boxes.class_thresholds)} values for "
+                             f"{len(self.class_names)} classes")
         return self

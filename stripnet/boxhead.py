@@ -89,13 +89,16 @@ class Detections:
 
 
 @torch.no_grad()
-def decode(maps: torch.Tensor, classes: torch.Tensor, stride: int, input_size: int, *, score_threshold: float,
-           max_boxes: int) -> Detections:
-    """(N, C + 4, h, w) head maps and (N,) classes → the boxes of each image's class."""
+def decode(maps: torch.Tensor, classes: torch.Tensor, stride: int, input_size: int, *,
+           score_threshold: float | Sequence[float], max_boxes: int) -> Detections:
+    """(N, C + 4, h, w) head maps and (N,) classes → the boxes of each image's class; `score_threshold` is one
+    value, or one per class."""
     maps = maps.float()
     n = torch.arange(len(classes), device=maps.device)
     heat = maps[n, classes].sigmoid()  # (N, h, w)
-    peaks = (heat == F.max_pool2d(heat[:, None], 3, 1, 1)[:, 0]) & (heat >= score_threshold)
+    floor = torch.as_tensor(score_threshold, dtype=heat.dtype, device=heat.device)
+    floor = floor[classes, None, None] if floor.ndim else floor
+    peaks = (heat == F.max_pool2d(heat[:, None], 3, 1, 1)[:, 0]) & (heat >= floor)
     width = heat.shape[-1]
     corners, scores, tops = [], [], []
     for k in range(len(classes)):

@@ -101,12 +101,14 @@ def uses_head(model: RepNet, config: LocateConfig) -> bool:
 def head_detections(model: RepNet, found: Pass, input_size: int, score_threshold: float | None = None,
                     max_boxes: int | None = None) -> Detections:
     """The localization head's boxes of each image's predicted class, in input pixels: as served (the head's own
-    score threshold and box limit) unless `score_threshold` or `max_boxes` say otherwise."""
+    score thresholds, per class when it has them, and box limit) unless `score_threshold` or `max_boxes` say
+    otherwise."""
     if model.boxes is None or found.box_maps is None:
         raise ValueError("this model has no localization head (fit one with `trainer boxes`)")
     spec = model.boxes.spec
+    served = spec.class_thresholds or spec.score_threshold
     return decode(found.box_maps, found.classes, model.boxes.stride, input_size,
-                  score_threshold=spec.score_threshold if score_threshold is None else score_threshold,
+                  score_threshold=served if score_threshold is None else score_threshold,
                   max_boxes=spec.max_boxes if max_boxes is None else max_boxes)
 
 

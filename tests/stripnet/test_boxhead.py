@@ -1,6 +1,7 @@
 """The localization head: fused exactly with the rest, saved and checked with the checkpoint, decoded into the
 contract's boxes where its maps say."""
 
+import json
 import math
 
 import numpy as np
@@ -78,6 +79,12 @@ def test_only_the_chosen_class_and_centres_above_the_threshold_become_boxes():
     assert len(decode(maps, torch.tensor([1]), 8, 200, score_threshold=0.95, max_boxes=8).corners[0]) == 0
 
 
+def test_per_class_thresholds_apply_to_the_class_the_classifier_chose():
+    maps = torch.cat([_maps(2, 25, (10, 5), 0, (0, 0, 0, 0), peak=0.4), _maps(2, 25, (10, 5), 1, (0, 0, 0, 0), peak=0.4)])
+    found = decode(maps, torch.tensor([0, 1]), 8, 200, score_threshold=(0.5, 0.3), max_boxes=8)
+    assert [len(c) for c in found.corners] == [0, 1]
+
+
 def test_boxes_are_clipped_to_the_frame_and_never_empty():
     maps = _maps(2, 25, (0, 24), 0, (0.4, -0.4, math.log(100), math.log(0.001)))
     found = decode(maps, torch.tensor([0]), 8, 200, score_threshold=0.3, max_boxes=8)
@@ -126,6 +133,16 @@ def test_manifest_refuses_a_head_on_blocks_the_architecture_lacks(net, tmp_path)
     path = tmp_path / "ckpt" / "manifest.json"
     path.write_text(path.read_text().replace('"layers": [\n      3,', '"layers": [\n      30,'))
     with pytest.raises(CheckpointError, match="boxes.layers"):
+        read_manifest(tmp_path / "ckpt")
+
+
+def test_manifest_refuses_class_thresholds_that_do_not_match_its_classes(net, tmp_path):
+    export_checkpoint(net, tmp_path / "ckpt", class_names=tuple("abcdef"), model_name="t", model_version="v1")
+    path = tmp_path / "ckpt" / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["boxes"]["class_thresholds"] = [0.2, 0.3]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="class_thresholds"):
         read_manifest(tmp_path / "ckpt")
 
 

@@ -13,7 +13,7 @@ from stripnet.architectures import EG_REPVGG
 from stripnet.boxhead import decode
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
-from trainer.boxes import dihedral_boxes, targets
+from trainer.boxes import THRESHOLD_GRID, best_f1_thresholds, dihedral_boxes, targets
 from trainer.data import dihedral
 from trainer.cli import main
 from tests.helpers.images import write_image
@@ -64,6 +64,17 @@ def _folder(root, n_per_class: int = 6, seed: int = 0):
     return root / "data", boxes
 
 
+def test_each_class_takes_the_threshold_of_best_f1_the_higher_on_ties_and_the_default_without_boxes():
+    grid = len(THRESHOLD_GRID)
+    truth = np.array([[10] * grid, [4] * grid, [0] * grid], dtype=float)
+    predicted = np.array([np.linspace(30, 2, grid), [4] * grid, [0] * grid])
+    matched = np.array([np.minimum(np.linspace(30, 2, grid), 8), [2] * grid, [0] * grid])
+    chosen = best_f1_thresholds(matched, predicted, truth, default=0.3)
+    f1 = 2 * matched[0] / (predicted[0] + truth[0])
+    assert chosen[0] == THRESHOLD_GRID[int(f1.argmax())]  # class 0: one best point
+    assert chosen[1] == THRESHOLD_GRID[-1] and chosen[2] == 0.3  # a flat F1 keeps the highest; no boxes: default
+
+
 def test_boxes_command_adds_a_head_that_beats_the_whole_frame_and_leaves_the_classifier_alone(tmp_path, capsys):
     data, boxes = _folder(tmp_path)
     torch.manual_seed(0)
@@ -75,6 +86,7 @@ def test_boxes_command_adds_a_head_that_beats_the_whole_frame_and_leaves_the_cla
                  "--layers", "3", "7", "8"]) == 0
     after, manifest = load_checkpoint(tmp_path / "model")
     assert manifest.boxes is not None and manifest.boxes.fitted_images == 12 and manifest.model_version == "v1"
+    assert len(manifest.boxes.class_thresholds) == 2 and set(manifest.boxes.class_thresholds) <= set(THRESHOLD_GRID)
     x = torch.randn(3, 3, 200, 200)
     with torch.inference_mode():
         torch.testing.assert_close(after(x), before(x))  # the classifier is what it was
