@@ -76,6 +76,8 @@ class OODSpec(_Frozen):
     method: Literal["mahalanobis"] = "mahalanobis"
     layer: int = Field(ge=0, description="the block (0-based) whose output's per-channel mean and standard "
                                          "deviation are the detector's features")
+    spread: Literal["std", "log_std"] = Field(default="std", description="the second half of the features: each "
+                                              "channel's standard deviation, or its natural log")
     threshold: float = Field(ge=0, description="score above which a frame is unknown")
     false_unknown_rate: float = Field(gt=0, lt=1, description="the share of held-in images it was calibrated to flag")
     calibrated_on: Literal["training and validation", "training", "validation"] = Field(

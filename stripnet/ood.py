@@ -1,7 +1,8 @@
 """The unknown detector: how far a frame's features lie from every class the model learned.
 
 The features f of a frame are the per-channel mean and standard deviation of one block's output
-(`channel_stats`; `OODSpec.layer` names the block), taken in the same forward pass as the logits: a
+(`channel_stats`; `OODSpec.layer` names the block; `OODSpec.spread` "log_std" takes the deviations' logs,
+which are closer to Gaussian), taken in the same forward pass as the logits: a
 texture description that the classifier was never trained to throw away. They are modelled per
 class as Gaussians that share one covariance Σ (Lee et al., NeurIPS 2018); a frame's score is the
 Mahalanobis distance to the nearest class mean,
@@ -36,18 +37,21 @@ if TYPE_CHECKING:
 
 class OODHead(nn.Module):
     """Features (N, K) → (N,) float32 Mahalanobis distance to the nearest class mean. `spec` (layer, threshold,
-    calibration) is set once the threshold is calibrated (`with_detector`); a checkpoint needs it."""
+    calibration) is set once the threshold is calibrated (`with_detector`); a checkpoint needs it. With
+    `log_spread` (the spec's `spread`, when there is one) the deviations are compared as logs."""
 
-    def __init__(self, num_classes: int, dim: int, spec: OODSpec | None = None) -> None:
+    def __init__(self, num_classes: int, dim: int, spec: OODSpec | None = None, *, log_spread: bool = False) -> None:
         super().__init__()
         self.spec = spec
+        self.log_spread = spec.spread == "log_std" if spec is not None else log_spread
         self.register_buffer("whiten", torch.eye(dim))  # W, (K, K)
         self.register_buffer("centres", torch.zeros(num_classes, dim))  # μ_c W, (C, K)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # fp32 whatever the caller's precision: a sum of squares loses too much in bf16 or fp16.
         with torch.autocast(features.device.type, enabled=False):
-            z = features.float() @ self.whiten.float()
+            features = features.float()
+            z = (log_of_spread(features) if self.log_spread else features) @ self.whiten.float()
             centres = self.centres.float()
             squared = (z * z).sum(dim=1, keepdim=True) - 2 * z @ centres.T + (centres * centres).sum(dim=1)
             return squared.min(dim=1).values.clamp(min=0).sqrt()
@@ -59,6 +63,12 @@ def channel_stats(x: torch.Tensor) -> torch.Tensor:
     mean = x.mean(dim=(2, 3))
     spread = (x - mean[:, :, None, None]).square().mean(dim=(2, 3)).clamp(min=0).sqrt()
     return torch.cat([mean, spread], dim=1)
+
+
+def log_of_spread(stats: torch.Tensor) -> torch.Tensor:
+    """(N, 2C) channel means and standard deviations → the means and the deviations' logs (closer to Gaussian)."""
+    mean, spread = stats.chunk(2, dim=1)
+    return torch.cat([mean, spread.clamp(min=1e-6).log()], dim=1)
 
 
 def feature_dim(channels_of_layer: int) -> int:
@@ -97,9 +107,10 @@ def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
     return (1 - shrinkage) * sample + shrinkage * mu * torch.eye(k, dtype=x.dtype)
 
 
-def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> OODHead:
-    """The detector for held-in features (N, K) with class labels (N,): class means, shared shrunk covariance."""
-    x = features.double()
+def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, log_spread: bool = False) -> OODHead:
+    """The detector for held-in features (N, K) with class labels (N,): class means, shared shrunk covariance
+    (of the deviations' logs with `log_spread`)."""
+    x = log_of_spread(features.double()) if log_spread else features.double()
     if not all((labels == c).any() for c in range(num_classes)):
         raise ValueError("every class needs training images to fit the unknown detector")
     means = torch.stack([x[labels == c].mean(dim=0) for c in range(num_classes)])
@@ -109,7 +120,7 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> 
     # W = L⁻ᵀ for Σ = L Lᵀ, so W Wᵀ = Σ⁻¹ and ‖(f − μ) W‖² = (f − μ)ᵀ Σ⁻¹ (f − μ)
     chol = torch.linalg.cholesky(covariance)
     whiten = torch.linalg.solve_triangular(chol, torch.eye(x.shape[1], dtype=x.dtype), upper=False).T
-    head = OODHead(num_classes, x.shape[1])
+    head = OODHead(num_classes, x.shape[1], log_spread=log_spread)
     head.whiten.copy_(whiten.float())
     head.centres.copy_((means @ whiten).float())
     return head
@@ -130,6 +141,9 @@ def with_detector(model: RepNet, head: OODHead, spec: OODSpec) -> RepNet:
             model.num_classes, feature_dim(blocks[spec.layer].out_channels)):
         raise ValueError(f"detector for {tuple(head.centres.shape)} (classes, features) at block {spec.layer} does "
                          "not fit the model")
+    if head.log_spread != (spec.spread == "log_std"):
+        raise ValueError(f"the detector was fitted {'with' if head.log_spread else 'without'} log deviations, "
+                         f"its spec says spread={spec.spread!r}")
     out = copy.deepcopy(model)
     out.ood = copy.deepcopy(head)
     out.ood.spec = spec

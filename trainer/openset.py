@@ -29,10 +29,10 @@ from safetensors.torch import load_file, save_file
 from schemas.checkpoint import InputSpec
 from stripnet.checkpoint import load_checkpoint
 from stripnet.network import RepNet
-from stripnet.ood import calibrate, channel_stats, fit_head
+from stripnet.ood import calibrate, channel_stats, fit_head, log_of_spread
 from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
-from trainer.detector import DEFAULT_OOD_LAYER
+from trainer.detector import DEFAULT_OOD_LAYER, DEFAULT_SPREAD
 from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
 
@@ -196,11 +196,20 @@ def knn(out: SplitOutputs, k: int = 10) -> np.ndarray:
     return distances.kthvalue(k, dim=1).values.numpy()
 
 
-SERVED = f"Mahalanobis, block {DEFAULT_OOD_LAYER + 1} mean+std"
+def block_features(out: SplitOutputs, spread: str) -> torch.Tensor:
+    """The served block's channel means and deviations, the deviations as logs for `spread` "log_std"."""
+    stats = out.stats[DEFAULT_OOD_LAYER]
+    return log_of_spread(stats) if spread == "log_std" else stats
+
+
+FEATURES = {"std": "mean+std", "log_std": "mean + log std"}
+SERVED = f"Mahalanobis, block {DEFAULT_OOD_LAYER + 1} {FEATURES[DEFAULT_SPREAD]}"
 SHIPPED = f"{SERVED}, calibrated on training + validation (as shipped)"
 SCORES = {
-    SHIPPED: lambda out: mahalanobis(out, out.stats[DEFAULT_OOD_LAYER]),
-    SERVED: lambda out: mahalanobis(out, out.stats[DEFAULT_OOD_LAYER]),
+    SHIPPED: lambda out: mahalanobis(out, block_features(out, DEFAULT_SPREAD)),
+    SERVED: lambda out: mahalanobis(out, block_features(out, DEFAULT_SPREAD)),
+    **{f"Mahalanobis, block {DEFAULT_OOD_LAYER + 1} {name}": (lambda out, s=spread: mahalanobis(out, block_features(out, s)))
+       for spread, name in FEATURES.items() if spread != DEFAULT_SPREAD},
     "Mahalanobis, last block pooled (Lee et al.)": lambda out: mahalanobis(out, out.pooled),
     "Mahalanobis, every block, z-summed": every_block,
     "energy": energy,

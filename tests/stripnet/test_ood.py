@@ -72,26 +72,28 @@ def test_fitting_needs_every_class():
         fit_head(features[labels < 2], labels[labels < 2], 3)
 
 
-def _model_with_detector(classes: int = 6):
+def _model_with_detector(classes: int = 6, spec: OODSpec = SPEC):
     torch.manual_seed(0)
     model = build_model(EG_REPVGG, classes).eval()
     x = torch.randn(24, 3, 32, 32)
     with torch.no_grad():
-        _, stats = model.forward_with_features(x, SPEC.layer)
-    head = fit_head(stats, torch.arange(24) % classes, classes)
-    return with_detector(model, head, SPEC), x
+        _, stats = model.forward_with_features(x, spec.layer)
+    head = fit_head(stats, torch.arange(24) % classes, classes, log_spread=spec.spread == "log_std")
+    return with_detector(model, head, spec), x
 
 
-def test_a_checkpoint_round_trips_its_detector(tmp_path):
-    model, x = _model_with_detector()
+@pytest.mark.parametrize("spec", [SPEC, SPEC.model_copy(update={"spread": "log_std"})], ids=["std", "log_std"])
+def test_a_checkpoint_round_trips_its_detector(tmp_path, spec):
+    model, x = _model_with_detector(spec=spec)
     written = export_checkpoint(model, tmp_path / "ckpt", class_names=tuple("abcdef"), model_name="t",
                                 input_spec=InputSpec(size=32))
     loaded, manifest = load_checkpoint(tmp_path / "ckpt")
-    assert written.ood == manifest.ood == SPEC
+    assert written.ood == manifest.ood == spec and loaded.ood.log_spread == (spec.spread == "log_std")
     with torch.no_grad():
         expected = model.ood(model.forward_with_features(x, SPEC.layer)[1])
         logits, stats = loaded.forward_with_features(x, SPEC.layer)
-        torch.testing.assert_close(loaded.ood(stats), expected, rtol=1e-4, atol=1e-4)
+        # the fused network's deviations differ in the last digits; logs of near-zero ones magnify that
+        torch.testing.assert_close(loaded.ood(stats), expected, rtol=2e-3, atol=1e-4)
         torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-4)
 
 
@@ -110,6 +112,18 @@ def test_a_detector_must_fit_the_model():
     model, _ = _model_with_detector(classes=6)
     with pytest.raises(ValueError, match="does not fit"):
         with_detector(build_model(EG_REPVGG, 5), model.ood, SPEC)
+    with pytest.raises(ValueError, match="log deviations"):
+        with_detector(build_model(EG_REPVGG, 6), model.ood, SPEC.model_copy(update={"spread": "log_std"}))
+
+
+def test_log_spread_compares_the_deviations_as_logs():
+    features, labels, _ = _clusters()
+    logs = torch.cat([features, features / 4], dim=1)
+    stats = torch.cat([features, (features / 4).exp()], dim=1)  # deviations whose logs are the Gaussian clusters
+    plain, logged = fit_head(stats, labels, 3), fit_head(stats, labels, 3, log_spread=True)
+    with torch.no_grad():
+        torch.testing.assert_close(logged(stats), fit_head(logs, labels, 3)(logs), rtol=1e-3, atol=1e-3)
+        assert not torch.allclose(plain(stats), logged(stats))
 
 
 def test_the_features_are_one_blocks_channel_means_and_deviations_from_the_same_pass():
