@@ -206,7 +206,7 @@ def fit_boxes(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfig, log
     return net.eval()
 
 
-def fit_served_head(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfig,
+def fit_served_head(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfig, class_names: Sequence[str],
                     log: Callable[[str], None] = print, annotations: str = "") -> RepNet:
     """`fit_boxes` on all of `data`, with its served thresholds chosen per class (`cfg.class_thresholds`) on a
     fifth of `data` that a trial head did not train on."""
@@ -216,7 +216,7 @@ def fit_served_head(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfi
     log(f"boxes: a trial head on {len(trial_part)} images chooses each class's threshold on {len(check_part)} others")
     trial = fit_boxes(model, data.take(trial_part), spec, cfg, log, annotations)
     chosen = choose_thresholds(trial, data.take(check_part), spec, cfg.score_threshold)
-    log("boxes: thresholds per class " + ", ".join(f"{c} {t:g}" for c, t in enumerate(chosen)))
+    log("boxes: served thresholds " + ", ".join(f"{name} {t:g}" for name, t in zip(class_names, chosen, strict=True)))
     fitted = fit_boxes(model, data, spec, cfg, log, annotations)
     assert fitted.boxes is not None
     fitted.boxes.spec = fitted.boxes.spec.model_copy(update={"class_thresholds": chosen})
@@ -332,7 +332,8 @@ def fit_checkpoint(cfg: BoxesConfig, log: Callable[[str], None] = print) -> BoxH
     if cfg.split_file:
         data = data.subset(load_split(cfg.split_file, data)[0])
     train = box_set(data, cfg.boxes, manifest.class_names, manifest.input.size)
-    fitted = fit_served_head(model, train, manifest.input, cfg.head, log, annotations=Path(cfg.boxes).name)
+    fitted = fit_served_head(model, train, manifest.input, cfg.head, manifest.class_names, log,
+                             annotations=Path(cfg.boxes).name)
     if cfg.head.finetune_lr is not None and manifest.ood is not None:  # the features moved: fit the detector again
         fitted = fit_detector(fitted, manifest.class_names, data, None, manifest.input,
                               manifest.ood.false_unknown_rate, manifest.ood.layer, manifest.ood.spread)
@@ -368,7 +369,8 @@ def cross_validate_boxes(cfg: BoxesCVConfig, log: Callable[[str], None] = print)
         if not done.is_dir():
             log(f"{fold.name}: training the head on {len(train_idx)} images")
             train = box_set(data.subset(train_idx), cfg.boxes, manifest.class_names, manifest.input.size)
-            fitted = fit_served_head(model, train, manifest.input, cfg.head, log, annotations=Path(cfg.boxes).name)
+            fitted = fit_served_head(model, train, manifest.input, cfg.head, manifest.class_names, log,
+                                     annotations=Path(cfg.boxes).name)
             export_checkpoint(fitted, done, class_names=manifest.class_names,
                               model_name=manifest.model_name, model_version=manifest.model_version,
                               input_spec=manifest.input, recipe=manifest.recipe)
