@@ -11,6 +11,12 @@ Targets follow CenterNet: per box, a Gaussian peak of 1 at its centre cell on it
 spreads α·(w, h)/6 in cells (TTFNet's elliptical form, α = 0.54), the maximum where boxes overlap, and
 the box's offset and log size (in cells) at that cell. The heat maps learn by the penalty-reduced focal
 loss (α = 2, β = 4), the offsets and sizes by L1 at centre cells.
+
+The served boxes are the centres above a score threshold, one per class (`fit_served_head`): a trial head
+trained on four fifths of the annotated images picks, for each class the classifier chose, the threshold of
+best F1 at IoU 0.5 on the other fifth, and the served head then trains on all of them. Texture classes
+(crazing, rolled-in scale) have weaker centres than patches or scratches, so one threshold for all drops most
+of their boxes.
 """
 
 from __future__ import annotations
