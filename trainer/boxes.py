@@ -413,17 +413,18 @@ def cv_markdown(doc: dict) -> str:
             ("whole frame", head["baseline_map"], head["baseline"]["overall"])]
     lines = [f"{head['images']} annotated images, each scored by the fold model that never saw it "
              f"({len(doc['folds'])} folds of {doc['cv']})", "",
-             "| boxes | mAP@0.5 | mAP@0.5:0.95 | recall@0.5 | mean best IoU | pointing game | boxes/image |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {m['map_50']:.3f} | {m['map_50_95']:.3f} | {r['recall']:.3f} | {r['mean_best_iou']:.3f} | "
-              f"{r['pointing']:.3f} | {r['boxes_per_image']:.2f} |" for name, m, r in rows]
-    lines += ["", "| class | images | head mAP@0.5 | head recall@0.5 | head mean best IoU | CAM mean best IoU | "
-              "whole-frame mean best IoU |", "|---|---|---|---|---|---|---|"]
+             "| boxes | mAP@0.5 | mAP@0.5:0.95 | recall@0.5 | precision@0.5 | mean best IoU | pointing game | "
+             "boxes/image |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {m['map_50']:.3f} | {m['map_50_95']:.3f} | {r['recall']:.3f} | {r['precision']:.3f} | "
+              f"{r['mean_best_iou']:.3f} | {r['pointing']:.3f} | {r['boxes_per_image']:.2f} |" for name, m, r in rows]
+    lines += ["", "| class | images | head mAP@0.5 | head recall@0.5 | head precision@0.5 | head mean best IoU | "
+              "CAM mean best IoU | whole-frame mean best IoU |", "|---|---|---|---|---|---|---|---|"]
     for name, r in head["rows"].items():
         if name == "overall":
             continue
         lines.append(f"| {name} | {r['images']} | {head['map']['map_50_per_class'].get(name, float('nan')):.3f} | "
-                     f"{r['recall']:.3f} | {r['mean_best_iou']:.3f} | {cam['rows'][name]['mean_best_iou']:.3f} | "
+                     f"{r['recall']:.3f} | {r['precision']:.3f} | {r['mean_best_iou']:.3f} | "
+                     f"{cam['rows'][name]['mean_best_iou']:.3f} | "
                      f"{head['baseline'][name]['mean_best_iou']:.3f} |")
     folds = doc["folds"]
     lines += ["", "| fold | mAP@0.5 | mAP@0.5:0.95 | recall@0.5 | mean best IoU | pointing game | accuracy with the "

@@ -117,18 +117,20 @@ class ClassScore:
     mean_best_iou: float
     gt_boxes: int
     recall: float  # at the IoU threshold of the scoring
+    precision: float  # served boxes matched to a ground-truth box at that threshold, of all served boxes
     boxes_per_image: float
 
 
 def summarize(scores: Sequence[ImageScore]) -> ClassScore:
     n = len(scores)
-    gt = sum(s.gt_boxes for s in scores)
+    gt, served = sum(s.gt_boxes for s in scores), sum(s.predicted_boxes for s in scores)
     mean = (lambda values: float(np.mean(values)) if n else 0.0)
     return ClassScore(
         images=n, accuracy=mean([s.correct for s in scores]), pointing=mean([s.hit for s in scores]),
         pointing_tolerant=mean([s.hit_tolerant for s in scores]),
         mean_best_iou=mean([s.best_iou for s in scores]), gt_boxes=gt,
         recall=sum(s.matched for s in scores) / gt if gt else 0.0,
+        precision=sum(s.matched for s in scores) / served if served else 0.0,
         boxes_per_image=mean([s.predicted_boxes for s in scores]),
     )
 
@@ -314,7 +316,7 @@ def format_table(report: LocateReport) -> str:
         f"{report.model}: {report.images} annotated images ({report.skipped_unannotated} without annotation "
         f"skipped), {method}",
         f"{'class':<16} {'images':>6} {'acc':>6} {'mAP50':>6} {'mAP':>6} {'pointing':>8} {'pt±15':>6} "
-        f"{'best IoU':>8} {'GT boxes':>8} {'R@0.5':>6} {'boxes/img':>9} | {'base mAP50':>10} {'pt':>6} "
+        f"{'best IoU':>8} {'GT boxes':>8} {'R@0.5':>6} {'P@0.5':>6} {'boxes/img':>9} | {'base mAP50':>10} {'pt':>6} "
         f"{'IoU':>6} {'R@0.5':>6}",
     ]
     for name, row in report.rows.items():
@@ -324,7 +326,7 @@ def format_table(report: LocateReport) -> str:
         strict = report.map["map_50_95"] if name == "overall" else report.map["map_50_95_per_class"].get(name, float("nan"))
         lines.append(
             f"{name:<16} {row.images:>6} {row.accuracy:>6.3f} {maps[0]:>6.3f} {strict:>6.3f} {row.pointing:>8.3f} "
-            f"{row.pointing_tolerant:>6.3f} {row.mean_best_iou:>8.3f} {row.gt_boxes:>8} {row.recall:>6.3f} "
+            f"{row.pointing_tolerant:>6.3f} {row.mean_best_iou:>8.3f} {row.gt_boxes:>8} {row.recall:>6.3f} {row.precision:>6.3f} "
             f"{row.boxes_per_image:>9.2f} | {maps[1]:>10.3f} {base.pointing:>6.3f} {base.mean_best_iou:>6.3f} "
             f"{base.recall:>6.3f}"
         )

@@ -12,7 +12,7 @@ from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
 from trainer.cli import main
-from trainer.locate import best_iou, iou, iou_matrix, matched_at, pointing_hit
+from trainer.locate import best_iou, iou, iou_matrix, matched_at, pointing_hit, score_image, summarize
 from trainer.voc import VocError, read_voc
 
 BOXES = Path(__file__).resolve().parents[2] / "../shared/datasets/neu-det-boxes"
@@ -46,6 +46,15 @@ def test_recall_matches_one_to_one():
     assert matched_at([(0, 0, 10, 10), (1, 0, 10, 10), (100, 100, 104, 110)], gt) == 2  # last IoU is 0.4
     assert matched_at([(100, 100, 104, 110)], gt, threshold=0.4) == 1
     assert matched_at([], gt) == 0
+
+
+def test_recall_and_precision_pool_boxes_over_images():
+    gt = [(0, 0, 10, 10), (100, 100, 110, 110)]
+    one = score_image("a", True, (5, 5), [(0, 0, 10, 10), (50, 50, 60, 60), (70, 70, 80, 80)], gt)  # 1 of 3 right
+    two = score_image("a", True, (5, 5), [(100, 100, 110, 110)], gt)  # 1 of 1
+    row = summarize([one, two])
+    assert row.recall == pytest.approx(2 / 4) and row.precision == pytest.approx(2 / 4)
+    assert summarize([score_image("a", True, (5, 5), [], gt)]).precision == 0.0  # nothing served
 
 
 def test_voc_parsing_of_a_shared_file():
