@@ -73,9 +73,12 @@ class OODSpec(_Frozen):
     """The unknown (out-of-distribution) detector saved with the weights as `ood.*` tensors (stripnet/ood.py):
     a frame whose score exceeds `threshold` is unknown."""
 
-    method: Literal["mahalanobis"] = "mahalanobis"
+    method: Literal["mahalanobis", "knn"] = Field(default="mahalanobis", description="mahalanobis: the distance "
+                                                   "to the nearest class Gaussian; knn: the distance of the "
+                                                   "L2-normalized channel means to their k-th nearest training image")
     layer: int = Field(ge=0, description="the block (0-based) whose output's per-channel mean and standard "
                                          "deviation are the detector's features")
+    neighbours: int = Field(default=10, gt=0, le=100, description="knn: which nearest training image's distance")
     spread: Literal["std", "log_std"] = Field(default="std", description="the second half of the features: each "
                                               "channel's standard deviation, or its natural log")
     threshold: float = Field(ge=0, description="score above which a frame is unknown")
@@ -83,7 +86,14 @@ class OODSpec(_Frozen):
     calibrated_on: Literal["training and validation", "training", "validation"] = Field(
         description="the held-in images whose scores the threshold is the quantile of (docs/openset.md)")
     calibration_images: int = Field(gt=0)
-    fitted_images: int = Field(gt=0, description="training images the class means and covariance come from")
+    fitted_images: int = Field(gt=0, le=200_000, description="training images the class means and covariance "
+                                                          "come from (knn: the images it keeps)")
+
+    @model_validator(mode="after")
+    def _enough_neighbours(self) -> OODSpec:
+        if self.method == "knn" and self.neighbours > self.fitted_images:
+            raise ValueError(f"knn needs at least {self.neighbours} kept images, got {self.fitted_images}")
+        return self
 
 
 class BoxHeadSpec(_Frozen):

@@ -11,7 +11,7 @@ from torch import nn
 from schemas.checkpoint import ArchitectureSpec, BoxHeadSpec, InputSpec, Normalization, OODSpec
 from stripnet.boxhead import BoxHead
 from stripnet.layers import RepVGGBlock
-from stripnet.ood import OODHead, channel_stats, feature_dim
+from stripnet.ood import Detector, channel_stats, make_detector
 
 
 @runtime_checkable
@@ -53,8 +53,8 @@ class RepNet(nn.Module):
             in_ch = row.out_channels
         self.blocks = nn.Sequential(*blocks)
         self.head = ClassifierHead(in_ch, num_classes)
-        self.ood: OODHead | None = (OODHead(num_classes, feature_dim(spec.blocks[ood.layer].out_channels), ood)
-                                    if ood is not None else None)
+        self.ood: Detector | None = (make_detector(ood, num_classes, spec.blocks[ood.layer].out_channels)
+                                     if ood is not None else None)
         self.boxes: BoxHead | None = (BoxHead(spec, num_classes, boxes, deploy=deploy)
                                       if boxes is not None else None)
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from schemas.checkpoint import OODSpec
@@ -47,6 +48,9 @@ class OODHead(nn.Module):
         self.register_buffer("whiten", torch.eye(dim))  # W, (K, K)
         self.register_buffer("centres", torch.zeros(num_classes, dim))  # μ_c W, (C, K)
 
+    def fits(self, num_classes: int, dim: int) -> bool:
+        return tuple(self.centres.shape) == (num_classes, dim)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # fp32 whatever the caller's precision: a sum of squares loses too much in bf16 or fp16.
         with torch.autocast(features.device.type, enabled=False):
@@ -55,6 +59,56 @@ class OODHead(nn.Module):
             centres = self.centres.float()
             squared = (z * z).sum(dim=1, keepdim=True) - 2 * z @ centres.T + (centres * centres).sum(dim=1)
             return squared.min(dim=1).values.clamp(min=0).sqrt()
+
+
+class KNNHead(nn.Module):
+    """Features (N, 2C) → (N,) float32 distance of the L2-normalized channel means to the k-th nearest of the
+    kept training images' (Sun et al., ICML 2022, on the last block's pooled features: the linear head's
+    input). `spec` as for `OODHead`."""
+
+    def __init__(self, kept: int, channels: int, spec: OODSpec | None = None, *, neighbours: int = 10) -> None:
+        super().__init__()
+        self.spec = spec
+        self.neighbours = spec.neighbours if spec is not None else neighbours
+        self.register_buffer("bank", torch.zeros(kept, channels))  # unit vectors, (M, C)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.distances(features, self.neighbours)
+
+    def distances(self, features: torch.Tensor, k: int) -> torch.Tensor:
+        with torch.autocast(features.device.type, enabled=False):
+            unit = F.normalize(features.float()[:, :self.bank.shape[1]], dim=1)
+            squared = (2 - 2 * unit @ self.bank.float().T).clamp(min=0)  # ‖a − b‖² of unit vectors
+            return squared.topk(k, dim=1, largest=False).values[:, -1].sqrt()
+
+    def fits(self, num_classes: int, dim: int) -> bool:
+        return 2 * self.bank.shape[1] == dim
+
+
+Detector = OODHead | KNNHead
+
+
+def fit_knn(features: torch.Tensor, neighbours: int) -> KNNHead:
+    """The kNN detector keeping every training image's (N, 2C) features' normalized channel means."""
+    if len(features) <= neighbours:
+        raise ValueError(f"the kNN detector needs more than {neighbours} training images, got {len(features)}")
+    head = KNNHead(len(features), features.shape[1] // 2, neighbours=neighbours)
+    head.bank.copy_(F.normalize(features.float()[:, :features.shape[1] // 2], dim=1))
+    return head
+
+
+def training_scores(head: Detector, features: torch.Tensor) -> torch.Tensor:
+    """Scores of the images a detector was fitted on, as if each were new: a kNN detector keeps each image,
+    whose nearest neighbour is itself, so its k-th neighbour among the others is the (k+1)-th."""
+    with torch.no_grad():
+        return head.distances(features, head.neighbours + 1) if isinstance(head, KNNHead) else head(features)
+
+
+def make_detector(spec: OODSpec, num_classes: int, channels: int) -> Detector:
+    """The empty detector a checkpoint's `spec` describes, for a block of `channels` (its weights load into it)."""
+    if spec.method == "knn":
+        return KNNHead(spec.fitted_images, channels, spec)
+    return OODHead(num_classes, feature_dim(channels), spec)
 
 
 def channel_stats(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +133,7 @@ class Scored(nn.Module):
     """x → (logits, unknown scores) in one pass: `net` is anything with a RepNet's `forward_with_features`
     (logits and one block's channel statistics), `ood` scores them. What the runners export and run."""
 
-    def __init__(self, net: nn.Module, ood: OODHead) -> None:
+    def __init__(self, net: nn.Module, ood: Detector) -> None:
         super().__init__()
         if ood.spec is None:
             raise ValueError("the unknown detector has no calibrated spec")
@@ -90,7 +144,7 @@ class Scored(nn.Module):
         return logits, self.ood(features)
 
 
-def scored(net: nn.Module, ood: OODHead | None) -> nn.Module:
+def scored(net: nn.Module, ood: Detector | None) -> nn.Module:
     """`Scored(net, ood)` when there is a detector, else `net` itself (x → logits)."""
     return Scored(net, ood) if ood is not None else net
 
@@ -133,15 +187,16 @@ def calibrate(scores: np.ndarray, rate: float) -> float:
     return float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - rate))
 
 
-def with_detector(model: RepNet, head: OODHead, spec: OODSpec) -> RepNet:
+def with_detector(model: RepNet, head: Detector, spec: OODSpec) -> RepNet:
     """A copy of `model` that carries a copy of `head`, calibrated as `spec`, as `model.ood` (export_checkpoint
     saves it with the weights)."""
     blocks = model.spec.blocks
-    if not 0 <= spec.layer < len(blocks) or head.centres.shape != (
-            model.num_classes, feature_dim(blocks[spec.layer].out_channels)):
-        raise ValueError(f"detector for {tuple(head.centres.shape)} (classes, features) at block {spec.layer} does "
-                         "not fit the model")
-    if head.log_spread != (spec.spread == "log_std"):
+    if not 0 <= spec.layer < len(blocks) or not head.fits(model.num_classes,
+                                                          feature_dim(blocks[spec.layer].out_channels)):
+        raise ValueError(f"detector {type(head).__name__} at block {spec.layer} does not fit the model")
+    if (spec.method == "knn") != isinstance(head, KNNHead):
+        raise ValueError(f"a {type(head).__name__} is not a {spec.method} detector")
+    if isinstance(head, OODHead) and head.log_spread != (spec.spread == "log_std"):
         raise ValueError(f"the detector was fitted {'with' if head.log_spread else 'without'} log deviations, "
                          f"its spec says spread={spec.spread!r}")
     out = copy.deepcopy(model)

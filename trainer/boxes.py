@@ -342,7 +342,8 @@ def fit_checkpoint(cfg: BoxesConfig, log: Callable[[str], None] = print) -> BoxH
                              annotations=Path(cfg.boxes).name)
     if cfg.head.finetune_lr is not None and manifest.ood is not None:  # the features moved: fit the detector again
         fitted = fit_detector(fitted, manifest.class_names, data, None, manifest.input,
-                              manifest.ood.false_unknown_rate, manifest.ood.layer, manifest.ood.spread)
+                              manifest.ood.false_unknown_rate, manifest.ood.method, manifest.ood.layer,
+                              manifest.ood.spread)
     written = rewrite_checkpoint(fitted, model_dir, manifest)
     assert written.boxes is not None
     return written.boxes

@@ -1,14 +1,17 @@
 """The unknown detector of a trained model: fitted on its own training images, calibrated on held-in images.
 
-`fit_detector` is what `trainer fit` runs before it exports a model: the class means and shared covariance
-(stripnet/ood.py) come from the training part's features (block `DEFAULT_OOD_LAYER`'s channel statistics,
-chosen by leave-one-class-out measurement: docs/openset.md), and the threshold is the (1 − rate)
-quantile of the scores of every held-in image, training and validation parts together: these low-level
-statistics are not fitted more tightly on the training images (measured: 1.9 % of the bundled model's
-training images and 1.1 % of its validation images above the validation quantile), so all of them
-give a steadier quantile than the validation part alone, and a model trained on every image still gets
-an honest threshold. `refit_checkpoint` (`trainer detector`) does the same for a checkpoint that has none yet, or
-whose detector should be re-fitted, and rewrites it in place with every other manifest field kept.
+`fit_detector` is what `trainer fit` runs before it exports a model. By default it fits class Gaussians with
+one shared covariance on block 2's channel means and log deviations (stripnet.ood.OODHead): texture
+statistics the classifier was never trained to throw away, which flag clearly foreign frames (noise,
+checkerboards) as well as several new defect types. `--method knn` keeps the training part's L2-normalized
+pooled features of the last block instead and scores a frame by the distance to its k-th nearest kept image
+(stripnet.ood.KNNHead): better on new defect types with the default recipe, blind to noise fields
+(docs/openset.md has both). The threshold is the (1 − rate) quantile of the scores of every held-in image,
+training and validation parts together, each training image scored as a new frame would be (for kNN,
+among the *other* kept images: `stripnet.ood.training_scores`); so a model trained on every image still
+gets an honest threshold. `refit_checkpoint` (`trainer detector`) does the same for a checkpoint that has
+none yet, or whose detector should be re-fitted, and rewrites it in place with every other manifest field
+kept.
 """
 
 from __future__ import annotations
@@ -24,16 +27,21 @@ from schemas.checkpoint import InputSpec, OODSpec
 from stripnet.bundled import resolve_model_dir
 from stripnet.checkpoint import load_checkpoint, rewrite_checkpoint
 from stripnet.network import RepNet
-from stripnet.ood import calibrate, fit_head, with_detector
+from stripnet.ood import calibrate, fit_head, fit_knn, training_scores, with_detector
 from stripnet.preprocess import normalize
 from trainer.data import ImageSet, fingerprint, load_image_folder, load_split, stratified_split
 from trainer.options import Opt, parse_split
 
 Spread = Literal["std", "log_std"]
+Method = Literal["knn", "mahalanobis"]
 
 DEFAULT_FALSE_UNKNOWN_RATE = 0.01
-DEFAULT_OOD_LAYER = 1  # the second block: the best mean AUROC of every block and score tried (docs/openset.md)
-DEFAULT_SPREAD: Spread = "log_std"  # deviations as logs: mean AUROC 0.932 against 0.919 (docs/openset.md)
+# Mahalanobis on block 2: kNN scores new defect types better with the default recipe but lets noise fields
+# through as defects (docs/openset.md)
+DEFAULT_METHOD: Method = "mahalanobis"
+MAHALANOBIS_LAYER = 1  # for Mahalanobis, the second block: its best block (docs/openset.md)
+DEFAULT_SPREAD: Spread = "log_std"  # Mahalanobis: deviations as logs (docs/openset.md)
+NEIGHBOURS = 10
 
 
 @torch.inference_mode()
@@ -56,19 +64,28 @@ def model_labels(data: ImageSet, class_names: tuple[str, ...]) -> torch.Tensor:
 
 
 def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, held_in: ImageSet | None,
-                 spec: InputSpec, rate: float = DEFAULT_FALSE_UNKNOWN_RATE, layer: int = DEFAULT_OOD_LAYER,
-                 spread: Spread = DEFAULT_SPREAD) -> RepNet:
-    """A copy of `model` carrying its unknown detector: fitted on `train`, calibrated on `train` and `held_in`."""
+                 spec: InputSpec, rate: float = DEFAULT_FALSE_UNKNOWN_RATE, method: Method = DEFAULT_METHOD,
+                 layer: int | None = None, spread: Spread = DEFAULT_SPREAD) -> RepNet:
+    """A copy of `model` carrying its unknown detector: fitted on `train`, calibrated on `train` and `held_in`;
+    `layer` unset: the method's own block (the last for knn, `MAHALANOBIS_LAYER` otherwise)."""
+    layer = default_layer(model, method) if layer is None else layer
     features, _ = features_and_logits(model, train.images, spec, layer)
-    head = fit_head(features, model_labels(train, class_names), len(class_names), log_spread=spread == "log_std")
+    neighbours = min(NEIGHBOURS, len(features) - 1)  # a tiny training part keeps fewer neighbours
+    head = (fit_knn(features, neighbours) if method == "knn" else
+            fit_head(features, model_labels(train, class_names), len(class_names), log_spread=spread == "log_std"))
+    scores = training_scores(head, features)
     if held_in is not None and len(held_in):
-        features = torch.cat([features, features_and_logits(model, held_in.images, spec, layer)[0]])
-    with torch.inference_mode():
-        scores = head(features).numpy()
-    ood = OODSpec(layer=layer, spread=spread, threshold=calibrate(scores, rate), false_unknown_rate=rate,
+        with torch.inference_mode():
+            scores = torch.cat([scores, head(features_and_logits(model, held_in.images, spec, layer)[0])])
+    ood = OODSpec(method=method, layer=layer, spread=spread if method == "mahalanobis" else "std",
+                  neighbours=max(neighbours, 1), threshold=calibrate(scores.numpy(), rate), false_unknown_rate=rate,
                   calibrated_on="training and validation" if len(scores) > len(train) else "training",
                   calibration_images=len(scores), fitted_images=len(train))
     return with_detector(model, head, ood)
+
+
+def default_layer(model: RepNet, method: Method) -> int:
+    return len(model.spec.blocks) - 1 if method == "knn" else MAHALANOBIS_LAYER
 
 
 def unknown_scores(model: RepNet, images: torch.Tensor, spec: InputSpec) -> np.ndarray:
@@ -89,8 +106,11 @@ class DetectorConfig:
                                             parse=parse_split)] = (0.8, 0.1, 0.1)
     split_seed: Annotated[int, "without --split-file: the seed of that split"] = 0
     false_unknown_rate: Annotated[float, "the share of held-in images the threshold flags"] = DEFAULT_FALSE_UNKNOWN_RATE
-    layer: Annotated[int, "the block (0-based) whose channel mean and std are the features"] = DEFAULT_OOD_LAYER
-    spread: Annotated[Spread, "the deviations as they are, or as logs"] = DEFAULT_SPREAD
+    method: Annotated[Method, "knn: distance to the k-th nearest training image's pooled features; mahalanobis: "
+                              "to the nearest class Gaussian of a block's channel statistics"] = DEFAULT_METHOD
+    layer: Annotated[int | None, "the block (0-based) whose channel statistics are the features (unset: the last "
+                                 "block for knn, the second for mahalanobis)"] = None
+    spread: Annotated[Spread, "mahalanobis: the deviations as they are, or as logs"] = DEFAULT_SPREAD
 
 
 def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
@@ -105,7 +125,7 @@ def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
                                                                                      cfg.split_seed)
     held_in = data.subset(parts[1]) if len(parts) > 1 and parts[1] else None
     fitted = fit_detector(model, manifest.class_names, data.subset(parts[0]), held_in, manifest.input,
-                          cfg.false_unknown_rate, cfg.layer, cfg.spread)
+                          cfg.false_unknown_rate, cfg.method, cfg.layer, cfg.spread)
     written = rewrite_checkpoint(fitted, model_dir, manifest)
     assert written.ood is not None
     return written.ood

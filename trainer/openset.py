@@ -29,10 +29,10 @@ from safetensors.torch import load_file, save_file
 from schemas.checkpoint import InputSpec
 from stripnet.checkpoint import load_checkpoint
 from stripnet.network import RepNet
-from stripnet.ood import calibrate, channel_stats, fit_head, log_of_spread
+from stripnet.ood import calibrate, channel_stats, fit_head, fit_knn, log_of_spread, training_scores
 from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
-from trainer.detector import DEFAULT_OOD_LAYER, DEFAULT_SPREAD
+from trainer.detector import DEFAULT_METHOD, MAHALANOBIS_LAYER, NEIGHBOURS
 from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
 
@@ -187,33 +187,42 @@ def every_block(out: SplitOutputs) -> np.ndarray:
     return total
 
 
-def knn(out: SplitOutputs, k: int = 10) -> np.ndarray:
-    """Distance of the L2-normalized pooled features to their k-th nearest training image (Sun et al., ICML 2022)."""
-    unit = torch.nn.functional.normalize(out.pooled, dim=1)
-    bank = unit[out.where("train")]
-    distances = torch.cdist(unit, bank)
-    distances[torch.nonzero(out.where("train")).flatten(), torch.arange(len(bank))] = torch.inf  # not itself
-    return distances.kthvalue(k, dim=1).values.numpy()
+def knn(out: SplitOutputs) -> np.ndarray:
+    """The served kNN detector (stripnet.ood.KNNHead): each training image scored among the other ones."""
+    train, features = out.where("train"), out.stats[-1]
+    head = fit_knn(features[train], NEIGHBOURS)
+    with torch.no_grad():
+        scores = head(features)
+    scores[train] = training_scores(head, features[train])
+    return scores.numpy()
 
 
 def block_features(out: SplitOutputs, spread: str) -> torch.Tensor:
-    """The served block's channel means and deviations, the deviations as logs for `spread` "log_std"."""
-    stats = out.stats[DEFAULT_OOD_LAYER]
+    """Block 2's channel means and deviations, the deviations as logs for `spread` "log_std"."""
+    stats = out.stats[MAHALANOBIS_LAYER]
     return log_of_spread(stats) if spread == "log_std" else stats
 
 
-FEATURES = {"std": "mean+std", "log_std": "mean + log std"}
-SERVED = f"Mahalanobis, block {DEFAULT_OOD_LAYER + 1} {FEATURES[DEFAULT_SPREAD]}"
-SHIPPED = f"{SERVED}, calibrated on training + validation (as shipped)"
+BLOCK_2_LOG = f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean + log std"
+KNN = f"kNN (k={NEIGHBOURS}), last block pooled"
+WITH_TRAINING = ", calibrated on training + validation"
+
+
+def _calibrated(name: str, method: str) -> str:
+    return f"{name}{WITH_TRAINING} " + ("(as shipped)" if method == DEFAULT_METHOD else f"(--method {method})")
+
+
+SHIPPED = _calibrated(BLOCK_2_LOG if DEFAULT_METHOD == "mahalanobis" else KNN, DEFAULT_METHOD)
+
 SCORES = {
-    SHIPPED: lambda out: mahalanobis(out, block_features(out, DEFAULT_SPREAD)),
-    SERVED: lambda out: mahalanobis(out, block_features(out, DEFAULT_SPREAD)),
-    **{f"Mahalanobis, block {DEFAULT_OOD_LAYER + 1} {name}": (lambda out, s=spread: mahalanobis(out, block_features(out, s)))
-       for spread, name in FEATURES.items() if spread != DEFAULT_SPREAD},
+    _calibrated(BLOCK_2_LOG, "mahalanobis"): lambda out: mahalanobis(out, block_features(out, "log_std")),
+    _calibrated(KNN, "knn"): knn,
+    BLOCK_2_LOG: lambda out: mahalanobis(out, block_features(out, "log_std")),
+    f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean+std": lambda out: mahalanobis(out, block_features(out, "std")),
+    KNN: knn,
     "Mahalanobis, last block pooled (Lee et al.)": lambda out: mahalanobis(out, out.pooled),
     "Mahalanobis, every block, z-summed": every_block,
     "energy": energy,
-    "kNN (k=10), last block pooled": knn,
     "max-softmax (baseline)": max_softmax,
 }
 
@@ -244,7 +253,7 @@ def write_report(out_dir: Path, rate: float) -> dict:
         raise ValueError(f"no finished splits under {out_dir}")
     scores = {name: {s.held_out: fn(s) for s in splits} for name, fn in SCORES.items()}
     rates = sorted({rate, 0.02})
-    table = {name: {f"{r:g}": {s.held_out: score_split(s, per[s.held_out], r, name == SHIPPED) for s in splits}
+    table = {name: {f"{r:g}": {s.held_out: score_split(s, per[s.held_out], r, WITH_TRAINING in name) for s in splits}
                     for r in rates} for name, per in scores.items()}
     per_block = {b + 1: {s.held_out: score_split(s, mahalanobis(s, s.stats[b]), rate)["auroc"] for s in splits}
                  for b in range(len(splits[0].stats))}

@@ -6,7 +6,7 @@ from schemas.checkpoint import InputSpec, OODSpec
 from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
-from stripnet.ood import calibrate, channel_stats, fit_head, ledoit_wolf, with_detector
+from stripnet.ood import calibrate, channel_stats, fit_head, fit_knn, ledoit_wolf, training_scores, with_detector
 
 SPEC = OODSpec(layer=1, threshold=3.0, false_unknown_rate=0.01, calibrated_on="validation", calibration_images=30,
                fitted_images=90)
@@ -138,3 +138,36 @@ def test_the_features_are_one_blocks_channel_means_and_deviations_from_the_same_
     assert channel_stats(block2).shape == (3, 2 * EG_REPVGG.blocks[1].out_channels)
     with pytest.raises(ValueError, match="block 9"):
         model.forward_with_features(x, 9)
+
+
+def test_knn_scores_the_distance_to_the_kth_nearest_kept_image_and_training_images_among_the_others():
+    means = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    stats = torch.cat([means, torch.ones(4, 2)], dim=1)  # (N, 2C): the deviations play no part
+    head = fit_knn(stats, neighbours=1)
+    frame = torch.tensor([[2.0, 0.0, 5.0, 5.0], [0.0, -3.0, 5.0, 5.0]])  # along the first kept image; opposite
+    with torch.no_grad():
+        torch.testing.assert_close(head(frame), torch.tensor([0.0, 2 ** 0.5]), atol=1e-4, rtol=0)
+    # each kept image's own distance is 0, so it is scored by its nearest *other* image
+    torch.testing.assert_close(training_scores(head, stats)[3], torch.tensor(2 ** 0.5), atol=1e-4, rtol=0)  # (0, 1)
+
+
+def test_a_checkpoint_round_trips_a_knn_detector(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(EG_REPVGG, 6).eval()
+    x = torch.randn(24, 3, 32, 32)
+    last = len(EG_REPVGG.blocks) - 1
+    with torch.no_grad():
+        _, stats = model.forward_with_features(x, last)
+    spec = SPEC.model_copy(update={"method": "knn", "layer": last, "neighbours": 3, "fitted_images": 24})
+    with_knn = with_detector(model, fit_knn(stats, 3), spec)
+    export_checkpoint(with_knn, tmp_path / "ckpt", class_names=tuple("abcdef"), model_name="t",
+                      input_spec=InputSpec(size=32))
+    loaded, manifest = load_checkpoint(tmp_path / "ckpt")
+    assert manifest.ood == spec and loaded.ood.bank.shape == (24, EG_REPVGG.blocks[last].out_channels)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.ood(loaded.forward_with_features(x, last)[1]), with_knn.ood(stats),
+                                   rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="not a mahalanobis"):
+        with_detector(model, fit_knn(stats, 3), spec.model_copy(update={"method": "mahalanobis"}))
+    with pytest.raises(ValueError, match="kept images"):
+        OODSpec.model_validate(spec.model_dump() | {"neighbours": 30})

@@ -11,7 +11,10 @@ from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
 from trainer.data import fingerprint, load_image_folder, stratified_split
-from trainer.detector import DetectorConfig, fit_detector, refit_checkpoint, unknown_report, unknown_scores
+from stripnet.ood import training_scores
+from trainer.detector import (
+    DetectorConfig, features_and_logits, fit_detector, refit_checkpoint, unknown_report, unknown_scores,
+)
 from trainer.train import TrainConfig, fit
 
 SIZE = 32
@@ -29,17 +32,26 @@ def folder(tmp_path) -> Path:
     return tmp_path / "data"
 
 
-def test_the_detector_is_fitted_on_training_images_and_calibrated_on_every_held_in_one(folder):
+@pytest.mark.parametrize("method", ["knn", "mahalanobis"])
+def test_the_detector_is_fitted_on_training_images_and_calibrated_on_every_held_in_one(folder, method):
     torch.manual_seed(0)
     data = load_image_folder(folder, SIZE)
     train, val = (data.subset(p) for p in stratified_split(data.labels, (0.5, 0.5), seed=0))
-    model = fit_detector(build_model(EG_REPVGG, 3).eval(), data.class_names, train, val, InputSpec(size=SIZE), 0.1)
+    model = fit_detector(build_model(EG_REPVGG, 3).eval(), data.class_names, train, val, InputSpec(size=SIZE), 0.1,
+                         method)
     spec = model.ood.spec
-    assert (spec.calibrated_on, spec.fitted_images, spec.calibration_images) == ("training and validation", 30, 60)
+    assert (spec.method, spec.calibrated_on, spec.fitted_images, spec.calibration_images) == (
+        method, "training and validation", 30, 60)
     held_in = unknown_scores(model, data.images, InputSpec(size=SIZE))
+    if method == "knn":  # a kept image is its own nearest neighbour: calibration scores it among the others
+        features, _ = features_and_logits(model, train.images, InputSpec(size=SIZE), spec.layer)
+        held_in = np.concatenate([training_scores(model.ood, features).numpy(),
+                                  unknown_scores(model, val.images, InputSpec(size=SIZE))])
     assert (held_in > spec.threshold).sum() == 6  # 10 % of 60, the (1 - 0.1) quantile interpolated
-    noise = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (8, SIZE, SIZE), dtype=np.uint8))
-    assert (unknown_scores(model, noise, InputSpec(size=SIZE)) > spec.threshold).all()
+    if method == "mahalanobis":  # an untrained network's pooled features need not set noise apart; the bundled
+        # model's kNN detector flags foreign frames through the service (tests/inspector/test_unknown.py)
+        noise = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (8, SIZE, SIZE), dtype=np.uint8))
+        assert (unknown_scores(model, noise, InputSpec(size=SIZE)) > spec.threshold).all()
 
 
 def test_fit_exports_a_calibrated_detector_and_says_where_it_was_calibrated(folder, tmp_path):
@@ -48,7 +60,8 @@ def test_fit_exports_a_calibrated_detector_and_says_where_it_was_calibrated(fold
     fit(cfg)
     model, manifest = load_checkpoint(cfg.out / "model")
     assert model.ood is not None and manifest.ood.calibrated_on == "training and validation"
-    assert (manifest.ood.layer, manifest.ood.fitted_images, manifest.ood.calibration_images) == (1, 45, 60)
+    assert (manifest.ood.method, manifest.ood.layer, manifest.ood.spread, manifest.ood.fitted_images,
+            manifest.ood.calibration_images) == ("mahalanobis", 1, "log_std", 45, 60)
     fit(replace(cfg, out=tmp_path / "all", split=(1.0,), select="last"))
     assert load_checkpoint(tmp_path / "all" / "model")[1].ood.calibrated_on == "training"
 
@@ -77,7 +90,8 @@ def test_refit_refuses_data_the_model_was_not_trained_on(folder, tmp_path):
 def test_the_unknown_report_counts_a_folder_overall_and_per_class(folder):
     torch.manual_seed(0)
     data = load_image_folder(folder, SIZE)
-    model = fit_detector(build_model(EG_REPVGG, 3).eval(), data.class_names, data, None, InputSpec(size=SIZE), 0.1)
+    model = fit_detector(build_model(EG_REPVGG, 3).eval(), data.class_names, data, None, InputSpec(size=SIZE), 0.1,
+                         "mahalanobis")  # serves its training images' calibration scores exactly
     report = unknown_report(model, data, InputSpec(size=SIZE))
     assert report["images"] == 60 and report["unknown_rate"] == pytest.approx(0.1)
     assert set(report["per_class"]) == {"a", "b", "c"}
