@@ -15,6 +15,10 @@ d(f) exceeds a threshold calibrated as the (1 − rate) quantile of held-in imag
 (`calibrate`). The block, and this score over energy, kNN, max-softmax and the last block's pooled
 features, were chosen by measurement: docs/openset.md.
 
+`KNNHead` (`OODSpec.method` "knn", on the last block) keeps the training images' L2-normalized channel
+means, the pooled features the linear head reads, and scores a frame by the distance to its k-th nearest
+one (Sun et al., ICML 2022): better on new defect types for a well-trained network, blind to noise.
+
 `OODHead` is the fitted detector as a module of two buffers. A RepNet that carries one (`model.ood`,
 see `with_detector`) saves it in its weights file, and the manifest describes it (`Manifest.ood`), so a
 checkpoint's sha256 covers the detector too.
