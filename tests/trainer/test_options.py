@@ -65,5 +65,5 @@ def test_help_shows_each_default_from_its_field(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         parse("fit", "--help")
     text = " ".join(capsys.readouterr().out.split())
-    assert "--epochs EPOCHS (default: 60)" in text and "--lr LR peak learning rate of SGD (default: 0.1)" in text
+    assert "--epochs EPOCHS (default: 100)" in text and "--lr LR peak learning rate of SGD (default: 0.1)" in text
     assert "--arch {eg-repvgg,repvgg-a0}" in text
