@@ -55,6 +55,11 @@ class OODHead(nn.Module):
     def fits(self, num_classes: int, dim: int) -> bool:
         return tuple(self.centres.shape) == (num_classes, dim)
 
+    def fitted_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Scores of the images the detector was fitted on: as any frame's (it keeps none of them)."""
+        with torch.no_grad():
+            return self(features)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # fp32 whatever the caller's precision: a sum of squares loses too much in bf16 or fp16.
         with torch.autocast(features.device.type, enabled=False):
@@ -88,24 +93,23 @@ class KNNHead(nn.Module):
     def fits(self, num_classes: int, dim: int) -> bool:
         return 2 * self.bank.shape[1] == dim
 
+    def fitted_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Scores of the kept images as if each were new: each is its own nearest neighbour, so its k-th among
+        the others is its (k+1)-th."""
+        with torch.no_grad():
+            return self.distances(features, self.neighbours + 1)
+
 
 Detector = OODHead | KNNHead
 
 
 def fit_knn(features: torch.Tensor, neighbours: int) -> KNNHead:
     """The kNN detector keeping every training image's (N, 2C) features' normalized channel means."""
-    if len(features) <= neighbours:
-        raise ValueError(f"the kNN detector needs more than {neighbours} training images, got {len(features)}")
+    if not 0 < neighbours < len(features):
+        raise ValueError(f"the kNN detector needs more than {max(neighbours, 1)} training images, got {len(features)}")
     head = KNNHead(len(features), features.shape[1] // 2, neighbours=neighbours)
     head.bank.copy_(F.normalize(features.float()[:, :features.shape[1] // 2], dim=1))
     return head
-
-
-def training_scores(head: Detector, features: torch.Tensor) -> torch.Tensor:
-    """Scores of the images a detector was fitted on, as if each were new: a kNN detector keeps each image,
-    whose nearest neighbour is itself, so its k-th neighbour among the others is the (k+1)-th."""
-    with torch.no_grad():
-        return head.distances(features, head.neighbours + 1) if isinstance(head, KNNHead) else head(features)
 
 
 def make_detector(spec: OODSpec, num_classes: int, channels: int) -> Detector:

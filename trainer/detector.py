@@ -8,7 +8,7 @@ pooled features of the last block instead and scores a frame by the distance to 
 (stripnet.ood.KNNHead): better on new defect types with the default recipe, blind to noise fields
 (docs/openset.md has both). The threshold is the (1 − rate) quantile of the scores of every held-in image,
 training and validation parts together, each training image scored as a new frame would be (for kNN,
-among the *other* kept images: `stripnet.ood.training_scores`); so a model trained on every image still
+among the *other* kept images: `KNNHead.fitted_scores`); so a model trained on every image still
 gets an honest threshold. `refit_checkpoint` (`trainer detector`) does the same for a checkpoint that has
 none yet, or whose detector should be re-fitted, and rewrites it in place with every other manifest field
 kept.
@@ -27,7 +27,7 @@ from schemas.checkpoint import InputSpec, OODSpec
 from stripnet.bundled import resolve_model_dir
 from stripnet.checkpoint import load_checkpoint, rewrite_checkpoint
 from stripnet.network import RepNet
-from stripnet.ood import calibrate, fit_head, fit_knn, training_scores, with_detector
+from stripnet.ood import calibrate, fit_head, fit_knn, with_detector
 from stripnet.preprocess import normalize
 from trainer.data import ImageSet, fingerprint, load_image_folder, load_split, stratified_split
 from trainer.options import Opt, parse_split
@@ -70,15 +70,18 @@ def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, h
     `layer` unset: the method's own block (the last for knn, `MAHALANOBIS_LAYER` otherwise)."""
     layer = default_layer(model, method) if layer is None else layer
     features, _ = features_and_logits(model, train.images, spec, layer)
-    neighbours = min(NEIGHBOURS, len(features) - 1)  # a tiny training part keeps fewer neighbours
-    head = (fit_knn(features, neighbours) if method == "knn" else
-            fit_head(features, model_labels(train, class_names), len(class_names), log_spread=spread == "log_std"))
-    scores = training_scores(head, features)
+    if method == "knn":  # a tiny training part keeps fewer neighbours
+        head = fit_knn(features, min(NEIGHBOURS, len(features) - 1))
+        described = {"neighbours": head.neighbours}
+    else:
+        head = fit_head(features, model_labels(train, class_names), len(class_names), log_spread=spread == "log_std")
+        described = {"spread": spread}
+    scores = head.fitted_scores(features)
     if held_in is not None and len(held_in):
         with torch.inference_mode():
             scores = torch.cat([scores, head(features_and_logits(model, held_in.images, spec, layer)[0])])
-    ood = OODSpec(method=method, layer=layer, spread=spread if method == "mahalanobis" else "std",
-                  neighbours=max(neighbours, 1), threshold=calibrate(scores.numpy(), rate), false_unknown_rate=rate,
+    ood = OODSpec(method=method, layer=layer, **described, threshold=calibrate(scores.numpy(), rate),
+                  false_unknown_rate=rate,
                   calibrated_on="training and validation" if len(scores) > len(train) else "training",
                   calibration_images=len(scores), fitted_images=len(train))
     return with_detector(model, head, ood)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from schemas.checkpoint import InputSpec
 from stripnet.checkpoint import load_checkpoint
 from stripnet.network import RepNet
-from stripnet.ood import calibrate, channel_stats, fit_head, fit_knn, log_of_spread, training_scores
+from stripnet.ood import calibrate, channel_stats, fit_head, fit_knn
 from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
 from trainer.detector import DEFAULT_METHOD, MAHALANOBIS_LAYER, NEIGHBOURS
@@ -169,9 +169,9 @@ def energy(out: SplitOutputs) -> np.ndarray:
     return -torch.logsumexp(out.logits, dim=1).numpy()
 
 
-def mahalanobis(out: SplitOutputs, features: torch.Tensor) -> np.ndarray:
+def mahalanobis(out: SplitOutputs, features: torch.Tensor, log_spread: bool = False) -> np.ndarray:
     train = out.where("train")
-    head = fit_head(features[train], out.labels[train], len(out.class_names))
+    head = fit_head(features[train], out.labels[train], len(out.class_names), log_spread=log_spread)
     with torch.no_grad():
         return head(features).numpy()
 
@@ -193,14 +193,13 @@ def knn(out: SplitOutputs) -> np.ndarray:
     head = fit_knn(features[train], NEIGHBOURS)
     with torch.no_grad():
         scores = head(features)
-    scores[train] = training_scores(head, features[train])
+    scores[train] = head.fitted_scores(features[train])
     return scores.numpy()
 
 
-def block_features(out: SplitOutputs, spread: str) -> torch.Tensor:
-    """Block 2's channel means and deviations, the deviations as logs for `spread` "log_std"."""
-    stats = out.stats[MAHALANOBIS_LAYER]
-    return log_of_spread(stats) if spread == "log_std" else stats
+def block_2_log(out: SplitOutputs) -> np.ndarray:
+    """The served default: Mahalanobis on block 2's channel means and log deviations."""
+    return mahalanobis(out, out.stats[MAHALANOBIS_LAYER], log_spread=True)
 
 
 BLOCK_2_LOG = f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean + log std"
@@ -215,10 +214,10 @@ def _calibrated(name: str, method: str) -> str:
 SHIPPED = _calibrated(BLOCK_2_LOG if DEFAULT_METHOD == "mahalanobis" else KNN, DEFAULT_METHOD)
 
 SCORES = {
-    _calibrated(BLOCK_2_LOG, "mahalanobis"): lambda out: mahalanobis(out, block_features(out, "log_std")),
+    _calibrated(BLOCK_2_LOG, "mahalanobis"): block_2_log,
     _calibrated(KNN, "knn"): knn,
-    BLOCK_2_LOG: lambda out: mahalanobis(out, block_features(out, "log_std")),
-    f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean+std": lambda out: mahalanobis(out, block_features(out, "std")),
+    BLOCK_2_LOG: block_2_log,
+    f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean+std": lambda out: mahalanobis(out, out.stats[MAHALANOBIS_LAYER]),
     KNN: knn,
     "Mahalanobis, last block pooled (Lee et al.)": lambda out: mahalanobis(out, out.pooled),
     "Mahalanobis, every block, z-summed": every_block,
@@ -251,7 +250,8 @@ def write_report(out_dir: Path, rate: float) -> dict:
     splits = [load_split_outputs(p) for p in sorted(out_dir.glob(f"without-*/{OUTPUTS}"))]
     if not splits:
         raise ValueError(f"no finished splits under {out_dir}")
-    scores = {name: {s.held_out: fn(s) for s in splits} for name, fn in SCORES.items()}
+    by_score = {fn: {s.held_out: fn(s) for s in splits} for fn in set(SCORES.values())}  # a row per calibration
+    scores = {name: by_score[fn] for name, fn in SCORES.items()}
     rates = sorted({rate, 0.02})
     table = {name: {f"{r:g}": {s.held_out: score_split(s, per[s.held_out], r, WITH_TRAINING in name) for s in splits}
                     for r in rates} for name, per in scores.items()}

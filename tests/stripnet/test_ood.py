@@ -6,7 +6,7 @@ from schemas.checkpoint import InputSpec, OODSpec
 from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
-from stripnet.ood import calibrate, channel_stats, fit_head, fit_knn, ledoit_wolf, training_scores, with_detector
+from stripnet.ood import calibrate, channel_stats, fit_head, fit_knn, ledoit_wolf, with_detector
 
 SPEC = OODSpec(layer=1, threshold=3.0, false_unknown_rate=0.01, calibrated_on="validation", calibration_images=30,
                fitted_images=90)
@@ -148,7 +148,7 @@ def test_knn_scores_the_distance_to_the_kth_nearest_kept_image_and_training_imag
     with torch.no_grad():
         torch.testing.assert_close(head(frame), torch.tensor([0.0, 2 ** 0.5]), atol=1e-4, rtol=0)
     # each kept image's own distance is 0, so it is scored by its nearest *other* image
-    torch.testing.assert_close(training_scores(head, stats)[3], torch.tensor(2 ** 0.5), atol=1e-4, rtol=0)  # (0, 1)
+    torch.testing.assert_close(head.fitted_scores(stats)[3], torch.tensor(2 ** 0.5), atol=1e-4, rtol=0)  # (0, 1)
 
 
 def test_a_checkpoint_round_trips_a_knn_detector(tmp_path):

@@ -11,7 +11,6 @@ from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
 from trainer.data import fingerprint, load_image_folder, stratified_split
-from stripnet.ood import training_scores
 from trainer.detector import (
     DetectorConfig, features_and_logits, fit_detector, refit_checkpoint, unknown_report, unknown_scores,
 )
@@ -45,7 +44,7 @@ def test_the_detector_is_fitted_on_training_images_and_calibrated_on_every_held_
     held_in = unknown_scores(model, data.images, InputSpec(size=SIZE))
     if method == "knn":  # a kept image is its own nearest neighbour: calibration scores it among the others
         features, _ = features_and_logits(model, train.images, InputSpec(size=SIZE), spec.layer)
-        held_in = np.concatenate([training_scores(model.ood, features).numpy(),
+        held_in = np.concatenate([model.ood.fitted_scores(features).numpy(),
                                   unknown_scores(model, val.images, InputSpec(size=SIZE))])
     assert (held_in > spec.threshold).sum() == 6  # 10 % of 60, the (1 - 0.1) quantile interpolated
     if method == "mahalanobis":  # an untrained network's pooled features need not set noise apart; the bundled
