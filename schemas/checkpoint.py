@@ -73,11 +73,13 @@ class OODSpec(_Frozen):
     """The unknown (out-of-distribution) detector saved with the weights as `ood.*` tensors (stripnet/ood.py):
     a frame whose score exceeds `threshold` is unknown."""
 
-    method: Literal["mahalanobis", "knn"] = Field(default="mahalanobis", description="mahalanobis: the distance "
-                                                   "to the nearest class Gaussian; knn: the distance of the "
-                                                   "L2-normalized channel means to their k-th nearest training image")
+    method: Literal["mahalanobis", "knn", "combined"] = Field(
+        default="mahalanobis", description="mahalanobis: the distance to the nearest class Gaussian; knn: the "
+        "distance of the L2-normalized channel means to their k-th nearest training image; combined: the sum of "
+        "the two, Mahalanobis on `layer` and kNN on `knn_layer`, each scaled by its held-in scores")
     layer: int = Field(ge=0, description="the block (0-based) whose output's per-channel mean and standard "
                                          "deviation are the detector's features")
+    knn_layer: int | None = Field(default=None, ge=0, description="combined: the block of the kNN part")
     neighbours: int = Field(default=10, gt=0, le=100, description="knn: which nearest training image's distance")
     spread: Literal["std", "log_std"] = Field(default="std", description="the second half of the features: each "
                                               "channel's standard deviation, or its natural log")
@@ -90,10 +92,17 @@ class OODSpec(_Frozen):
                                                           "come from (knn: the images it keeps)")
 
     @model_validator(mode="after")
-    def _enough_neighbours(self) -> OODSpec:
-        if self.method == "knn" and self.neighbours > self.fitted_images:
+    def _consistent(self) -> OODSpec:
+        if self.method != "mahalanobis" and self.neighbours > self.fitted_images:
             raise ValueError(f"knn needs at least {self.neighbours} kept images, got {self.fitted_images}")
+        if (self.method == "combined") != (self.knn_layer is not None):
+            raise ValueError("knn_layer is set for the combined method, and only for it")
         return self
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The blocks whose channel statistics the detector reads, in the order of its features."""
+        return (self.layer,) if self.knn_layer is None else (self.layer, self.knn_layer)
 
 
 class BoxHeadSpec(_Frozen):
@@ -141,8 +150,8 @@ class Manifest(_Frozen):
     def _unique_classes(self) -> Manifest:
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names must be unique")
-        if self.ood is not None and self.ood.layer >= len(self.architecture.blocks):
-            raise ValueError(f"ood.layer {self.ood.layer} is not a block of the architecture")
+        if self.ood is not None and max(self.ood.layers) >= len(self.architecture.blocks):
+            raise ValueError(f"ood.layers {self.ood.layers} are not all blocks of the architecture")
         if self.boxes is not None and max(self.boxes.layers) >= len(self.architecture.blocks):
             raise ValueError(f"boxes.layers {self.boxes.layers} are not all blocks of the architecture")
         if self.boxes is not None and self.boxes.class_thresholds is not None and len(

@@ -60,8 +60,8 @@ class Bf16Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(self.stem(x)))
 
-    def forward_with_features(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward_with_stats([self.stem, *self.body], self.head, x, layer)
+    def forward_with_features(self, x: torch.Tensor, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_with_stats([self.stem, *self.body], self.head, x, layers)
 
 
 class _Bf16ConvBlock(nn.Module):

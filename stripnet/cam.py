@@ -26,8 +26,7 @@ from torch import nn
 
 from schemas.messages import Box
 from stripnet.boxhead import Detections, block_strides, decode, to_frame_boxes
-from stripnet.network import RepNet, run_chain
-from stripnet.ood import channel_stats
+from stripnet.network import RepNet, run_chain, stats_of
 
 
 @dataclass(frozen=True)
@@ -84,13 +83,13 @@ class Pass:
 
 def one_pass(model: RepNet, x: torch.Tensor) -> Pass:
     """Logits, classes, CAMs and, with the model's detector and head, unknown scores and box maps, in one pass."""
-    layer = model.ood.spec.layer if model.ood is not None and model.ood.spec is not None else None
+    ood_layers = model.ood.spec.layers if model.ood is not None and model.ood.spec is not None else ()
     box_layers = model.boxes.spec.layers if model.boxes is not None else ()
-    x, kept = run_chain(model.blocks, x, (*box_layers, *(() if layer is None else (layer,))))
+    x, kept = run_chain(model.blocks, x, (*box_layers, *ood_layers))
     logits = model.head.fc(model.head.pool(x))
     classes = logits.argmax(dim=1)
     return Pass(logits, classes, class_activation_maps(x, model.head.fc, classes),
-                model.ood(channel_stats(kept[layer])) if layer is not None else None,
+                model.ood(stats_of(kept, ood_layers)) if ood_layers else None,
                 model.boxes([kept[i] for i in box_layers]) if model.boxes is not None else None)
 
 

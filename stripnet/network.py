@@ -53,7 +53,7 @@ class RepNet(nn.Module):
             in_ch = row.out_channels
         self.blocks = nn.Sequential(*blocks)
         self.head = ClassifierHead(in_ch, num_classes)
-        self.ood: Detector | None = (make_detector(ood, num_classes, spec.blocks[ood.layer].out_channels)
+        self.ood: Detector | None = (make_detector(ood, num_classes, [spec.blocks[i].out_channels for i in ood.layers])
                                      if ood is not None else None)
         self.boxes: BoxHead | None = (BoxHead(spec, num_classes, boxes, deploy=deploy)
                                       if boxes is not None else None)
@@ -68,16 +68,22 @@ class RepNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
-    def forward_with_features(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass → (logits (N, classes), the (N, 2C) channel statistics of block `layer`'s output)."""
-        return forward_with_stats(self.blocks, self.head, x, layer)
+    def forward_with_features(self, x: torch.Tensor, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass → (logits (N, classes), the channel statistics of the outputs of the blocks `layers`: (N, 2C)
+        each, side by side)."""
+        return forward_with_stats(self.blocks, self.head, x, layers)
 
 
 def forward_with_stats(blocks: nn.Sequential | list[nn.Module], head: ClassifierHead, x: torch.Tensor,
-                       layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chain of `blocks`, then `head`, keeping block `layer`'s channel statistics on the way."""
-    x, kept = run_chain(blocks, x, (layer,))
-    return head(x), channel_stats(kept[layer])
+                       layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chain of `blocks`, then `head`, keeping the blocks `layers`' channel statistics on the way."""
+    x, kept = run_chain(blocks, x, layers)
+    return head(x), stats_of(kept, layers)
+
+
+def stats_of(kept: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor:
+    """The channel statistics of the kept outputs of the blocks `layers`, side by side: a detector's features."""
+    return torch.cat([channel_stats(kept[i]) for i in layers], dim=1)
 
 
 def run_chain(blocks: nn.Sequential | list[nn.Module], x: torch.Tensor, keep: tuple[int, ...] = ()

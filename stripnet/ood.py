@@ -19,6 +19,11 @@ features, were chosen by measurement: docs/openset.md.
 means, the pooled features the linear head reads, and scores a frame by the distance to its k-th nearest
 one (Sun et al., ICML 2022): better on new defect types for a well-trained network, blind to noise.
 
+`CombinedHead` (`OODSpec.method` "combined", the default `trainer fit` ships) adds the two: block 2's
+Mahalanobis distance and the last block's kNN distance, each less its held-in median and divided by the
+distance from that median to its held-in 99th percentile. Texture flags noise and foreign surfaces, kNN
+new defect types; the sum scores better than either in leave-one-class-out (docs/openset.md).
+
 `OODHead` is the fitted detector as a module of two buffers. A RepNet that carries one (`model.ood`,
 see `with_detector`) saves it in its weights file, and the manifest describes it (`Manifest.ood`), so a
 checkpoint's sha256 covers the detector too.
@@ -27,6 +32,7 @@ checkpoint's sha256 covers the detector too.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -100,7 +106,45 @@ class KNNHead(nn.Module):
             return self.distances(features, self.neighbours + 1)
 
 
-Detector = OODHead | KNNHead
+class CombinedHead(nn.Module):
+    """Features (N, K + 2C): block `spec.layer`'s statistics then block `spec.knn_layer`'s → (N,) float32 sum of
+    the Mahalanobis and the kNN distance, each standardized as (d − offset) / scale by its held-in scores."""
+
+    def __init__(self, texture: OODHead, knn: KNNHead, spec: OODSpec | None = None) -> None:
+        super().__init__()
+        self.spec, self.texture, self.knn = spec, texture, knn
+        self.split = texture.whiten.shape[0]
+        self.register_buffer("offset", torch.zeros(2))
+        self.register_buffer("scale", torch.ones(2))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self._standardized(self.texture(features[:, :self.split]), self.knn(features[:, self.split:]))
+
+    def fits(self, num_classes: int, dim: int) -> bool:
+        return self.texture.fits(num_classes, self.split) and self.knn.fits(num_classes, dim - self.split)
+
+    def fitted_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return self._standardized(self.texture.fitted_scores(features[:, :self.split]),
+                                  self.knn.fitted_scores(features[:, self.split:]))
+
+    def _standardized(self, texture: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
+        parts = torch.stack([texture, knn], dim=1)
+        return ((parts - self.offset.float()) / self.scale.float()).sum(dim=1)
+
+
+Detector = OODHead | KNNHead | CombinedHead
+DETECTORS: dict[str, type[nn.Module]] = {"mahalanobis": OODHead, "knn": KNNHead, "combined": CombinedHead}
+
+
+def combine(texture: OODHead, knn: KNNHead, held_in: torch.Tensor) -> CombinedHead:
+    """The two detectors as one, each standardized by its (N, 2) held-in scores (texture, kNN): offset the median,
+    scale the distance from it to the 99th percentile."""
+    head = CombinedHead(texture, knn)
+    median = held_in.double().quantile(0.5, dim=0)
+    spread = held_in.double().quantile(0.99, dim=0) - median
+    head.offset.copy_(median.float())
+    head.scale.copy_(torch.where(spread > 0, spread, torch.ones_like(spread)).float())
+    return head
 
 
 def fit_knn(features: torch.Tensor, neighbours: int) -> KNNHead:
@@ -112,10 +156,14 @@ def fit_knn(features: torch.Tensor, neighbours: int) -> KNNHead:
     return head
 
 
-def make_detector(spec: OODSpec, num_classes: int, channels: int) -> Detector:
-    """The empty detector a checkpoint's `spec` describes, for a block of `channels` (its weights load into it)."""
+def make_detector(spec: OODSpec, num_classes: int, channels: Sequence[int]) -> Detector:
+    """The empty detector a checkpoint's `spec` describes, for blocks of `channels` (the blocks `spec.layers`; its
+    weights load into it)."""
     if spec.method == "knn":
-        return KNNHead(spec.fitted_images, channels, spec)
+        return KNNHead(spec.fitted_images, channels[0], spec)
+    if spec.method == "combined":
+        return CombinedHead(OODHead(num_classes, feature_dim(channels[:1]), log_spread=spec.spread == "log_std"),
+                            KNNHead(spec.fitted_images, channels[1], neighbours=spec.neighbours), spec)
     return OODHead(num_classes, feature_dim(channels), spec)
 
 
@@ -133,8 +181,8 @@ def log_of_spread(stats: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, spread.clamp(min=1e-6).log()], dim=1)
 
 
-def feature_dim(channels_of_layer: int) -> int:
-    return 2 * channels_of_layer
+def feature_dim(channels_of_layers: Sequence[int]) -> int:
+    return 2 * sum(channels_of_layers)
 
 
 class Scored(nn.Module):
@@ -145,10 +193,10 @@ class Scored(nn.Module):
         super().__init__()
         if ood.spec is None:
             raise ValueError("the unknown detector has no calibrated spec")
-        self.net, self.ood, self.layer = net, ood, ood.spec.layer
+        self.net, self.ood, self.layers = net, ood, ood.spec.layers
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features = self.net.forward_with_features(x, self.layer)
+        logits, features = self.net.forward_with_features(x, self.layers)
         return logits, self.ood(features)
 
 
@@ -199,12 +247,13 @@ def with_detector(model: RepNet, head: Detector, spec: OODSpec) -> RepNet:
     """A copy of `model` that carries a copy of `head`, calibrated as `spec`, as `model.ood` (export_checkpoint
     saves it with the weights)."""
     blocks = model.spec.blocks
-    if not 0 <= spec.layer < len(blocks) or not head.fits(model.num_classes,
-                                                          feature_dim(blocks[spec.layer].out_channels)):
-        raise ValueError(f"detector {type(head).__name__} at block {spec.layer} does not fit the model")
-    if (spec.method == "knn") != isinstance(head, KNNHead):
+    if not isinstance(head, DETECTORS[spec.method]):
         raise ValueError(f"a {type(head).__name__} is not a {spec.method} detector")
-    if isinstance(head, OODHead) and head.log_spread != (spec.spread == "log_std"):
+    if max(spec.layers) >= len(blocks) or not head.fits(
+            model.num_classes, feature_dim([blocks[i].out_channels for i in spec.layers])):
+        raise ValueError(f"detector {type(head).__name__} at blocks {spec.layers} does not fit the model")
+    texture = head.texture if isinstance(head, CombinedHead) else head
+    if isinstance(texture, OODHead) and texture.log_spread != (spec.spread == "log_std"):
         raise ValueError(f"the detector was fitted {'with' if head.log_spread else 'without'} log deviations, "
                          f"its spec says spread={spec.spread!r}")
     out = copy.deepcopy(model)

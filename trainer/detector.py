@@ -1,13 +1,14 @@
 """The unknown detector of a trained model: fitted on its own training images, calibrated on held-in images.
 
-`fit_detector` is what `trainer fit` runs before it exports a model. By default it fits class Gaussians with
-one shared covariance on block 2's channel means and log deviations (stripnet.ood.OODHead): texture
-statistics the classifier was never trained to throw away, which flag clearly foreign frames (noise,
-checkerboards) as well as several new defect types. `--method knn` keeps the training part's L2-normalized
-pooled features of the last block instead and scores a frame by the distance to its k-th nearest kept image
-(stripnet.ood.KNNHead): better on new defect types with the default recipe, blind to noise fields
-(docs/openset.md has both). The threshold is the (1 − rate) quantile of the scores of every held-in image,
-training and validation parts together, each training image scored as a new frame would be (for kNN,
+`fit_detector` is what `trainer fit` runs before it exports a model. By default (`combined`) it fits two
+detectors and adds their scores. One is class Gaussians with one shared covariance on block 2's channel
+means and log deviations (stripnet.ood.OODHead): texture statistics the classifier was never trained to
+throw away, which flag clearly foreign frames (noise, checkerboards). The other keeps the training part's
+L2-normalized pooled features of the last block and scores a frame by the distance to its k-th nearest kept
+image (stripnet.ood.KNNHead): better on new defect types, blind to noise fields. Each is standardized by its
+held-in scores before the sum (stripnet.ood.combine); `--method mahalanobis` or `knn` serves one alone
+(docs/openset.md has all three). The threshold is the (1 − rate) quantile of the scores of every held-in image,
+training and validation parts together, each training image scored as a new frame would be (by kNN,
 among the *other* kept images: `KNNHead.fitted_scores`); so a model trained on every image still
 gets an honest threshold. `refit_checkpoint` (`trainer detector`) does the same for a checkpoint that has
 none yet, or whose detector should be re-fitted, and rewrites it in place with every other manifest field
@@ -27,29 +28,29 @@ from schemas.checkpoint import InputSpec, OODSpec
 from stripnet.bundled import resolve_model_dir
 from stripnet.checkpoint import load_checkpoint, rewrite_checkpoint
 from stripnet.network import RepNet
-from stripnet.ood import calibrate, fit_head, fit_knn, with_detector
+from stripnet.ood import Detector, calibrate, combine, fit_head, fit_knn, with_detector
 from stripnet.preprocess import normalize
 from trainer.data import ImageSet, fingerprint, load_image_folder, load_split, stratified_split
 from trainer.options import Opt, parse_split
 
 Spread = Literal["std", "log_std"]
-Method = Literal["knn", "mahalanobis"]
+Method = Literal["combined", "knn", "mahalanobis"]
 
 DEFAULT_FALSE_UNKNOWN_RATE = 0.01
-# Mahalanobis on block 2: kNN scores new defect types better with the default recipe but lets noise fields
-# through as defects (docs/openset.md)
-DEFAULT_METHOD: Method = "mahalanobis"
+# the sum of both: Mahalanobis alone misses most new defect types, kNN alone lets noise fields through as
+# defects (docs/openset.md)
+DEFAULT_METHOD: Method = "combined"
 MAHALANOBIS_LAYER = 1  # for Mahalanobis, the second block: its best block (docs/openset.md)
 DEFAULT_SPREAD: Spread = "log_std"  # Mahalanobis: deviations as logs (docs/openset.md)
 NEIGHBOURS = 10
 
 
 @torch.inference_mode()
-def features_and_logits(model: RepNet, images: torch.Tensor, spec: InputSpec, layer: int,
+def features_and_logits(model: RepNet, images: torch.Tensor, spec: InputSpec, layers: tuple[int, ...],
                         batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, S, S) uint8 images → (N, K) channel statistics of block `layer` and (N, classes) logits, one pass each."""
+    """(N, S, S) uint8 images → (N, K) channel statistics of the blocks `layers` and (N, classes) logits."""
     model.eval()
-    out = [model.forward_with_features(normalize(images[i:i + batch_size], spec), layer)
+    out = [model.forward_with_features(normalize(images[i:i + batch_size], spec), layers)
            for i in range(0, len(images), batch_size)]
     return torch.cat([o[1] for o in out]), torch.cat([o[0] for o in out])
 
@@ -67,35 +68,48 @@ def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, h
                  spec: InputSpec, rate: float = DEFAULT_FALSE_UNKNOWN_RATE, method: Method = DEFAULT_METHOD,
                  layer: int | None = None, spread: Spread = DEFAULT_SPREAD) -> RepNet:
     """A copy of `model` carrying its unknown detector: fitted on `train`, calibrated on `train` and `held_in`;
-    `layer` unset: the method's own block (the last for knn, `MAHALANOBIS_LAYER` otherwise)."""
-    layer = default_layer(model, method) if layer is None else layer
-    features, _ = features_and_logits(model, train.images, spec, layer)
-    if method == "knn":  # a tiny training part keeps fewer neighbours
-        head = fit_knn(features, min(NEIGHBOURS, len(features) - 1))
-        described = {"neighbours": head.neighbours}
-    else:
-        head = fit_head(features, model_labels(train, class_names), len(class_names), log_spread=spread == "log_std")
-        described = {"spread": spread}
-    scores = head.fitted_scores(features)
-    if held_in is not None and len(held_in):
-        with torch.inference_mode():
-            scores = torch.cat([scores, head(features_and_logits(model, held_in.images, spec, layer)[0])])
-    ood = OODSpec(method=method, layer=layer, **described, threshold=calibrate(scores.numpy(), rate),
-                  false_unknown_rate=rate,
-                  calibrated_on="training and validation" if len(scores) > len(train) else "training",
+    `layer` unset: the method's own block (the last for knn, `MAHALANOBIS_LAYER` otherwise; combined adds kNN on
+    the last block to Mahalanobis on `layer`)."""
+    last = len(model.spec.blocks) - 1
+    layer = (last if method == "knn" else MAHALANOBIS_LAYER) if layer is None else layer
+    knn_layer = last if method == "combined" else None
+    ood_layers = (layer,) if knn_layer is None else (layer, knn_layer)
+    features = features_and_logits(model, train.images, spec, ood_layers)[0]
+    held = (features_and_logits(model, held_in.images, spec, ood_layers)[0] if held_in is not None and len(held_in)
+            else features[:0])
+    labels = model_labels(train, class_names)
+    head, described = fit_method(method, features, held, labels, len(class_names), 2 * model.spec.blocks[layer].out_channels,
+                           spread)
+    with torch.inference_mode():
+        scores = torch.cat([head.fitted_scores(features), head(held)])
+    ood = OODSpec(method=method, layer=layer, knn_layer=knn_layer, **described, threshold=calibrate(scores.numpy(), rate),
+                  false_unknown_rate=rate, calibrated_on="training and validation" if len(held) else "training",
                   calibration_images=len(scores), fitted_images=len(train))
     return with_detector(model, head, ood)
 
 
-def default_layer(model: RepNet, method: Method) -> int:
-    return len(model.spec.blocks) - 1 if method == "knn" else MAHALANOBIS_LAYER
+def fit_method(method: Method, features: torch.Tensor, held: torch.Tensor, labels: torch.Tensor, num_classes: int,
+         split: int, spread: Spread) -> tuple[Detector, dict]:
+    """The detector of `method` on the training `features` (combined: the first `split` columns are the
+    Mahalanobis part's), and the spec fields that describe it."""
+    neighbours = min(NEIGHBOURS, len(features) - 1)  # a tiny training part keeps fewer
+    if method == "knn":
+        return fit_knn(features, neighbours), {"neighbours": neighbours}
+    texture = fit_head(features[:, :split], labels, num_classes, log_spread=spread == "log_std")
+    if method == "mahalanobis":
+        return texture, {"spread": spread}
+    knn = fit_knn(features[:, split:], neighbours)
+    with torch.inference_mode():
+        parts = torch.stack([torch.cat([texture.fitted_scores(features[:, :split]), texture(held[:, :split])]),
+                             torch.cat([knn.fitted_scores(features[:, split:]), knn(held[:, split:])])], dim=1)
+    return combine(texture, knn, parts), {"spread": spread, "neighbours": neighbours}
 
 
 def unknown_scores(model: RepNet, images: torch.Tensor, spec: InputSpec) -> np.ndarray:
     """The served unknown score of each image; ValueError when the model carries no detector."""
     if model.ood is None:
         raise ValueError("this model has no unknown detector (fit one with `trainer detector`)")
-    features, _ = features_and_logits(model, images, spec, model.ood.spec.layer)
+    features, _ = features_and_logits(model, images, spec, model.ood.spec.layers)
     with torch.inference_mode():
         return model.ood(features).numpy()
 
@@ -110,9 +124,10 @@ class DetectorConfig:
     split_seed: Annotated[int, "without --split-file: the seed of that split"] = 0
     false_unknown_rate: Annotated[float, "the share of held-in images the threshold flags"] = DEFAULT_FALSE_UNKNOWN_RATE
     method: Annotated[Method, "knn: distance to the k-th nearest training image's pooled features; mahalanobis: "
-                              "to the nearest class Gaussian of a block's channel statistics"] = DEFAULT_METHOD
+                              "to the nearest class Gaussian of a block's channel statistics; combined: the two "
+                              "added, each scaled by its held-in scores"] = DEFAULT_METHOD
     layer: Annotated[int | None, "the block (0-based) whose channel statistics are the features (unset: the last "
-                                 "block for knn, the second for mahalanobis)"] = None
+                                 "block for knn, the second for mahalanobis and combined's Mahalanobis part)"] = None
     spread: Annotated[Spread, "mahalanobis: the deviations as they are, or as logs"] = DEFAULT_SPREAD
 
 

@@ -32,7 +32,7 @@ from stripnet.network import RepNet
 from stripnet.ood import calibrate, channel_stats, fit_head, fit_knn
 from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
-from trainer.detector import DEFAULT_METHOD, MAHALANOBIS_LAYER, NEIGHBOURS
+from trainer.detector import DEFAULT_METHOD, DEFAULT_SPREAD, MAHALANOBIS_LAYER, NEIGHBOURS, fit_method
 from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
 
@@ -198,24 +198,40 @@ def knn(out: SplitOutputs) -> np.ndarray:
 
 
 def block_2_log(out: SplitOutputs) -> np.ndarray:
-    """The served default: Mahalanobis on block 2's channel means and log deviations."""
+    """`--method mahalanobis`: Mahalanobis on block 2's channel means and log deviations."""
     return mahalanobis(out, out.stats[MAHALANOBIS_LAYER], log_spread=True)
+
+
+def combined(out: SplitOutputs) -> np.ndarray:
+    """The served default (trainer.detector's `combined`): block 2's Mahalanobis distance plus the last block's
+    kNN distance, each standardized by the training and validation parts' scores."""
+    texture = out.stats[MAHALANOBIS_LAYER]
+    features = torch.cat([texture, out.stats[-1]], dim=1)
+    train, val = out.where("train"), out.where("val")
+    head, _ = fit_method("combined", features[train], features[val], out.labels[train], len(out.class_names),
+                         texture.shape[1], DEFAULT_SPREAD)
+    with torch.no_grad():
+        scores = head(features)
+    scores[train] = head.fitted_scores(features[train])
+    return scores.numpy()
 
 
 BLOCK_2_LOG = f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean + log std"
 KNN = f"kNN (k={NEIGHBOURS}), last block pooled"
 WITH_TRAINING = ", calibrated on training + validation"
+METHODS = {"combined": ("combined: Mahalanobis block 2 + kNN last block, each standardized", combined), "mahalanobis": (BLOCK_2_LOG, block_2_log),
+           "knn": (KNN, knn)}
 
 
 def _calibrated(name: str, method: str) -> str:
     return f"{name}{WITH_TRAINING} " + ("(as shipped)" if method == DEFAULT_METHOD else f"(--method {method})")
 
 
-SHIPPED = _calibrated(BLOCK_2_LOG if DEFAULT_METHOD == "mahalanobis" else KNN, DEFAULT_METHOD)
+SHIPPED = _calibrated(METHODS[DEFAULT_METHOD][0], DEFAULT_METHOD)
 
 SCORES = {
-    _calibrated(BLOCK_2_LOG, "mahalanobis"): block_2_log,
-    _calibrated(KNN, "knn"): knn,
+    **{_calibrated(name, method): fn for method, (name, fn) in METHODS.items()},
+    METHODS["combined"][0]: combined,
     BLOCK_2_LOG: block_2_log,
     f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean+std": lambda out: mahalanobis(out, out.stats[MAHALANOBIS_LAYER]),
     KNN: knn,
@@ -331,5 +347,5 @@ def plot_scores(splits: list[SplitOutputs], scores: dict[str, np.ndarray], rows:
             ax.axvline(row["threshold"], color="black", lw=1, ls="--")
             ax.set_title(f"without {out.held_out}: AUROC {row['auroc']:.3f}, flagged {row['unknown_flagged']:.0%}",
                          fontsize=9)
-            ax.set_xlabel("Mahalanobis distance (served score)", fontsize=8)
+            ax.set_xlabel("served unknown score", fontsize=8)
             ax.legend(fontsize=7)

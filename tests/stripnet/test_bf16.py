@@ -24,7 +24,7 @@ def test_bf16_form_is_close_to_fp32_and_leaves_the_model_untouched(fused):
         expected = fused(x)
         net = Bf16Net(fused)
         logits = net(x)
-        logits_too, stats = net.forward_with_features(x, 2)
+        logits_too, stats = net.forward_with_features(x, (2,))
         torch.testing.assert_close(fused(x), expected, atol=0, rtol=0)
     assert logits.dtype == torch.float32 and stats.shape == (4, 2 * EG_REPVGG.blocks[2].out_channels)
     torch.testing.assert_close(logits, expected, atol=1e-2, rtol=0)

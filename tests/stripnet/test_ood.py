@@ -6,7 +6,7 @@ from schemas.checkpoint import InputSpec, OODSpec
 from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
-from stripnet.ood import calibrate, channel_stats, fit_head, fit_knn, ledoit_wolf, with_detector
+from stripnet.ood import calibrate, channel_stats, combine, fit_head, fit_knn, ledoit_wolf, with_detector
 
 SPEC = OODSpec(layer=1, threshold=3.0, false_unknown_rate=0.01, calibrated_on="validation", calibration_images=30,
                fitted_images=90)
@@ -77,7 +77,7 @@ def _model_with_detector(classes: int = 6, spec: OODSpec = SPEC):
     model = build_model(EG_REPVGG, classes).eval()
     x = torch.randn(24, 3, 32, 32)
     with torch.no_grad():
-        _, stats = model.forward_with_features(x, spec.layer)
+        _, stats = model.forward_with_features(x, spec.layers)
     head = fit_head(stats, torch.arange(24) % classes, classes, log_spread=spec.spread == "log_std")
     return with_detector(model, head, spec), x
 
@@ -90,8 +90,8 @@ def test_a_checkpoint_round_trips_its_detector(tmp_path, spec):
     loaded, manifest = load_checkpoint(tmp_path / "ckpt")
     assert written.ood == manifest.ood == spec and loaded.ood.log_spread == (spec.spread == "log_std")
     with torch.no_grad():
-        expected = model.ood(model.forward_with_features(x, SPEC.layer)[1])
-        logits, stats = loaded.forward_with_features(x, SPEC.layer)
+        expected = model.ood(model.forward_with_features(x, SPEC.layers)[1])
+        logits, stats = loaded.forward_with_features(x, SPEC.layers)
         # the fused network's deviations differ in the last digits; logs of near-zero ones magnify that
         torch.testing.assert_close(loaded.ood(stats), expected, rtol=2e-3, atol=1e-4)
         torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-4)
@@ -131,13 +131,13 @@ def test_the_features_are_one_blocks_channel_means_and_deviations_from_the_same_
     model = build_model(EG_REPVGG, 6).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        logits, stats = model.forward_with_features(x, 1)
+        logits, stats = model.forward_with_features(x, (1,))
         block2 = model.blocks[1](model.blocks[0](x))
         torch.testing.assert_close(logits, model(x))
     torch.testing.assert_close(stats, torch.cat([block2.mean((2, 3)), block2.std((2, 3), correction=0)], 1))
     assert channel_stats(block2).shape == (3, 2 * EG_REPVGG.blocks[1].out_channels)
     with pytest.raises(ValueError, match="block 9"):
-        model.forward_with_features(x, 9)
+        model.forward_with_features(x, (9,))
 
 
 def test_knn_scores_the_distance_to_the_kth_nearest_kept_image_and_training_images_among_the_others():
@@ -157,7 +157,7 @@ def test_a_checkpoint_round_trips_a_knn_detector(tmp_path):
     x = torch.randn(24, 3, 32, 32)
     last = len(EG_REPVGG.blocks) - 1
     with torch.no_grad():
-        _, stats = model.forward_with_features(x, last)
+        _, stats = model.forward_with_features(x, (last,))
     spec = SPEC.model_copy(update={"method": "knn", "layer": last, "neighbours": 3, "fitted_images": 24})
     with_knn = with_detector(model, fit_knn(stats, 3), spec)
     export_checkpoint(with_knn, tmp_path / "ckpt", class_names=tuple("abcdef"), model_name="t",
@@ -165,9 +165,53 @@ def test_a_checkpoint_round_trips_a_knn_detector(tmp_path):
     loaded, manifest = load_checkpoint(tmp_path / "ckpt")
     assert manifest.ood == spec and loaded.ood.bank.shape == (24, EG_REPVGG.blocks[last].out_channels)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.ood(loaded.forward_with_features(x, last)[1]), with_knn.ood(stats),
+        torch.testing.assert_close(loaded.ood(loaded.forward_with_features(x, (last,))[1]), with_knn.ood(stats),
                                    rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="not a mahalanobis"):
         with_detector(model, fit_knn(stats, 3), spec.model_copy(update={"method": "mahalanobis"}))
     with pytest.raises(ValueError, match="kept images"):
         OODSpec.model_validate(spec.model_dump() | {"neighbours": 30})
+
+
+def test_the_combined_score_adds_both_distances_each_standardized_by_its_held_in_scores():
+    features, labels, _ = _clusters()
+    texture = fit_head(features, labels, 3)
+    means = torch.cat([features[:, :2], torch.ones(len(features), 2)], dim=1)  # the kNN part's (N, 2C) stats
+    knn = fit_knn(means, 5)
+    both = torch.cat([features, means], dim=1)
+    with torch.no_grad():
+        parts = torch.stack([texture(features), knn.fitted_scores(means)], dim=1)
+        head = combine(texture, knn, parts)
+        median, top = parts.quantile(0.5, dim=0), parts.quantile(0.99, dim=0)
+        expected = ((parts - median) / (top - median)).sum(dim=1)
+        torch.testing.assert_close(head.fitted_scores(both), expected, rtol=1e-4, atol=1e-4)
+        probe = both[:5] + 3
+        torch.testing.assert_close(head(probe), ((torch.stack([texture(probe[:, :8]), knn(probe[:, 8:])], dim=1)
+                                                  - median) / (top - median)).sum(dim=1), rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpoint_round_trips_a_combined_detector(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(EG_REPVGG, 6).eval()
+    x = torch.randn(24, 3, 32, 32)
+    last = len(EG_REPVGG.blocks) - 1
+    spec = SPEC.model_copy(update={"method": "combined", "knn_layer": last, "spread": "log_std", "neighbours": 3,
+                                   "fitted_images": 24})
+    with torch.no_grad():
+        _, stats = model.forward_with_features(x, spec.layers)
+        split = 2 * EG_REPVGG.blocks[1].out_channels
+        texture = fit_head(stats[:, :split], torch.arange(24) % 6, 6, log_spread=True)
+        knn = fit_knn(stats[:, split:], 3)
+        head = combine(texture, knn, torch.stack([texture(stats[:, :split]), knn.fitted_scores(stats[:, split:])], 1))
+    combined = with_detector(model, head, spec)
+    export_checkpoint(combined, tmp_path / "ckpt", class_names=tuple("abcdef"), model_name="t",
+                      input_spec=InputSpec(size=32))
+    loaded, manifest = load_checkpoint(tmp_path / "ckpt")
+    assert manifest.ood == spec and manifest.ood.layers == (1, last)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.ood(loaded.forward_with_features(x, spec.layers)[1]), combined.ood(stats),
+                                   rtol=2e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="not a combined"):
+        with_detector(model, knn, spec)
+    with pytest.raises(ValueError, match="knn_layer"):
+        OODSpec.model_validate(spec.model_dump() | {"knn_layer": None})

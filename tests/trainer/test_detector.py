@@ -31,7 +31,7 @@ def folder(tmp_path) -> Path:
     return tmp_path / "data"
 
 
-@pytest.mark.parametrize("method", ["knn", "mahalanobis"])
+@pytest.mark.parametrize("method", ["knn", "mahalanobis", "combined"])
 def test_the_detector_is_fitted_on_training_images_and_calibrated_on_every_held_in_one(folder, method):
     torch.manual_seed(0)
     data = load_image_folder(folder, SIZE)
@@ -41,14 +41,13 @@ def test_the_detector_is_fitted_on_training_images_and_calibrated_on_every_held_
     spec = model.ood.spec
     assert (spec.method, spec.calibrated_on, spec.fitted_images, spec.calibration_images) == (
         method, "training and validation", 30, 60)
-    held_in = unknown_scores(model, data.images, InputSpec(size=SIZE))
-    if method == "knn":  # a kept image is its own nearest neighbour: calibration scores it among the others
-        features, _ = features_and_logits(model, train.images, InputSpec(size=SIZE), spec.layer)
-        held_in = np.concatenate([model.ood.fitted_scores(features).numpy(),
-                                  unknown_scores(model, val.images, InputSpec(size=SIZE))])
+    # a kept image is its own nearest neighbour: calibration scores it among the others
+    features, _ = features_and_logits(model, train.images, InputSpec(size=SIZE), spec.layers)
+    held_in = np.concatenate([model.ood.fitted_scores(features).numpy(),
+                              unknown_scores(model, val.images, InputSpec(size=SIZE))])
     assert (held_in > spec.threshold).sum() == 6  # 10 % of 60, the (1 - 0.1) quantile interpolated
     if method == "mahalanobis":  # an untrained network's pooled features need not set noise apart; the bundled
-        # model's kNN detector flags foreign frames through the service (tests/inspector/test_unknown.py)
+        # model's detector flags foreign frames through the service (tests/inspector/test_unknown.py)
         noise = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (8, SIZE, SIZE), dtype=np.uint8))
         assert (unknown_scores(model, noise, InputSpec(size=SIZE)) > spec.threshold).all()
 
@@ -60,7 +59,8 @@ def test_fit_exports_a_calibrated_detector_and_says_where_it_was_calibrated(fold
     model, manifest = load_checkpoint(cfg.out / "model")
     assert model.ood is not None and manifest.ood.calibrated_on == "training and validation"
     assert (manifest.ood.method, manifest.ood.layer, manifest.ood.spread, manifest.ood.fitted_images,
-            manifest.ood.calibration_images) == ("mahalanobis", 1, "log_std", 45, 60)
+            manifest.ood.calibration_images, manifest.ood.knn_layer) == ("combined", 1, "log_std", 45, 60,
+                                                                         len(EG_REPVGG.blocks) - 1)
     fit(replace(cfg, out=tmp_path / "all", split=(1.0,), select="last"))
     assert load_checkpoint(tmp_path / "all" / "model")[1].ood.calibrated_on == "training"
 
