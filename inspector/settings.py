@@ -117,8 +117,9 @@ class Settings(BaseSettings):
     class_thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}
     """label → the confidence a frame of that label needs for status 'defect' (operator-owned; labels not named
     use confidence_threshold), e.g. '{"scratches": 0.8, "crazing": 0.4}'"""
-    ood_threshold: float | None = Field(default=None, ge=0)
-    """unknown score above which a frame's status is 'unknown' (none: the threshold calibrated with the model)"""
+    ood_threshold: float | None = None
+    """unknown score above which a frame's status is 'unknown' (none: the threshold calibrated with the model; the
+    default combined detector's scores are standardized, so they can be negative)"""
     locate: bool = False
     """add class-activation boxes to events"""
 

@@ -83,7 +83,8 @@ class OODSpec(_Frozen):
     neighbours: int = Field(default=10, gt=0, le=100, description="knn: which nearest training image's distance")
     spread: Literal["std", "log_std"] = Field(default="std", description="the second half of the features: each "
                                               "channel's standard deviation, or its natural log")
-    threshold: float = Field(ge=0, description="score above which a frame is unknown")
+    threshold: float = Field(description="score above which a frame is unknown (combined: a sum of standardized "
+                                         "distances, which may be negative)")
     false_unknown_rate: float = Field(gt=0, lt=1, description="the share of held-in images it was calibrated to flag")
     calibrated_on: Literal["training and validation", "training", "validation"] = Field(
         description="the held-in images whose scores the threshold is the quantile of (docs/openset.md)")

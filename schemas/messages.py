@@ -149,8 +149,9 @@ class DefectEvent(_Frozen):
     probabilities: dict[str, float] = Field(description="class name -> probability; sums to 1")
     status: EventStatus = Field(description="unknown when ood_score > model.ood_threshold (unlike the images the "
                                 "model learned), else uncertain when confidence < the label's threshold, else defect")
-    ood_score: float | None = Field(default=None, description="the model's unknown score: distance of the frame's "
-                                    "features to the nearest learned class; None when the model has no detector")
+    ood_score: float | None = Field(default=None, description="the model's unknown score: the higher, the less the "
+                                    "frame's features are like those of the images the model learned (compare with "
+                                    "model.ood_threshold, on the same scale); None when the model has no detector")
     model: ModelRef
     times: EventTimes
     latency_ms: float = Field(description="emitted_at - captured_at; negative only if the camera clock runs ahead")
