@@ -4,8 +4,10 @@ By default the network's weights do not move: the head learns from the features 
 computes, so the classifier's predictions, and its cross-validated accuracy, are exactly what they were.
 That also makes training cheap: each annotated image's features are computed once per D4 transform (the
 dihedral group: flips and quarter turns, under which a steel surface and its boxes look as plausible as
-the original) and the head trains on those cached maps. `HeadConfig.finetune_lr` trains the network with
-the head instead, its cross-entropy kept in the loss (measured no better: docs/locate.md).
+the original) and the head trains on those cached maps. `HeadConfig.finetune_lr` then trains the network and
+that head together for `finetune_epochs` more, the network's cross-entropy kept in the loss (linear probing,
+then fine-tuning: the head starts trained, so the features move towards the boxes without being wrecked by
+a random head's first gradients; docs/locate.md has what it gains).
 
 Targets follow CenterNet: per box, a Gaussian peak of 1 at its centre cell on its class's heat map, with
 spreads α·(w, h)/6 in cells (TTFNet's elliptical form, α = 0.54), the maximum where boxes overlap, and
@@ -67,8 +69,10 @@ class HeadConfig:
                                  "images, each class takes its best F1 at IoU 0.5 on the other 1/5, then the head "
                                  "trains on all of them (twice the time)"] = True
     max_boxes: Help[int, "at most this many served boxes per frame"] = 8
-    finetune_lr: Help[float | None, "also train the network, at this learning rate, with its cross-entropy in "
-                                    "the loss (unset: the network stays frozen, its classifier exactly as it was)"] = None
+    finetune_lr: Help[float | None, "then train the network and the head together at this learning rate, the "
+                                    "network's cross-entropy in the loss (unset: the network stays frozen, its "
+                                    "classifier exactly as it was)"] = None
+    finetune_epochs: Help[int, "passes over the annotated images (one D4 transform each) while fine-tuning"] = 60
     label_smoothing: Help[float, "of the cross-entropy term when fine-tuning"] = 0.1
     bf16: Help[bool, "fine-tune under bfloat16 autocast; on by default where the CPU has bf16 dot products"] = field(
         default_factory=cpu_has_bf16)
@@ -180,33 +184,41 @@ def augmented(data: BoxSet, augment: bool) -> BoxSet:
 def fit_boxes(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfig, log: Callable[[str], None] = print,
               annotations: str = "") -> RepNet:
     """A copy of the fused `model` carrying a trained (training-form) localization head for `data`'s boxes: the
-    network frozen (the head learns from cached features), or fine-tuned with it (`cfg.finetune_lr`)."""
+    head learns from the frozen network's cached features, then, with `cfg.finetune_lr`, with the network."""
     torch.manual_seed(cfg.seed)
     train = augmented(data, cfg.augment)
     head = BoxHead(model.spec, model.num_classes, head_spec(cfg, len(data.labels), annotations))
     grid = _grid(model, spec, cfg.layers)
     target = targets(train.boxes, train.labels, model.num_classes, grid, head.stride)
     log(f"boxes: {len(train.labels)} training maps ({len(data.labels)} images × "
-        f"{len(train.labels) // len(data.labels)} transforms), {'fine-tuning the network' if cfg.finetune_lr else 'network frozen'}")
+        f"{len(train.labels) // len(data.labels)} transforms), network frozen")
+    cached = features(model, train.images, spec, cfg.layers)
+    _train([{"params": list(head.parameters()), "lr": cfg.lr}], head, cfg.epochs, len(train.labels), cfg, log,
+           lambda idx: head_loss(head([c[idx].float() for c in cached]), target.take(idx), model.num_classes))
+    del cached
     if cfg.finetune_lr is None:
-        cached = features(model, train.images, spec, cfg.layers)
-        _train(head, [], cfg, len(train.labels), log,
-               lambda idx: head_loss(head([c[idx].float() for c in cached]), target.take(idx), model.num_classes))
         return with_head(model, head)
-    net = with_head(model, head)
+    return finetune(with_head(model, head), train, target, len(data.labels), spec, cfg, log)
+
+
+def finetune(net: RepNet, train: BoxSet, target: Targets, per_image: int, spec: InputSpec, cfg: HeadConfig,
+             log: Callable[[str], None]) -> RepNet:
+    """`net`'s network and trained head together, on `train`'s maps (`per_image` images, each under its
+    transforms) with their box `target` and the classifier's cross-entropy."""
+    log(f"boxes: fine-tuning the network and the head, {cfg.finetune_epochs} epochs at lr {cfg.finetune_lr:g}")
+    assert net.boxes is not None and cfg.finetune_lr is not None
     labels = torch.tensor(train.labels)
-    per_image = len(data.labels)
 
     def loss(idx: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             out, kept = run_chain(net.blocks, normalize(train.images[idx], spec), cfg.layers)
             ce = F.cross_entropy(net.head(out).float(), labels[idx], label_smoothing=cfg.label_smoothing)
             maps = net.boxes([kept[i] for i in cfg.layers]).float()
-        return ce + head_loss(maps, target.take(idx), model.num_classes)
+        return ce + head_loss(maps, target.take(idx), net.num_classes)
 
-    network = [p for name, p in net.named_parameters() if not name.startswith(("boxes.", "ood."))]
+    trained = [p for name, p in net.named_parameters() if not name.startswith("ood.")]
     # each epoch sees every image once, under one of its transforms drawn at random
-    _train(net.boxes, network, cfg, per_image, log, loss,
+    _train([{"params": trained, "lr": cfg.finetune_lr}], net.boxes, cfg.finetune_epochs, per_image, cfg, log, loss,
            draw=lambda: torch.randperm(per_image) + per_image * torch.randint(len(train.labels) // per_image,
                                                                                (per_image,)))
     return net.eval()
@@ -266,18 +278,16 @@ def _grid(model: RepNet, spec: InputSpec, layers: tuple[int, ...]) -> tuple[int,
     return side, side
 
 
-def _train(head: BoxHead, network: list[torch.nn.Parameter], cfg: HeadConfig, samples: int,
+def _train(groups: list[dict], head: BoxHead, epochs: int, samples: int, cfg: HeadConfig,
            log: Callable[[str], None], loss_of: Callable[[torch.Tensor], torch.Tensor],
            draw: Callable[[], torch.Tensor] | None = None) -> None:
-    """AdamW with one-cycle cosine decay over `samples` per epoch: the head at `cfg.lr`, `network` (if any)
-    at `cfg.finetune_lr`."""
-    groups = [{"params": list(head.parameters()), "lr": cfg.lr}]
-    groups += [{"params": network, "lr": cfg.finetune_lr}] if network else []
+    """AdamW over the parameter `groups` (each with its peak "lr"), one-cycle cosine decay, `samples` per
+    epoch."""
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(samples / cfg.batch_size)
+    steps = epochs * math.ceil(samples / cfg.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in groups], total_steps=steps,
                                                    pct_start=0.05)
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         head.train()
         total, started = 0.0, time.perf_counter()
         for idx in (draw() if draw else torch.randperm(samples)).split(cfg.batch_size):
@@ -287,7 +297,7 @@ def _train(head: BoxHead, network: list[torch.nn.Parameter], cfg: HeadConfig, sa
             optimizer.step()
             schedule.step()
             total += loss.item() * len(idx)
-        log(f"boxes epoch {epoch}/{cfg.epochs} loss={total / samples:.4f} seconds={time.perf_counter() - started:.1f}")
+        log(f"boxes epoch {epoch}/{epochs} loss={total / samples:.4f} seconds={time.perf_counter() - started:.1f}")
 
 
 def head_spec(cfg: HeadConfig, fitted_images: int, annotations: str = "") -> BoxHeadSpec:

@@ -117,7 +117,8 @@ def test_boxes_cv_fine_tunes_one_network_and_head_per_fold_scores_the_fold_it_ne
         (tmp_path / "cv" / f"fold-{k}" / "split.json").write_text(json.dumps(
             {"train": [f for f in files if f not in test], "val": test}))
     args = ["boxes-cv", "--cv", str(tmp_path / "cv"), "--data", str(data), "--boxes", str(boxes),
-            "--out", str(tmp_path / "out"), "--epochs", "2", "--hidden", "4", "--no-augment", "--finetune-lr", "1e-3"]
+            "--out", str(tmp_path / "out"), "--epochs", "2", "--hidden", "4", "--no-augment", "--finetune-lr", "1e-3",
+            "--finetune-epochs", "2"]
     assert main(args) == 0
     doc = json.loads((tmp_path / "out" / "boxes-cv.json").read_text())
     assert [f["fold"] for f in doc["folds"]] == ["fold-0", "fold-1"]
