@@ -78,18 +78,19 @@ def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, h
     held = (features_and_logits(model, held_in.images, spec, ood_layers)[0] if held_in is not None and len(held_in)
             else features[:0])
     labels = model_labels(train, class_names)
-    head, described = fit_method(method, features, held, labels, len(class_names), 2 * model.spec.blocks[layer].out_channels,
-                           spread)
+    head, described = fit_method(method, features, held, labels, len(class_names),
+                                 2 * model.spec.blocks[layer].out_channels, spread)
     with torch.inference_mode():
         scores = torch.cat([head.fitted_scores(features), head(held)])
-    ood = OODSpec(method=method, layer=layer, knn_layer=knn_layer, **described, threshold=calibrate(scores.numpy(), rate),
-                  false_unknown_rate=rate, calibrated_on="training and validation" if len(held) else "training",
+    ood = OODSpec(method=method, layer=layer, knn_layer=knn_layer, **described,
+                  threshold=calibrate(scores.numpy(), rate), false_unknown_rate=rate,
+                  calibrated_on="training and validation" if len(held) else "training",
                   calibration_images=len(scores), fitted_images=len(train))
     return with_detector(model, head, ood)
 
 
 def fit_method(method: Method, features: torch.Tensor, held: torch.Tensor, labels: torch.Tensor, num_classes: int,
-         split: int, spread: Spread) -> tuple[Detector, dict]:
+               split: int, spread: Spread) -> tuple[Detector, dict]:
     """The detector of `method` on the training `features` (combined: the first `split` columns are the
     Mahalanobis part's), and the spec fields that describe it."""
     neighbours = min(NEIGHBOURS, len(features) - 1)  # a tiny training part keeps fewer

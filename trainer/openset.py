@@ -219,8 +219,8 @@ def combined(out: SplitOutputs) -> np.ndarray:
 BLOCK_2_LOG = f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean + log std"
 KNN = f"kNN (k={NEIGHBOURS}), last block pooled"
 WITH_TRAINING = ", calibrated on training + validation"
-METHODS = {"combined": ("combined: Mahalanobis block 2 + kNN last block, each standardized", combined), "mahalanobis": (BLOCK_2_LOG, block_2_log),
-           "knn": (KNN, knn)}
+METHODS = {"combined": ("combined: Mahalanobis block 2 + kNN last block, each standardized", combined),
+           "mahalanobis": (BLOCK_2_LOG, block_2_log), "knn": (KNN, knn)}
 
 
 def _calibrated(name: str, method: str) -> str:
