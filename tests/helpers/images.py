@@ -33,6 +33,17 @@ def hue_folder(root: Path, counts: dict[str, int], size: int = 24, seed: int = 0
     return root
 
 
+def texture_folder(root: Path, classes: tuple[str, ...] = ("a", "b", "c"), per_class: int = 20, size: int = 32,
+                   seed: int = 0) -> Path:
+    """Gray PNG classes, each its own brightness and texture: class c has mean 60 + 60c, noise 10 + 15c."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            image = np.clip(60 + 60 * c + rng.normal(0, 10 + 15 * c, (size, size)), 0, 255).astype(np.uint8)
+            write_image(root / name / f"{i}.png", image)
+    return root
+
+
 def xsdd_dev() -> Path:
     """The shared X-SDD development folder; the test skips when it is absent."""
     if not XSDD_DEV.is_dir():

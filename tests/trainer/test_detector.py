@@ -10,6 +10,7 @@ from schemas.checkpoint import InputSpec
 from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
+from tests.helpers.images import texture_folder
 from trainer.data import fingerprint, load_image_folder, stratified_split
 from trainer.detector import (
     DetectorConfig, features_and_logits, fit_detector, refit_checkpoint, unknown_report, unknown_scores,
@@ -21,14 +22,7 @@ SIZE = 32
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
-    """Three classes of 20 gray 32×32 images, each class its own brightness and texture."""
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(("a", "b", "c")):
-        (tmp_path / "data" / name).mkdir(parents=True)
-        for i in range(20):
-            image = np.clip(60 + 60 * c + rng.normal(0, 10 + 15 * c, (SIZE, SIZE)), 0, 255).astype(np.uint8)
-            assert cv2.imwrite(str(tmp_path / "data" / name / f"{i}.png"), image)
-    return tmp_path / "data"
+    return texture_folder(tmp_path / "data", size=SIZE)
 
 
 @pytest.mark.parametrize("method", ["knn", "mahalanobis", "combined"])

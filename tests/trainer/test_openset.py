@@ -1,0 +1,34 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.images import texture_folder
+from trainer.cli import main
+from trainer.openset import OUTPUTS, SHIPPED, load_split_outputs
+
+SIZE = 32
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return texture_folder(tmp_path / "data", size=SIZE)
+
+
+def test_openset_holds_each_class_out_once_reports_every_score_and_resumes(folder, tmp_path, capsys):
+    args = ["openset", "--data", str(folder), "--out", str(tmp_path / "run"), "--epochs", "1", "--size", str(SIZE),
+            "--batch-size", "16", "--no-progress", "--threads", "1"]
+    assert main(args) == 0
+    assert "| score | mean AUROC |" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "run" / "openset.json").read_text())
+    assert doc["served"] == SHIPPED and set(doc["accuracy"]) == {"a", "b", "c"}
+    shipped = doc["methods"][SHIPPED]["0.01"]["splits"]
+    for held_out, row in shipped.items():
+        out = load_split_outputs(tmp_path / "run" / f"without-{held_out}" / OUTPUTS)
+        assert held_out not in out.class_names and len(out.class_names) == 2
+        assert row["unknown_images"] == 20 and 0 <= row["auroc"] <= 1
+        assert row["calibration_images"] == int((out.where("train") | out.where("val")).sum())
+    assert (tmp_path / "run" / "scores.png").stat().st_size > 0
+    stamp = (tmp_path / "run" / "without-a" / OUTPUTS).stat().st_mtime_ns
+    assert main(args) == 0  # resumes: finished splits are not trained again
+    assert (tmp_path / "run" / "without-a" / OUTPUTS).stat().st_mtime_ns == stamp
