@@ -1,11 +1,10 @@
 """Training the localization head (stripnet/boxhead.py) on a fused model, and scoring it by cross-validation.
 
-By default the network's weights do not move: the head learns from the features the served network already
-computes, so the classifier's predictions, and its cross-validated accuracy, are exactly what they were.
-That also makes training cheap: each annotated image's features are computed once per D4 transform (the
+First the network's weights do not move: the head learns from the features the served network already
+computes. That is cheap: each annotated image's features are computed once per D4 transform (the
 dihedral group: flips and quarter turns, under which a steel surface and its boxes look as plausible as
-the original) and the head trains on those cached maps. `HeadConfig.finetune_lr` then trains the network and
-that head together for `finetune_epochs` more, the network's cross-entropy kept in the loss (linear probing,
+the original) and the head trains on those cached maps. Then, by default, the network and that head train
+together for `HeadConfig.finetune_epochs` more, the network's cross-entropy kept in the loss (linear probing,
 then fine-tuning: the head starts trained, so the features move towards the boxes without being wrecked by
 a random head's first gradients; docs/locate.md has what it gains).
 
@@ -69,10 +68,10 @@ class HeadConfig:
                                  "images, each class takes its best F1 at IoU 0.5 on the other 1/5, then the head "
                                  "trains on all of them (twice the time)"] = True
     max_boxes: Help[int, "at most this many served boxes per frame"] = 8
-    finetune_lr: Help[float | None, "then train the network and the head together at this learning rate, the "
-                                    "network's cross-entropy in the loss (unset: the network stays frozen, its "
-                                    "classifier exactly as it was)"] = None
-    finetune_epochs: Help[int, "passes over the annotated images (one D4 transform each) while fine-tuning"] = 60
+    finetune_epochs: Help[int, "then train the network and the head together for this many passes over the "
+                               "annotated images (one D4 transform each), the network's cross-entropy in the loss "
+                               "(0: the network stays frozen, its classifier exactly as it was)"] = 60
+    finetune_lr: Help[float, "peak learning rate of the network and the head while fine-tuning"] = 1e-3
     label_smoothing: Help[float, "of the cross-entropy term when fine-tuning"] = 0.1
     bf16: Help[bool, "fine-tune under bfloat16 autocast; on by default where the CPU has bf16 dot products"] = field(
         default_factory=cpu_has_bf16)
@@ -184,7 +183,7 @@ def augmented(data: BoxSet, augment: bool) -> BoxSet:
 def fit_boxes(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfig, log: Callable[[str], None] = print,
               annotations: str = "") -> RepNet:
     """A copy of the fused `model` carrying a trained (training-form) localization head for `data`'s boxes: the
-    head learns from the frozen network's cached features, then, with `cfg.finetune_lr`, with the network."""
+    head learns from the frozen network's cached features, then (`cfg.finetune_epochs`) with the network."""
     torch.manual_seed(cfg.seed)
     train = augmented(data, cfg.augment)
     head = BoxHead(model.spec, model.num_classes, head_spec(cfg, len(data.labels), annotations))
@@ -196,7 +195,7 @@ def fit_boxes(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfig, log
     _train([{"params": list(head.parameters()), "lr": cfg.lr}], head, cfg.epochs, len(train.labels), cfg, log,
            lambda idx: head_loss(head([c[idx].float() for c in cached]), target.take(idx), model.num_classes))
     del cached
-    if cfg.finetune_lr is None:
+    if not cfg.finetune_epochs:
         return with_head(model, head)
     return finetune(with_head(model, head), train, target, len(data.labels), spec, cfg, log)
 
@@ -206,7 +205,7 @@ def finetune(net: RepNet, train: BoxSet, target: Targets, per_image: int, spec: 
     """`net`'s network and trained head together, on `train`'s maps (`per_image` images, each under its
     transforms) with their box `target` and the classifier's cross-entropy."""
     log(f"boxes: fine-tuning the network and the head, {cfg.finetune_epochs} epochs at lr {cfg.finetune_lr:g}")
-    assert net.boxes is not None and cfg.finetune_lr is not None
+    assert net.boxes is not None
     labels = torch.tensor(train.labels)
 
     def loss(idx: torch.Tensor) -> torch.Tensor:
@@ -350,7 +349,7 @@ def fit_checkpoint(cfg: BoxesConfig, log: Callable[[str], None] = print) -> BoxH
     train = box_set(data, cfg.boxes, manifest.class_names, manifest.input.size)
     fitted = fit_served_head(model, train, manifest.input, cfg.head, manifest.class_names, log,
                              annotations=Path(cfg.boxes).name)
-    if cfg.head.finetune_lr is not None and manifest.ood is not None:  # the features moved: fit the detector again
+    if cfg.head.finetune_epochs and manifest.ood is not None:  # the features moved: fit the detector again
         fitted = fit_detector(fitted, manifest.class_names, data, None, manifest.input,
                               manifest.ood.false_unknown_rate, manifest.ood.method, manifest.ood.layer,
                               manifest.ood.spread)

@@ -75,7 +75,8 @@ def test_each_class_takes_the_threshold_of_best_f1_the_higher_on_ties_and_the_de
     assert chosen[1] == THRESHOLD_GRID[-1] and chosen[2] == 0.3  # a flat F1 keeps the highest; no boxes: default
 
 
-def test_boxes_command_adds_a_head_that_beats_the_whole_frame_and_leaves_the_classifier_alone(tmp_path, capsys):
+def test_boxes_command_adds_a_head_that_beats_the_whole_frame_and_frozen_leaves_the_classifier_alone(tmp_path,
+                                                                                                      capsys):
     data, boxes = _folder(tmp_path)
     torch.manual_seed(0)
     export_checkpoint(randomize_bn(build_model(EG_REPVGG, 2)), tmp_path / "model", class_names=CLASSES,
@@ -83,7 +84,7 @@ def test_boxes_command_adds_a_head_that_beats_the_whole_frame_and_leaves_the_cla
     before, _ = load_checkpoint(tmp_path / "model")
     assert main(["boxes", "--model", str(tmp_path / "model"), "--data", str(data), "--boxes", str(boxes),
                  "--epochs", "100", "--hidden", "16", "--lr", "0.01", "--score-threshold", "0.1",
-                 "--layers", "3", "7", "8"]) == 0
+                 "--layers", "3", "7", "8", "--finetune-epochs", "0"]) == 0
     after, manifest = load_checkpoint(tmp_path / "model")
     assert manifest.boxes is not None and manifest.boxes.fitted_images == 12 and manifest.model_version == "v1"
     assert len(manifest.boxes.class_thresholds) == 2 and set(manifest.boxes.class_thresholds) <= set(THRESHOLD_GRID)
