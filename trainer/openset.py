@@ -29,10 +29,10 @@ from safetensors.torch import load_file, save_file
 from schemas.checkpoint import InputSpec
 from stripnet.checkpoint import load_checkpoint
 from stripnet.network import RepNet
-from stripnet.ood import calibrate, channel_stats, fit_head, fit_knn
+from stripnet.ood import calibrate, channel_stats, fit_head
 from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
-from trainer.detector import DEFAULT_METHOD, DEFAULT_SPREAD, MAHALANOBIS_LAYER, NEIGHBOURS, fit_method
+from trainer.detector import DEFAULT_METHOD, DEFAULT_SPREAD, MAHALANOBIS_LAYER, NEIGHBOURS, Method, fit_method
 from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
 
@@ -187,33 +187,30 @@ def every_block(out: SplitOutputs) -> np.ndarray:
     return total
 
 
-def knn(out: SplitOutputs) -> np.ndarray:
-    """The served kNN detector (stripnet.ood.KNNHead): each training image scored among the other ones."""
-    train, features = out.where("train"), out.stats[-1]
-    head = fit_knn(features[train], NEIGHBOURS)
+def served(out: SplitOutputs, method: Method) -> np.ndarray:
+    """The detector `--method method` serves (trainer.detector.fit_method), fitted on the split's training part,
+    its standardization on training and validation; each training image scored as `fitted_scores` does."""
+    blocks = {"combined": (MAHALANOBIS_LAYER, -1), "mahalanobis": (MAHALANOBIS_LAYER,), "knn": (-1,)}[method]
+    features = torch.cat([out.stats[b] for b in blocks], dim=1)
+    train, val = out.where("train"), out.where("val")
+    head, _ = fit_method(method, features[train], features[val], out.labels[train], len(out.class_names),
+                         out.stats[MAHALANOBIS_LAYER].shape[1], DEFAULT_SPREAD)
     with torch.no_grad():
         scores = head(features)
-    scores[train] = head.fitted_scores(features[train])
+        scores[train] = head.fitted_scores(features[train])
     return scores.numpy()
+
+
+def knn(out: SplitOutputs) -> np.ndarray:
+    return served(out, "knn")
 
 
 def block_2_log(out: SplitOutputs) -> np.ndarray:
-    """`--method mahalanobis`: Mahalanobis on block 2's channel means and log deviations."""
-    return mahalanobis(out, out.stats[MAHALANOBIS_LAYER], log_spread=True)
+    return served(out, "mahalanobis")
 
 
 def combined(out: SplitOutputs) -> np.ndarray:
-    """The served default (trainer.detector's `combined`): block 2's Mahalanobis distance plus the last block's
-    kNN distance, each standardized by the training and validation parts' scores."""
-    texture = out.stats[MAHALANOBIS_LAYER]
-    features = torch.cat([texture, out.stats[-1]], dim=1)
-    train, val = out.where("train"), out.where("val")
-    head, _ = fit_method("combined", features[train], features[val], out.labels[train], len(out.class_names),
-                         texture.shape[1], DEFAULT_SPREAD)
-    with torch.no_grad():
-        scores = head(features)
-    scores[train] = head.fitted_scores(features[train])
-    return scores.numpy()
+    return served(out, "combined")
 
 
 BLOCK_2_LOG = f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean + log std"
