@@ -93,8 +93,8 @@ class KNNHead(nn.Module):
     def distances(self, features: torch.Tensor, k: int) -> torch.Tensor:
         with torch.autocast(features.device.type, enabled=False):
             unit = F.normalize(features.float()[:, :self.bank.shape[1]], dim=1)
-            squared = (2 - 2 * unit @ self.bank.float().T).clamp(min=0)  # ‖a − b‖² of unit vectors
-            return squared.topk(k, dim=1, largest=False).values[:, -1].sqrt()
+            kth_cosine = (unit @ self.bank.float().T).topk(k, dim=1).values[:, -1]
+            return (2 - 2 * kth_cosine).clamp(min=0).sqrt()  # ‖a − b‖ of unit vectors
 
     def fits(self, num_classes: int, dim: int) -> bool:
         return 2 * self.bank.shape[1] == dim
@@ -170,9 +170,15 @@ def make_detector(spec: OODSpec, num_classes: int, channels: Sequence[int]) -> D
 def channel_stats(x: torch.Tensor) -> torch.Tensor:
     """(N, C, h, w) block output → (N, 2C) float32: each channel's spatial mean, then its standard deviation."""
     x = x.float()
-    mean = x.mean(dim=(2, 3))
-    spread = (x - mean[:, :, None, None]).square().mean(dim=(2, 3)).clamp(min=0).sqrt()
-    return torch.cat([mean, spread], dim=1)
+    # (N, h·w, C) or (N, C, h·w), each a view: a channels-last map reduces faster along its own layout
+    pixels, dim = (x.permute(0, 2, 3, 1).flatten(1, 2), 1) if _channels_last(x) else (x.flatten(2), 2)
+    # E[x²] − E[x]²: one pass over the map and no centred copy
+    mean, mean_square = pixels.mean(dim=dim), pixels.square().mean(dim=dim)
+    return torch.cat([mean, (mean_square - mean * mean).clamp(min=0).sqrt()], dim=1)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def log_of_spread(stats: torch.Tensor) -> torch.Tensor:
