@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from schemas.checkpoint import BoxHeadSpec, InputSpec
+from schemas.checkpoint import BoxHeadSpec, InputSpec, Manifest
 from stripnet.bf16 import cpu_has_bf16
 from stripnet.boxhead import BoxHead
 from stripnet.budget import sides
@@ -243,24 +243,27 @@ def fit_served_head(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfi
 THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(1, 13))  # 0.05 … 0.6
 
 
-@torch.inference_mode()
 def choose_thresholds(model: RepNet, check: BoxSet, spec: InputSpec, default: float) -> tuple[float, ...]:
     """Per class the classifier chose, the grid threshold whose served boxes have the best F1 at IoU 0.5 on
     `check` (images `model`'s head did not train on)."""
+    return best_f1_thresholds(*threshold_counts(model, check, spec), default)
+
+
+@torch.inference_mode()
+def threshold_counts(model: RepNet, check: BoxSet, spec: InputSpec) -> np.ndarray:
+    """(3, classes, len(THRESHOLD_GRID)): the matched, served and ground-truth boxes of `check`, per class the
+    classifier chose and grid threshold."""
     assert model.boxes is not None
-    size, classes = spec.size, model.num_classes
-    matched, predicted, truth = (np.zeros((classes, len(THRESHOLD_GRID))) for _ in range(3))
+    counts = np.zeros((3, model.num_classes, len(THRESHOLD_GRID)))
     for start in range(0, len(check.labels), 64):
         found = one_pass(model.eval(), normalize(check.images[start:start + 64], spec))
-        got = head_detections(model, found, size, THRESHOLD_GRID[0])
+        got = head_detections(model, found, spec.size, THRESHOLD_GRID[0])
         for k, cls in enumerate(found.classes.tolist()):
             gt = check.boxes[start + k]
             for t, threshold in enumerate(THRESHOLD_GRID):
                 boxes = got.corners[k][got.scores[k] >= threshold]
-                matched[cls, t] += matched_at(boxes, gt)
-                predicted[cls, t] += len(boxes)
-                truth[cls, t] += len(gt)
-    return best_f1_thresholds(matched, predicted, truth, default)
+                counts[:, cls, t] += matched_at(boxes, gt), len(boxes), len(gt)
+    return counts
 
 
 def best_f1_thresholds(matched: np.ndarray, predicted: np.ndarray, truth: np.ndarray,
@@ -376,7 +379,7 @@ def cross_validate_boxes(cfg: BoxesCVConfig, log: Callable[[str], None] = print)
     folds = sorted(p for p in Path(cfg.cv).glob("fold-*") if (p / "student" / "model").is_dir())
     if not folds:
         raise ValueError(f"{cfg.cv} holds no fold-*/student/model: run `trainer cv` first")
-    data, head_sets, cam_sets, per_fold = None, [], [], []
+    data, head_sets, cam_sets, per_fold, scored_folds = None, [], [], [], []
     for fold in folds:
         model, manifest = load_checkpoint(fold / "student" / "model")
         data = data or load_image_folder(cfg.data, manifest.input.size, color=manifest.input.color)
@@ -396,6 +399,7 @@ def cross_validate_boxes(cfg: BoxesCVConfig, log: Callable[[str], None] = print)
         cam_scored, _ = score_set(model, manifest, test, cfg.boxes, LocateConfig(method="cam"))
         head_sets.append(head_scored)
         cam_sets.append(cam_scored)
+        scored_folds.append((with_boxes, test))
         report = pooled_report(fold.name, "head", LocateConfig(), [head_scored], manifest.class_names,
                                manifest.input.size)
         per_fold.append({"fold": fold.name, "map_50": report.map["map_50"], "map_50_95": report.map["map_50_95"],
@@ -409,17 +413,42 @@ def cross_validate_boxes(cfg: BoxesCVConfig, log: Callable[[str], None] = print)
     doc = {"cv": str(cfg.cv), "head": asdict(cfg.head), "folds": per_fold,
            "pooled": {"head": pooled_report("head", "head", LocateConfig(), head_sets, names, size).to_dict(),
                       "cam": pooled_report("cam", "cam", LocateConfig(), cam_sets, names, size).to_dict()}}
+    if not cfg.head.class_thresholds:
+        doc |= thresholds_from_other_folds(scored_folds, manifest, cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / "boxes-cv.json").write_text(json.dumps(doc, indent=2, default=str))
     (Path(cfg.out) / "boxes-cv.md").write_text(cv_markdown(doc))
     return doc
 
 
+def thresholds_from_other_folds(folds: list[tuple[RepNet, ImageSet]], manifest: Manifest, cfg: BoxesCVConfig
+                                ) -> dict:
+    """Per-class thresholds without a trial head: each fold's head (trained with one threshold) serves the thresholds
+    of best F1 on the other folds' held-out images, never on its own; scored on its own held-out images, pooled."""
+    spec, names = manifest.input, manifest.class_names
+    counts = [threshold_counts(model, box_set(test, cfg.boxes, names, spec.size), spec) for model, test in folds]
+    chosen, sets = [], []
+    for k, (model, test) in enumerate(folds):
+        others = sum(c for j, c in enumerate(counts) if j != k)
+        chosen.append(best_f1_thresholds(*others, cfg.head.score_threshold))
+        served = copy.deepcopy(model)
+        assert served.boxes is not None
+        served.boxes.spec = served.boxes.spec.model_copy(update={"class_thresholds": chosen[-1]})
+        sets.append(score_set(served, manifest, test, cfg.boxes, LocateConfig(method="head"))[0])
+    report = pooled_report("head", "head", LocateConfig(), sets, names, spec.size)
+    return {"other_folds_thresholds": {"per_fold": [dict(zip(names, t, strict=True)) for t in chosen],
+                                       "pooled": report.to_dict()}}
+
+
 def cv_markdown(doc: dict) -> str:
     """The pooled table (head, CAM, whole frame) and the per-fold spread, as docs/locate.md shows them."""
     head, cam = doc["pooled"]["head"], doc["pooled"]["cam"]
-    rows = [("localization head", head["map"], head["rows"]["overall"]),
-            ("CAM boxes", cam["map"], cam["rows"]["overall"]),
+    rows = [("localization head", head["map"], head["rows"]["overall"])]
+    if "other_folds_thresholds" in doc:
+        crossed = doc["other_folds_thresholds"]["pooled"]
+        rows.append(("localization head, per-class thresholds from the other folds", crossed["map"],
+                     crossed["rows"]["overall"]))
+    rows += [("CAM boxes", cam["map"], cam["rows"]["overall"]),
             ("whole frame", head["baseline_map"], head["baseline"]["overall"])]
     lines = [f"{head['images']} annotated images, each scored by the fold model that never saw it "
              f"({len(doc['folds'])} folds of {doc['cv']})", "",
@@ -436,6 +465,8 @@ def cv_markdown(doc: dict) -> str:
                      f"{r['recall']:.3f} | {r['precision']:.3f} | {r['mean_best_iou']:.3f} | "
                      f"{cam['rows'][name]['mean_best_iou']:.3f} | "
                      f"{head['baseline'][name]['mean_best_iou']:.3f} |")
+    if "other_folds_thresholds" in doc:
+        lines += _other_folds_table(doc["other_folds_thresholds"], [f["fold"] for f in doc["folds"]])
     folds = doc["folds"]
     lines += ["", "| fold | mAP@0.5 | mAP@0.5:0.95 | recall@0.5 | mean best IoU | pointing game | accuracy with the "
               "head | accuracy before |", "|---|---|---|---|---|---|---|---|"]
@@ -450,3 +481,14 @@ def cv_markdown(doc: dict) -> str:
         lines.append(f"\n{key}: {values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f} "
                      "(mean ± standard deviation over folds)")
     return "\n".join(lines) + "\n"
+
+
+def _other_folds_table(crossed: dict, folds: list[str]) -> list[str]:
+    rows, chosen = crossed["pooled"]["rows"], crossed["per_fold"]
+    lines = ["", "Per-class thresholds from the other folds (each fold's threshold per class: " + ", ".join(folds) + ")",
+             "", "| class | recall@0.5 | precision@0.5 | mean best IoU | thresholds |", "|---|---|---|---|---|"]
+    for name in chosen[0]:
+        r = rows[name]
+        lines.append(f"| {name} | {r['recall']:.3f} | {r['precision']:.3f} | {r['mean_best_iou']:.3f} | "
+                     + " / ".join(f"{t[name]:g}" for t in chosen) + " |")
+    return lines

@@ -13,8 +13,8 @@ from stripnet.architectures import EG_REPVGG
 from stripnet.boxhead import decode
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
-from trainer.boxes import THRESHOLD_GRID, best_f1_thresholds, dihedral_boxes, targets
-from trainer.data import dihedral
+from trainer.boxes import THRESHOLD_GRID, best_f1_thresholds, box_set, choose_thresholds, dihedral_boxes, targets
+from trainer.data import dihedral, load_image_folder, load_split
 from trainer.cli import main
 from tests.helpers.images import write_image
 from tests.helpers.models import randomize_bn
@@ -135,3 +135,28 @@ def test_boxes_cv_fine_tunes_one_network_and_head_per_fold_scores_the_fold_it_ne
     stamp = (tmp_path / "out" / "fold-0" / "model" / "manifest.json").stat().st_mtime_ns
     assert main(args) == 0  # resumes: the fold heads are kept
     assert (tmp_path / "out" / "fold-0" / "model" / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_boxes_cv_with_one_threshold_also_serves_each_fold_the_class_thresholds_of_the_other_folds(tmp_path):
+    data, boxes = _folder(tmp_path, n_per_class=4)
+    files = sorted(str(p.relative_to(data)) for p in data.rglob("*.png"))
+    for k in range(2):
+        torch.manual_seed(k)
+        export_checkpoint(randomize_bn(build_model(EG_REPVGG, 2)), tmp_path / "cv" / f"fold-{k}" / "student" /
+                          "model", class_names=CLASSES, model_name="t", model_version=f"fold{k}")
+        (tmp_path / "cv" / f"fold-{k}" / "split.json").write_text(json.dumps(
+            {"train": [f for i, f in enumerate(files) if i % 2 != k], "val": files[k::2]}))
+    assert main(["boxes-cv", "--cv", str(tmp_path / "cv"), "--data", str(data), "--boxes", str(boxes),
+                 "--out", str(tmp_path / "out"), "--epochs", "2", "--hidden", "4", "--no-augment",
+                 "--finetune-epochs", "0", "--no-class-thresholds"]) == 0
+    doc = json.loads((tmp_path / "out" / "boxes-cv.json").read_text())
+    crossed = doc["other_folds_thresholds"]
+    images = load_image_folder(data, 200)
+    for k in range(2):
+        other, manifest = load_checkpoint(tmp_path / "out" / f"fold-{1 - k}" / "model")
+        assert manifest.boxes.class_thresholds is None  # each fold's own head serves one threshold
+        held_out_idx = load_split(tmp_path / "cv" / f"fold-{1 - k}" / "split.json", images)[1]
+        held_out = box_set(images.subset(held_out_idx), boxes, CLASSES, 200)
+        assert tuple(crossed["per_fold"][k].values()) == choose_thresholds(other, held_out, manifest.input, 0.3)
+    assert crossed["pooled"]["images"] == doc["pooled"]["head"]["images"] == 8
+    assert "per-class thresholds from the other folds" in (tmp_path / "out" / "boxes-cv.md").read_text()
