@@ -66,11 +66,12 @@ class HeadConfig:
                                  "thresholds)"] = 0.3
     class_thresholds: Help[bool, "a served threshold per class: a trial head trains on 4/5 of the annotated "
                                  "images, each class takes its best F1 at IoU 0.5 on the other 1/5, then the head "
-                                 "trains on all of them (twice the time)"] = True
+                                 "trains on all of them (twice the time; by CV no better than one threshold once "
+                                 "fine-tuned)"] = False
     max_boxes: Help[int, "at most this many served boxes per frame"] = 8
     finetune_epochs: Help[int, "then train the network and the head together for this many passes over the "
                                "annotated images (one D4 transform each), the network's cross-entropy in the loss "
-                               "(0: the network stays frozen, its classifier exactly as it was)"] = 60
+                               "(0: the network stays frozen, its classifier exactly as it was)"] = 100
     finetune_lr: Help[float, "peak learning rate of the network and the head while fine-tuning"] = 1e-3
     label_smoothing: Help[float, "of the cross-entropy term when fine-tuning"] = 0.1
     bf16: Help[bool, "fine-tune under bfloat16 autocast; on by default where the CPU has bf16 dot products"] = field(

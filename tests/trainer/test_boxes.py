@@ -84,7 +84,7 @@ def test_boxes_command_adds_a_head_that_beats_the_whole_frame_and_frozen_leaves_
     before, _ = load_checkpoint(tmp_path / "model")
     assert main(["boxes", "--model", str(tmp_path / "model"), "--data", str(data), "--boxes", str(boxes),
                  "--epochs", "100", "--hidden", "16", "--lr", "0.01", "--score-threshold", "0.1",
-                 "--layers", "3", "7", "8", "--finetune-epochs", "0"]) == 0
+                 "--layers", "3", "7", "8", "--finetune-epochs", "0", "--class-thresholds"]) == 0
     after, manifest = load_checkpoint(tmp_path / "model")
     assert manifest.boxes is not None and manifest.boxes.fitted_images == 12 and manifest.model_version == "v1"
     assert len(manifest.boxes.class_thresholds) == 2 and set(manifest.boxes.class_thresholds) <= set(THRESHOLD_GRID)
