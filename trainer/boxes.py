@@ -414,7 +414,7 @@ def cross_validate_boxes(cfg: BoxesCVConfig, log: Callable[[str], None] = print)
     doc = {"cv": str(cfg.cv), "head": asdict(cfg.head), "folds": per_fold,
            "pooled": {"head": pooled_report("head", "head", LocateConfig(), head_sets, names, size).to_dict(),
                       "cam": pooled_report("cam", "cam", LocateConfig(), cam_sets, names, size).to_dict()}}
-    if not cfg.head.class_thresholds:
+    if not cfg.head.class_thresholds and len(scored_folds) > 1:
         doc |= thresholds_from_other_folds(scored_folds, manifest, cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / "boxes-cv.json").write_text(json.dumps(doc, indent=2, default=str))
