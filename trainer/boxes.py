@@ -13,11 +13,11 @@ spreads α·(w, h)/6 in cells (TTFNet's elliptical form, α = 0.54), the maximum
 the box's offset and log size (in cells) at that cell. The heat maps learn by the penalty-reduced focal
 loss (α = 2, β = 4), the offsets and sizes by L1 at centre cells.
 
-The served boxes are the centres above a score threshold, one per class (`fit_served_head`): a trial head
-trained on four fifths of the annotated images picks, for each class the classifier chose, the threshold of
-best F1 at IoU 0.5 on the other fifth, and the served head then trains on all of them. Texture classes
-(crazing, rolled-in scale) have weaker centres than patches or scratches, so one threshold for all drops most
-of their boxes.
+The served boxes are the centres above one score threshold. With `HeadConfig.class_thresholds`, each class
+gets its own (`fit_served_head`): a trial head trained on four fifths of the annotated images picks, for each
+class the classifier chose, the threshold of best F1 at IoU 0.5 on the other fifth, and the served head then
+trains on all of them. That helped the frozen head, whose crazing and rolled-in scale centres were too weak
+for one threshold, but not the fine-tuned one (`boxes-cv` scores both: `thresholds_from_other_folds`).
 """
 
 from __future__ import annotations
@@ -488,7 +488,7 @@ def _other_folds_table(crossed: dict, folds: list[str]) -> list[str]:
     rows, chosen = crossed["pooled"]["rows"], crossed["per_fold"]
     lines = ["", "Per-class thresholds from the other folds (each fold's threshold per class: " + ", ".join(folds) + ")",
              "", "| class | recall@0.5 | precision@0.5 | mean best IoU | thresholds |", "|---|---|---|---|---|"]
-    for name in chosen[0]:
+    for name in (n for n in chosen[0] if n in rows):  # a class with no held-out image has no row
         r = rows[name]
         lines.append(f"| {name} | {r['recall']:.3f} | {r['precision']:.3f} | {r['mean_best_iou']:.3f} | "
                      + " / ".join(f"{t[name]:g}" for t in chosen) + " |")
