@@ -17,11 +17,11 @@ from inspector.metrics import Metrics
 from inspector.precision import MAX_PROB_DIFF, compare, reference_frames
 from inspector.runners import Bf16Runner, Loader, OnnxRuntimeRunner
 from inspector.settings import Settings
-from schemas.checkpoint import Manifest
+from schemas.checkpoint import InputSpec, Manifest
 from stripnet.bundled import resolve_model_dir
 from stripnet.checkpoint import load_checkpoint
 from stripnet.network import RepNet
-from stripnet.preprocess import resize
+from stripnet.preprocess import preprocess, resize
 from tests.helpers import NEU_CLS
 
 MAX_BATCH = 8
@@ -98,13 +98,20 @@ def test_the_gate_accepts_bf16_for_the_bundled_model(bundled: tuple[RepNet, Mani
     assert 'gate="accepted",precision="bf16",requested="bf16",serving="bf16"' in backend_labels(metrics)
 
 
-def bf16_sensitive(model: RepNet, gain: float = 30.0) -> RepNet:
-    """The model with its logits scaled up: in fp32 a sharper but valid classifier; the features' bf16 rounding,
-    multiplied by the gain, moves its probabilities far more than the gate allows."""
-    sharp = copy.deepcopy(model)
+def bf16_sensitive(model: RepNet, spec: InputSpec, gain: float = 30.0) -> RepNet:
+    """The model made a two-way classifier tied in fp32 on the gate's reference frames: class 0's logit less its
+    median over those frames, times `gain`, against 0 for every other class. Frames near the tie sit at
+    probability ½, where the features' bf16 rounding, times the gain, moves them far more than the gate allows;
+    in fp32 it is a valid classifier."""
+    sharp = copy.deepcopy(model).eval()
+    with torch.inference_mode():
+        logit = sharp(preprocess(reference_frames(spec), spec))[:, 0]
     with torch.no_grad():
-        sharp.head.fc.weight.mul_(gain)
-        sharp.head.fc.bias.mul_(gain)
+        fc = sharp.head.fc
+        fc.weight[1:] = 0
+        fc.bias[1:] = 0
+        fc.weight[0] *= gain
+        fc.bias[0] = gain * (fc.bias[0] - logit.median())
     return sharp
 
 
@@ -112,7 +119,7 @@ def test_a_model_whose_bf16_predictions_differ_is_served_in_fp32_with_one_line_a
         bundled: tuple[RepNet, Manifest]) -> None:
     metrics = Metrics()
     with structlog.testing.capture_logs() as logs:
-        runner = loader(WITH_BF16, metrics).load(bf16_sensitive(bundled[0]), bundled[1])
+        runner = loader(WITH_BF16, metrics).load(bf16_sensitive(bundled[0], bundled[1].input), bundled[1])
     assert (runner.name, runner.precision) == ("onnxruntime", "fp32")
     rejected = [e for e in logs if e["event"].startswith("bf16_")]
     assert [(e["event"], e["log_level"], e["serving"]) for e in rejected] == [("bf16_rejected", "warning",
