@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -201,23 +202,12 @@ def served(out: SplitOutputs, method: Method) -> np.ndarray:
     return scores.numpy()
 
 
-def knn(out: SplitOutputs) -> np.ndarray:
-    return served(out, "knn")
-
-
-def block_2_log(out: SplitOutputs) -> np.ndarray:
-    return served(out, "mahalanobis")
-
-
-def combined(out: SplitOutputs) -> np.ndarray:
-    return served(out, "combined")
-
-
 BLOCK_2_LOG = f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean + log std"
 KNN = f"kNN (k={NEIGHBOURS}), last block pooled"
 WITH_TRAINING = ", calibrated on training + validation"
-METHODS = {"combined": ("combined: Mahalanobis block 2 + kNN last block, each standardized", combined),
-           "mahalanobis": (BLOCK_2_LOG, block_2_log), "knn": (KNN, knn)}
+COMBINED = "combined: Mahalanobis block 2 + kNN last block, each standardized"
+METHODS = {method: (name, partial(served, method=method))
+           for method, name in (("combined", COMBINED), ("mahalanobis", BLOCK_2_LOG), ("knn", KNN))}
 
 
 def _calibrated(name: str, method: str) -> str:
@@ -228,10 +218,10 @@ SHIPPED = _calibrated(METHODS[DEFAULT_METHOD][0], DEFAULT_METHOD)
 
 SCORES = {
     **{_calibrated(name, method): fn for method, (name, fn) in METHODS.items()},
-    METHODS["combined"][0]: combined,
-    BLOCK_2_LOG: block_2_log,
+    COMBINED: METHODS["combined"][1],
+    BLOCK_2_LOG: METHODS["mahalanobis"][1],
     f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean+std": lambda out: mahalanobis(out, out.stats[MAHALANOBIS_LAYER]),
-    KNN: knn,
+    KNN: METHODS["knn"][1],
     "Mahalanobis, last block pooled (Lee et al.)": lambda out: mahalanobis(out, out.pooled),
     "Mahalanobis, every block, z-summed": every_block,
     "energy": energy,

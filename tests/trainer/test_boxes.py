@@ -107,16 +107,22 @@ def test_boxes_command_adds_a_head_that_beats_the_whole_frame_and_frozen_leaves_
     assert json.loads(capsys.readouterr().out)["method"] == "cam"
 
 
-def test_boxes_cv_fine_tunes_one_network_and_head_per_fold_scores_the_fold_it_never_saw_and_resumes(tmp_path):
-    data, boxes = _folder(tmp_path, n_per_class=4)
+def _two_fold_cv(root):
+    """`_folder`'s images (4 per class) and a `trainer cv` run of two folds under root/cv: fold k holds out every
+    other image from the k-th, its model a random-BN student."""
+    data, boxes = _folder(root, n_per_class=4)
     files = sorted(str(p.relative_to(data)) for p in data.rglob("*.png"))
     for k in range(2):
         torch.manual_seed(k)
-        export_checkpoint(randomize_bn(build_model(EG_REPVGG, 2)), tmp_path / "cv" / f"fold-{k}" / "student" /
-                          "model", class_names=CLASSES, model_name="t", model_version=f"fold{k}")
-        test = [f for i, f in enumerate(files) if i % 2 == k]
-        (tmp_path / "cv" / f"fold-{k}" / "split.json").write_text(json.dumps(
-            {"train": [f for f in files if f not in test], "val": test}))
+        export_checkpoint(randomize_bn(build_model(EG_REPVGG, 2)), root / "cv" / f"fold-{k}" / "student" / "model",
+                          class_names=CLASSES, model_name="t", model_version=f"fold{k}")
+        (root / "cv" / f"fold-{k}" / "split.json").write_text(json.dumps(
+            {"train": [f for i, f in enumerate(files) if i % 2 != k], "val": files[k::2]}))
+    return data, boxes
+
+
+def test_boxes_cv_fine_tunes_one_network_and_head_per_fold_scores_the_fold_it_never_saw_and_resumes(tmp_path):
+    data, boxes = _two_fold_cv(tmp_path)
     args = ["boxes-cv", "--cv", str(tmp_path / "cv"), "--data", str(data), "--boxes", str(boxes),
             "--out", str(tmp_path / "out"), "--epochs", "2", "--hidden", "4", "--no-augment", "--finetune-lr", "1e-3",
             "--finetune-epochs", "2"]
@@ -138,14 +144,7 @@ def test_boxes_cv_fine_tunes_one_network_and_head_per_fold_scores_the_fold_it_ne
 
 
 def test_boxes_cv_with_one_threshold_also_serves_each_fold_the_class_thresholds_of_the_other_folds(tmp_path):
-    data, boxes = _folder(tmp_path, n_per_class=4)
-    files = sorted(str(p.relative_to(data)) for p in data.rglob("*.png"))
-    for k in range(2):
-        torch.manual_seed(k)
-        export_checkpoint(randomize_bn(build_model(EG_REPVGG, 2)), tmp_path / "cv" / f"fold-{k}" / "student" /
-                          "model", class_names=CLASSES, model_name="t", model_version=f"fold{k}")
-        (tmp_path / "cv" / f"fold-{k}" / "split.json").write_text(json.dumps(
-            {"train": [f for i, f in enumerate(files) if i % 2 != k], "val": files[k::2]}))
+    data, boxes = _two_fold_cv(tmp_path)
     assert main(["boxes-cv", "--cv", str(tmp_path / "cv"), "--data", str(data), "--boxes", str(boxes),
                  "--out", str(tmp_path / "out"), "--epochs", "2", "--hidden", "4", "--no-augment",
                  "--finetune-epochs", "0", "--no-class-thresholds"]) == 0
