@@ -424,31 +424,41 @@ def cross_validate_boxes(cfg: BoxesCVConfig, log: Callable[[str], None] = print)
 
 def thresholds_from_other_folds(folds: list[tuple[RepNet, ImageSet]], manifest: Manifest, cfg: BoxesCVConfig
                                 ) -> dict:
-    """Per-class thresholds without a trial head: each fold's head (trained with one threshold) serves the thresholds
-    of best F1 on the other folds' held-out images, never on its own; scored on its own held-out images, pooled."""
+    """Thresholds without a trial head: each fold's head (trained with one threshold) serves the threshold of best
+    F1 on the other folds' held-out images, never on its own, first one for every class (`other_folds_threshold`),
+    then one per class (`other_folds_thresholds`); each way scored on its own held-out images, pooled."""
     spec, names = manifest.input, manifest.class_names
     counts = [threshold_counts(model, box_set(test, cfg.boxes, names, spec.size), spec) for model, test in folds]
-    chosen, sets = [], []
-    for k, (model, test) in enumerate(folds):
-        others = sum(c for j, c in enumerate(counts) if j != k)
-        chosen.append(best_f1_thresholds(*others, cfg.head.score_threshold))
-        served = copy.deepcopy(model)
-        assert served.boxes is not None
-        served.boxes.spec = served.boxes.spec.model_copy(update={"class_thresholds": chosen[-1]})
-        sets.append(score_set(served, manifest, test, cfg.boxes, LocateConfig(method="head"))[0])
-    report = pooled_report("head", "head", LocateConfig(), sets, names, spec.size)
-    return {"other_folds_thresholds": {"per_fold": [dict(zip(names, t, strict=True)) for t in chosen],
-                                       "pooled": report.to_dict()}}
+    doc = {}
+    for key, per_class in (("other_folds_threshold", False), ("other_folds_thresholds", True)):
+        chosen, sets = [], []
+        for k, (model, test) in enumerate(folds):
+            others = sum(c for j, c in enumerate(counts) if j != k)
+            thresholds = best_f1_thresholds(*(others if per_class else one_class(others)), cfg.head.score_threshold)
+            served = copy.deepcopy(model)
+            assert served.boxes is not None
+            served.boxes.spec = served.boxes.spec.model_copy(
+                update={"class_thresholds": thresholds} if per_class else {"score_threshold": thresholds[0]})
+            sets.append(score_set(served, manifest, test, cfg.boxes, LocateConfig(method="head"))[0])
+            chosen.append(dict(zip(names, thresholds, strict=True)) if per_class else thresholds[0])
+        doc[key] = {"per_fold": chosen,
+                    "pooled": pooled_report("head", "head", LocateConfig(), sets, names, spec.size).to_dict()}
+    return doc
+
+
+def one_class(counts: np.ndarray) -> np.ndarray:
+    """`threshold_counts` (3, classes, grid) summed over the classes: (3, 1, grid), for one threshold for all."""
+    return counts.sum(axis=1, keepdims=True)
 
 
 def cv_markdown(doc: dict) -> str:
     """The pooled table (head, CAM, whole frame) and the per-fold spread, as docs/locate.md shows them."""
     head, cam = doc["pooled"]["head"], doc["pooled"]["cam"]
     rows = [("localization head", head["map"], head["rows"]["overall"])]
-    if "other_folds_thresholds" in doc:
-        crossed = doc["other_folds_thresholds"]["pooled"]
-        rows.append(("localization head, per-class thresholds from the other folds", crossed["map"],
-                     crossed["rows"]["overall"]))
+    for key, name in (("other_folds_threshold", "one threshold"), ("other_folds_thresholds", "per-class thresholds")):
+        if key in doc:
+            crossed = doc[key]["pooled"]
+            rows.append((f"localization head, {name} from the other folds", crossed["map"], crossed["rows"]["overall"]))
     rows += [("CAM boxes", cam["map"], cam["rows"]["overall"]),
             ("whole frame", head["baseline_map"], head["baseline"]["overall"])]
     lines = [f"{head['images']} annotated images, each scored by the fold model that never saw it "
@@ -467,7 +477,7 @@ def cv_markdown(doc: dict) -> str:
                      f"{cam['rows'][name]['mean_best_iou']:.3f} | "
                      f"{head['baseline'][name]['mean_best_iou']:.3f} |")
     if "other_folds_thresholds" in doc:
-        lines += _other_folds_table(doc["other_folds_thresholds"], [f["fold"] for f in doc["folds"]])
+        lines += _other_folds_table(doc, [f["fold"] for f in doc["folds"]])
     folds = doc["folds"]
     lines += ["", "| fold | mAP@0.5 | mAP@0.5:0.95 | recall@0.5 | mean best IoU | pointing game | accuracy with the "
               "head | accuracy before |", "|---|---|---|---|---|---|---|---|"]
@@ -484,10 +494,15 @@ def cv_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _other_folds_table(crossed: dict, folds: list[str]) -> list[str]:
+def _other_folds_table(doc: dict, folds: list[str]) -> list[str]:
+    crossed = doc["other_folds_thresholds"]
     rows, chosen = crossed["pooled"]["rows"], crossed["per_fold"]
-    lines = ["", "Per-class thresholds from the other folds (each fold's threshold per class: " + ", ".join(folds) + ")",
-             "", "| class | recall@0.5 | precision@0.5 | mean best IoU | thresholds |", "|---|---|---|---|---|"]
+    lines = []
+    if "other_folds_threshold" in doc:
+        lines += ["", "One threshold from the other folds (" + ", ".join(folds) + "): "
+                  + " / ".join(f"{t:g}" for t in doc["other_folds_threshold"]["per_fold"])]
+    lines += ["", "Per-class thresholds from the other folds (each fold's threshold per class: " + ", ".join(folds) + ")",
+              "", "| class | recall@0.5 | precision@0.5 | mean best IoU | thresholds |", "|---|---|---|---|---|"]
     for name in (n for n in chosen[0] if n in rows):  # a class with no held-out image has no row
         r = rows[name]
         lines.append(f"| {name} | {r['recall']:.3f} | {r['precision']:.3f} | {r['mean_best_iou']:.3f} | "

@@ -13,7 +13,8 @@ from stripnet.architectures import EG_REPVGG
 from stripnet.boxhead import decode
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
-from trainer.boxes import THRESHOLD_GRID, best_f1_thresholds, box_set, choose_thresholds, dihedral_boxes, targets
+from trainer.boxes import (THRESHOLD_GRID, best_f1_thresholds, box_set, choose_thresholds, dihedral_boxes, one_class,
+                           targets, threshold_counts)
 from trainer.data import dihedral, load_image_folder, load_split
 from trainer.cli import main
 from tests.helpers.images import write_image
@@ -143,7 +144,7 @@ def test_boxes_cv_fine_tunes_one_network_and_head_per_fold_scores_the_fold_it_ne
     assert (tmp_path / "out" / "fold-0" / "model" / "manifest.json").stat().st_mtime_ns == stamp
 
 
-def test_boxes_cv_with_one_threshold_also_serves_each_fold_the_class_thresholds_of_the_other_folds(tmp_path):
+def test_boxes_cv_with_one_threshold_also_serves_each_fold_the_thresholds_of_the_other_folds(tmp_path):
     data, boxes = _two_fold_cv(tmp_path)
     assert main(["boxes-cv", "--cv", str(tmp_path / "cv"), "--data", str(data), "--boxes", str(boxes),
                  "--out", str(tmp_path / "out"), "--epochs", "2", "--hidden", "4", "--no-augment",
@@ -157,5 +158,8 @@ def test_boxes_cv_with_one_threshold_also_serves_each_fold_the_class_thresholds_
         held_out_idx = load_split(tmp_path / "cv" / f"fold-{1 - k}" / "split.json", images)[1]
         held_out = box_set(images.subset(held_out_idx), boxes, CLASSES, 200)
         assert tuple(crossed["per_fold"][k].values()) == choose_thresholds(other, held_out, manifest.input, 0.3)
-    assert crossed["pooled"]["images"] == doc["pooled"]["head"]["images"] == 8
-    assert "per-class thresholds from the other folds" in (tmp_path / "out" / "boxes-cv.md").read_text()
+        counts = threshold_counts(other, held_out, manifest.input)
+        assert (doc["other_folds_threshold"]["per_fold"][k],) == best_f1_thresholds(*one_class(counts), 0.3)
+    assert crossed["pooled"]["images"] == doc["other_folds_threshold"]["pooled"]["images"] == 8
+    report = (tmp_path / "out" / "boxes-cv.md").read_text()
+    assert "per-class thresholds from the other folds" in report and "one threshold from the other folds" in report
