@@ -425,12 +425,12 @@ def cross_validate_boxes(cfg: BoxesCVConfig, log: Callable[[str], None] = print)
 def thresholds_from_other_folds(folds: list[tuple[RepNet, ImageSet]], manifest: Manifest, cfg: BoxesCVConfig
                                 ) -> dict:
     """Thresholds without a trial head: each fold's head (trained with one threshold) serves the threshold of best
-    F1 on the other folds' held-out images, never on its own, first one for every class (`other_folds_threshold`),
+    F1 on the other folds' held-out images, never on its own, first one for every class (`other_folds_one_threshold`),
     then one per class (`other_folds_thresholds`); each way scored on its own held-out images, pooled."""
     spec, names = manifest.input, manifest.class_names
     counts = [threshold_counts(model, box_set(test, cfg.boxes, names, spec.size), spec) for model, test in folds]
     doc = {}
-    for key, per_class in (("other_folds_threshold", False), ("other_folds_thresholds", True)):
+    for key, per_class in (("other_folds_one_threshold", False), ("other_folds_thresholds", True)):
         chosen, sets = [], []
         for k, (model, test) in enumerate(folds):
             others = sum(c for j, c in enumerate(counts) if j != k)
@@ -455,7 +455,7 @@ def cv_markdown(doc: dict) -> str:
     """The pooled table (head, CAM, whole frame) and the per-fold spread, as docs/locate.md shows them."""
     head, cam = doc["pooled"]["head"], doc["pooled"]["cam"]
     rows = [("localization head", head["map"], head["rows"]["overall"])]
-    for key, name in (("other_folds_threshold", "one threshold"), ("other_folds_thresholds", "per-class thresholds")):
+    for key, name in (("other_folds_one_threshold", "one threshold"), ("other_folds_thresholds", "per-class thresholds")):
         if key in doc:
             crossed = doc[key]["pooled"]
             rows.append((f"localization head, {name} from the other folds", crossed["map"], crossed["rows"]["overall"]))
@@ -497,12 +497,10 @@ def cv_markdown(doc: dict) -> str:
 def _other_folds_table(doc: dict, folds: list[str]) -> list[str]:
     crossed = doc["other_folds_thresholds"]
     rows, chosen = crossed["pooled"]["rows"], crossed["per_fold"]
-    lines = []
-    if "other_folds_threshold" in doc:
-        lines += ["", "One threshold from the other folds (" + ", ".join(folds) + "): "
-                  + " / ".join(f"{t:g}" for t in doc["other_folds_threshold"]["per_fold"])]
-    lines += ["", "Per-class thresholds from the other folds (each fold's threshold per class: " + ", ".join(folds) + ")",
-              "", "| class | recall@0.5 | precision@0.5 | mean best IoU | thresholds |", "|---|---|---|---|---|"]
+    lines = ["", "One threshold from the other folds (" + ", ".join(folds) + "): "
+             + " / ".join(f"{t:g}" for t in doc["other_folds_one_threshold"]["per_fold"]),
+             "", "Per-class thresholds from the other folds (each fold's threshold per class: " + ", ".join(folds) + ")",
+             "", "| class | recall@0.5 | precision@0.5 | mean best IoU | thresholds |", "|---|---|---|---|---|"]
     for name in (n for n in chosen[0] if n in rows):  # a class with no held-out image has no row
         r = rows[name]
         lines.append(f"| {name} | {r['recall']:.3f} | {r['precision']:.3f} | {r['mean_best_iou']:.3f} | "

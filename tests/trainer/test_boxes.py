@@ -159,7 +159,7 @@ def test_boxes_cv_with_one_threshold_also_serves_each_fold_the_thresholds_of_the
         held_out = box_set(images.subset(held_out_idx), boxes, CLASSES, 200)
         assert tuple(crossed["per_fold"][k].values()) == choose_thresholds(other, held_out, manifest.input, 0.3)
         counts = threshold_counts(other, held_out, manifest.input)
-        assert (doc["other_folds_threshold"]["per_fold"][k],) == best_f1_thresholds(*one_class(counts), 0.3)
-    assert crossed["pooled"]["images"] == doc["other_folds_threshold"]["pooled"]["images"] == 8
+        assert (doc["other_folds_one_threshold"]["per_fold"][k],) == best_f1_thresholds(*one_class(counts), 0.3)
+    assert crossed["pooled"]["images"] == doc["other_folds_one_threshold"]["pooled"]["images"] == 8
     report = (tmp_path / "out" / "boxes-cv.md").read_text()
     assert "per-class thresholds from the other folds" in report and "one threshold from the other folds" in report
