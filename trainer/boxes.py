@@ -455,10 +455,12 @@ def cv_markdown(doc: dict) -> str:
     """The pooled table (head, CAM, whole frame) and the per-fold spread, as docs/locate.md shows them."""
     head, cam = doc["pooled"]["head"], doc["pooled"]["cam"]
     rows = [("localization head", head["map"], head["rows"]["overall"])]
-    for key, name in (("other_folds_one_threshold", "one threshold"), ("other_folds_thresholds", "per-class thresholds")):
-        if key in doc:
-            crossed = doc[key]["pooled"]
-            rows.append((f"localization head, {name} from the other folds", crossed["map"], crossed["rows"]["overall"]))
+    crossed = "other_folds_thresholds" in doc  # written with the one-threshold rows, for more than one fold
+    if crossed:
+        rows += [(f"localization head, {name} from the other folds", doc[key]["pooled"]["map"],
+                  doc[key]["pooled"]["rows"]["overall"])
+                 for key, name in (("other_folds_one_threshold", "one threshold"),
+                                   ("other_folds_thresholds", "per-class thresholds"))]
     rows += [("CAM boxes", cam["map"], cam["rows"]["overall"]),
             ("whole frame", head["baseline_map"], head["baseline"]["overall"])]
     lines = [f"{head['images']} annotated images, each scored by the fold model that never saw it "
@@ -476,7 +478,7 @@ def cv_markdown(doc: dict) -> str:
                      f"{r['recall']:.3f} | {r['precision']:.3f} | {r['mean_best_iou']:.3f} | "
                      f"{cam['rows'][name]['mean_best_iou']:.3f} | "
                      f"{head['baseline'][name]['mean_best_iou']:.3f} |")
-    if "other_folds_thresholds" in doc:
+    if crossed:
         lines += _other_folds_table(doc, [f["fold"] for f in doc["folds"]])
     folds = doc["folds"]
     lines += ["", "| fold | mAP@0.5 | mAP@0.5:0.95 | recall@0.5 | mean best IoU | pointing game | accuracy with the "
