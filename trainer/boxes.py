@@ -11,7 +11,9 @@ a random head's first gradients; docs/locate.md has what it gains).
 Targets follow CenterNet: per box, a Gaussian peak of 1 at its centre cell on its class's heat map, with
 spreads α·(w, h)/6 in cells (TTFNet's elliptical form, α = 0.54), the maximum where boxes overlap, and
 the box's offset and log size (in cells) at that cell. The heat maps learn by the penalty-reduced focal
-loss (α = 2, β = 4), the offsets and sizes by L1 at centre cells.
+loss (α = 2, β = 4), the offsets and sizes by L1 at centre cells. As in TTFNet, every cell inside a box also
+regresses that box (the box of the higher peak where boxes overlap) by GIoU, weighted by its Gaussian
+(normalized per box): a served peak one cell off the centre then reads a trained box, not an untrained one.
 
 The served boxes are the centres above one score threshold. With `HeadConfig.class_thresholds`, each class
 gets its own (`fit_served_head`): a trial head trained on four fifths of the annotated images picks, for each
@@ -34,6 +36,8 @@ from typing import Annotated as Help
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from torchvision.ops import generalized_box_iou_loss
 
 from schemas.checkpoint import BoxHeadSpec, InputSpec, Manifest
 from stripnet.bf16 import cpu_has_bf16
@@ -69,6 +73,8 @@ class HeadConfig:
                                  "trains on all of them (twice the time; by CV no better than one threshold once "
                                  "fine-tuned)"] = False
     max_boxes: Help[int, "at most this many served boxes per frame"] = 8
+    giou_weight: Help[float, "weight of the GIoU loss of the boxes regressed at every cell inside a box, besides "
+                             "L1 at its centre (0: centre cells only)"] = 1.0
     finetune_epochs: Help[int, "then train the network and the head together for this many passes over the "
                                "annotated images (one D4 transform each), the network's cross-entropy in the loss "
                                "(0: the network stays frozen, its classifier exactly as it was)"] = 100
@@ -102,9 +108,11 @@ class Targets:
     heat: torch.Tensor  # (N, C, h, w) float
     regression: torch.Tensor  # (N, 4, h, w) offset x, y and log w, h, in cells; set where `centres`
     centres: torch.Tensor  # (N, h, w) bool
+    boxes: torch.Tensor  # (N, 4, h, w) corners x0, y0, x1, y1 in cells of the box each cell regresses
+    weight: torch.Tensor  # (N, h, w) that box's Gaussian there, summing to 1 over its cells (0: no box)
 
     def take(self, idx: torch.Tensor) -> Targets:
-        return Targets(self.heat[idx], self.regression[idx], self.centres[idx])
+        return Targets(self.heat[idx], self.regression[idx], self.centres[idx], self.boxes[idx], self.weight[idx])
 
 
 def targets(boxes: Sequence[Sequence[Corners]], labels: Sequence[int], num_classes: int, grid: tuple[int, int],
@@ -113,6 +121,7 @@ def targets(boxes: Sequence[Sequence[Corners]], labels: Sequence[int], num_class
     heat = torch.zeros(n, num_classes, h, w)
     regression = torch.zeros(n, 4, h, w)
     centres = torch.zeros(n, h, w, dtype=torch.bool)
+    corners, weight, owner = torch.zeros(n, 4, h, w), torch.zeros(n, h, w), torch.zeros(n, h, w)
     rows, cols = torch.arange(h, dtype=torch.float32)[:, None], torch.arange(w, dtype=torch.float32)[None, :]
     for k, (image_boxes, label) in enumerate(zip(boxes, labels, strict=True)):
         for x0, y0, x1, y1 in image_boxes:
@@ -124,7 +133,14 @@ def targets(boxes: Sequence[Sequence[Corners]], labels: Sequence[int], num_class
             heat[k, label] = torch.maximum(heat[k, label], peak)
             regression[k, :, i, j] = torch.tensor([cx - j, cy - i, math.log(bw), math.log(bh)])
             centres[k, i, j] = True
-    return Targets(heat, regression, centres)
+            inside = (cols >= x0 / stride) & (cols <= x1 / stride) & (rows >= y0 / stride) & (rows <= y1 / stride)
+            inside[i, j] = True
+            mine = torch.where(inside, peak, 0.0)
+            won = mine > owner[k]
+            owner[k] = torch.where(won, mine, owner[k])
+            weight[k] = torch.where(won, mine / mine.sum(), weight[k])
+            corners[k, :, won] = torch.tensor([x0, y0, x1, y1])[:, None] / stride
+    return Targets(heat, regression, centres, corners, weight)
 
 
 def focal_loss(logits: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
@@ -135,11 +151,26 @@ def focal_loss(logits: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
     return loss.sum() / positive.sum().clamp(min=1)
 
 
-def head_loss(maps: torch.Tensor, target: Targets, num_classes: int) -> torch.Tensor:
+def head_loss(maps: torch.Tensor, target: Targets, num_classes: int, giou_weight: float) -> torch.Tensor:
     heat = focal_loss(maps[:, :num_classes], target.heat)
     mask = target.centres[:, None].expand_as(target.regression)
     regression = F.l1_loss(maps[:, num_classes:][mask], target.regression[mask], reduction="sum")
-    return heat + regression / target.centres.sum().clamp(min=1)
+    objects = target.centres.sum().clamp(min=1)
+    if giou_weight:
+        regression = regression + giou_weight * dense_giou(maps[:, num_classes:], target)
+    return heat + regression / objects
+
+
+def dense_giou(regression: torch.Tensor, target: Targets) -> torch.Tensor:
+    """The GIoU loss of the box read at every weighted cell (as `stripnet.boxhead.decode` reads it) against the
+    box that cell regresses, weighted: summed, about one per box."""
+    n, i, j = torch.nonzero(target.weight, as_tuple=True)
+    offset, log_size = regression[n, :2, i, j], regression[n, 2:, i, j].clamp(-4, 4)
+    centre = offset + torch.stack([j, i], dim=1).to(offset.dtype)
+    half = log_size.exp() / 2
+    predicted = torch.cat([centre - half, centre + half], dim=1)
+    loss = generalized_box_iou_loss(predicted, target.boxes[n, :, i, j].to(predicted.dtype), reduction="none")
+    return (loss * target.weight[n, i, j]).sum()
 
 
 # --- features of the frozen network ------------------------------------------------------------------------------
@@ -194,7 +225,8 @@ def fit_boxes(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfig, log
         f"{len(train.labels) // len(data.labels)} transforms), network frozen")
     cached = features(model, train.images, spec, cfg.layers)
     _train([{"params": list(head.parameters()), "lr": cfg.lr}], head, cfg.epochs, len(train.labels), cfg, log,
-           lambda idx: head_loss(head([c[idx].float() for c in cached]), target.take(idx), model.num_classes))
+           lambda idx: head_loss(head([c[idx].float() for c in cached]), target.take(idx), model.num_classes,
+                                 cfg.giou_weight))
     del cached
     if not cfg.finetune_epochs:
         return with_head(model, head)
@@ -214,7 +246,7 @@ def finetune(net: RepNet, train: BoxSet, target: Targets, per_image: int, spec: 
             out, kept = run_chain(net.blocks, normalize(train.images[idx], spec), cfg.layers)
             ce = F.cross_entropy(net.head(out).float(), labels[idx], label_smoothing=cfg.label_smoothing)
             maps = net.boxes([kept[i] for i in cfg.layers]).float()
-        return ce + head_loss(maps, target.take(idx), net.num_classes)
+        return ce + head_loss(maps, target.take(idx), net.num_classes, cfg.giou_weight)
 
     trained = [p for name, p in net.named_parameters() if not name.startswith("ood.")]
     # each epoch sees every image once, under one of its transforms drawn at random

@@ -13,8 +13,8 @@ from stripnet.architectures import EG_REPVGG
 from stripnet.boxhead import decode
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
-from trainer.boxes import (THRESHOLD_GRID, best_f1_thresholds, box_set, choose_thresholds, dihedral_boxes, one_class,
-                           targets, threshold_counts)
+from trainer.boxes import (THRESHOLD_GRID, best_f1_thresholds, box_set, choose_thresholds, dense_giou, dihedral_boxes,
+                           one_class, targets, threshold_counts)
 from trainer.data import dihedral, load_image_folder, load_split
 from trainer.cli import main
 from tests.helpers.images import write_image
@@ -44,6 +44,24 @@ def test_targets_put_a_peak_of_one_at_the_centre_and_decode_back_to_the_box():
     found = decode(maps, torch.tensor([1]), 8, 200, score_threshold=0.99, max_boxes=8)
     np.testing.assert_allclose(found.corners[0], [box], atol=1e-3)
     assert target.regression[0, 2, 10, 10] == pytest.approx(math.log(10))
+
+
+def test_every_cell_inside_a_box_regresses_it_and_a_cell_of_two_boxes_takes_the_higher_peak():
+    small, large = (92.0, 92.0, 116.0, 108.0), (20.0, 20.0, 180.0, 180.0)  # centres (104, 100), (100, 100)
+    target = targets([[large, small]], [0], 1, (25, 25), 8)
+    inside = target.weight[0] > 0
+    assert inside[3, 3] and inside[22, 22] and not inside[1, 1]  # large: cells 2.5 … 22.5
+    assert torch.equal(target.boxes[0, :, 12, 13], torch.tensor(small) / 8)  # the small box's peak is there
+    assert torch.equal(target.boxes[0, :, 5, 5], torch.tensor(large) / 8)
+    exact = torch.zeros(1, 4, 25, 25)
+    rows, cols = torch.meshgrid(torch.arange(25.0), torch.arange(25.0), indexing="ij")
+    x0, y0, x1, y1 = target.boxes[0]
+    exact[0] = torch.stack([(x0 + x1) / 2 - cols, (y0 + y1) / 2 - rows, (x1 - x0).clamp(min=1e-3).log(),
+                            (y1 - y0).clamp(min=1e-3).log()])
+    assert float(dense_giou(exact, target)) == pytest.approx(0, abs=1e-5)
+    wrong = exact.clone()
+    wrong[:, 2:] -= math.log(2)  # half the width and height everywhere: IoU 1/4
+    assert float(dense_giou(wrong, target)) == pytest.approx(0.75 * float(target.weight.sum()), rel=1e-4)
 
 
 def _folder(root, n_per_class: int = 6, seed: int = 0):
