@@ -37,8 +37,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from torchvision.ops import generalized_box_iou_loss
-
 from schemas.checkpoint import BoxHeadSpec, InputSpec, Manifest
 from stripnet.bf16 import cpu_has_bf16
 from stripnet.boxhead import BoxHead
@@ -164,6 +162,8 @@ def head_loss(maps: torch.Tensor, target: Targets, num_classes: int, giou_weight
 def dense_giou(regression: torch.Tensor, target: Targets) -> torch.Tensor:
     """The GIoU loss of the box read at every weighted cell (as `stripnet.boxhead.decode` reads it) against the
     box that cell regresses, weighted: summed, about one per box."""
+    from torchvision.ops import generalized_box_iou_loss  # the `train` extra
+
     n, i, j = torch.nonzero(target.weight, as_tuple=True)
     offset, log_size = regression[n, :2, i, j], regression[n, 2:, i, j].clamp(-4, 4)
     centre = offset + torch.stack([j, i], dim=1).to(offset.dtype)

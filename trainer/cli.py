@@ -28,7 +28,7 @@ from trainer.reproduce import ReproduceConfig
 from trainer.train import TrainConfig
 
 PARTS = ("train", "val", "test")  # the parts of a split.json
-TRAINING_EXTRAS = ("tqdm", "matplotlib", "torchmetrics", "pycocotools")  # pyproject's `train` extra: not in the runtime image
+TRAINING_EXTRAS = ("tqdm", "matplotlib", "torchmetrics", "pycocotools", "torchvision")  # pyproject's `train` extra: not in the runtime image
 
 
 def _print_json(obj) -> None:
