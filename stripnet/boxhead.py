@@ -107,13 +107,17 @@ def decode(maps: torch.Tensor, classes: torch.Tensor, stride: int, input_size: i
         rows, cols = torch.nonzero(peaks[k], as_tuple=True)
         order = heat[k, rows, cols].argsort(descending=True)[:max_boxes]
         rows, cols = rows[order], cols[order]
-        reg = maps[k, -REGRESSION_MAPS:, rows, cols]  # (4, m)
-        cx, cy = (cols + reg[0]) * stride, (rows + reg[1]) * stride
-        half_w, half_h = reg[2].clamp(max=8).exp() * stride / 2, reg[3].clamp(max=8).exp() * stride / 2
-        box = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1).clamp(0, input_size)
+        box = (cell_boxes(maps[k, -REGRESSION_MAPS:, rows, cols], rows, cols) * stride).clamp(0, input_size)
         corners.append(box.cpu().numpy().astype(np.float64))
         scores.append(heat[k, rows, cols].cpu().numpy().astype(np.float64))
     return Detections(tuple(corners), tuple(scores), tuple(tops))
+
+
+def cell_boxes(regression: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The (4, m) regression maps read at cells (rows, cols) → (m, 4) corners x0, y0, x1, y1, in cells."""
+    cx, cy = cols + regression[0], rows + regression[1]
+    half_w, half_h = regression[2].clamp(max=8).exp() / 2, regression[3].clamp(max=8).exp() / 2
+    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1)
 
 
 def to_frame_boxes(found: Detections, frame_sizes: Sequence[tuple[int, int]], input_size: int) -> tuple[tuple[Box, ...], ...]:

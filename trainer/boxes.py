@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from schemas.checkpoint import BoxHeadSpec, InputSpec, Manifest
 from stripnet.bf16 import cpu_has_bf16
-from stripnet.boxhead import BoxHead
+from stripnet.boxhead import BoxHead, cell_boxes
 from stripnet.budget import sides
 from stripnet.bundled import resolve_model_dir
 from stripnet.cam import LocateConfig, head_detections, one_pass
@@ -165,10 +165,7 @@ def dense_giou(regression: torch.Tensor, target: Targets) -> torch.Tensor:
     from torchvision.ops import generalized_box_iou_loss  # the `train` extra
 
     n, i, j = torch.nonzero(target.weight, as_tuple=True)
-    offset, log_size = regression[n, :2, i, j], regression[n, 2:, i, j].clamp(-4, 4)
-    centre = offset + torch.stack([j, i], dim=1).to(offset.dtype)
-    half = log_size.exp() / 2
-    predicted = torch.cat([centre - half, centre + half], dim=1)
+    predicted = cell_boxes(regression[n, :, i, j].T, i, j)
     loss = generalized_box_iou_loss(predicted, target.boxes[n, :, i, j].to(predicted.dtype), reduction="none")
     return (loss * target.weight[n, i, j]).sum()
 
