@@ -103,9 +103,9 @@ def timed_store(settings, model_dir: Path, metrics: Metrics, prepare_seconds: li
     return TimedStore(ModelStore(model_dir, timed, metrics=metrics))
 
 
-def settings_for(kafka_broker, new_topic, models):
+def settings_for(kafka_broker, new_topic, models, **overrides):
     return service_settings(kafka_broker, new_topic(partitions=2), models, model_poll_s=POLL_S, max_batch=MAX_BATCH,
-                            max_wait_ms=MAX_WAIT_MS)
+                            max_wait_ms=MAX_WAIT_MS, **overrides)
 
 
 # -- checks shared by the tests -------------------------------------------------------------------------
@@ -144,7 +144,8 @@ async def assert_committed(settings, ends: dict[int, int]) -> None:
 
 def test_a_swap_during_a_live_stream_loses_no_frame_and_comes_within_poll_plus_warm_up(
         kafka_broker, new_topic, model_dir, base_checkpoint, tmp_path):
-    settings = settings_for(kafka_broker, new_topic, model_dir)
+    # one inference thread, so batches finish in swap order (with two, a v1 batch can finish after a v2 one)
+    settings = settings_for(kafka_broker, new_topic, model_dir, inference_workers=1)
     staged = with_version(base_checkpoint, tmp_path / "staged-v2", "v2")
     prepare_seconds: list[float] = []
     metrics = Metrics()
