@@ -122,6 +122,9 @@ class BoxHeadSpec(_Frozen):
     max_boxes: int = Field(default=8, gt=0, le=64, description="at most this many boxes per frame, best first")
     fitted_images: int = Field(gt=0, description="annotated images the head was trained on")
     annotations: str = Field(default="", description="where the training boxes came from")
+    recipe: dict[str, str | int | float | bool | None] = Field(
+        default={}, description="the training settings that shaped the head (trainer boxes' HeadConfig); empty for "
+                                "a head trained before they were recorded")
 
 
 class Manifest(_Frozen):

@@ -106,6 +106,8 @@ def test_boxes_command_adds_a_head_that_beats_the_whole_frame_and_frozen_leaves_
                  "--layers", "3", "7", "8", "--finetune-epochs", "0", "--class-thresholds"]) == 0
     after, manifest = load_checkpoint(tmp_path / "model")
     assert manifest.boxes is not None and manifest.boxes.fitted_images == 12 and manifest.model_version == "v1"
+    assert manifest.boxes.recipe["epochs"] == 100 and manifest.boxes.recipe["finetune_epochs"] == 0
+    assert manifest.boxes.recipe["giou_weight"] == 1.0 and manifest.boxes.recipe["class_thresholds"] is True
     assert len(manifest.boxes.class_thresholds) == 2 and set(manifest.boxes.class_thresholds) <= set(THRESHOLD_GRID)
     x = torch.randn(3, 3, 200, 200)
     with torch.inference_mode():
