@@ -120,11 +120,20 @@ class BoxHeadSpec(_Frozen):
                                   "of that class is not served, chosen on annotated images the head did not train "
                                   "on; none: score_threshold for every class")
     max_boxes: int = Field(default=8, gt=0, le=64, description="at most this many boxes per frame, best first")
+    min_boxes: int = Field(default=0, ge=0, le=64, description="at least this many boxes per frame where the head "
+                                                                "has that many centres: the strongest, below the "
+                                                                "threshold if need be; 0: none below it")
     fitted_images: int = Field(gt=0, description="annotated images the head was trained on")
     annotations: str = Field(default="", description="where the training boxes came from")
     recipe: dict[str, str | int | float | bool | None] = Field(
         default={}, description="the training settings that shaped the head (trainer boxes' HeadConfig); empty for "
                                 "a head trained before they were recorded")
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> BoxHeadSpec:
+        if self.min_boxes > self.max_boxes:
+            raise ValueError(f"min_boxes {self.min_boxes} exceeds max_boxes {self.max_boxes}")
+        return self
 
 
 class Manifest(_Frozen):

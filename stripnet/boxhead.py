@@ -90,22 +90,25 @@ class Detections:
 
 @torch.no_grad()
 def decode(maps: torch.Tensor, classes: torch.Tensor, stride: int, input_size: int, *,
-           score_threshold: float | Sequence[float], max_boxes: int) -> Detections:
-    """(N, C + 4, h, w) head maps and (N,) classes → the boxes of each image's class; `score_threshold` is one
-    value, or one per class."""
+           score_threshold: float | Sequence[float], max_boxes: int, min_boxes: int = 0) -> Detections:
+    """(N, C + 4, h, w) head maps and (N,) classes → the boxes of each image's class: its centre map's 3×3 local
+    maxima at or above `score_threshold` (one value, or one per class), best first, at most `max_boxes`, and at
+    least the `min_boxes` strongest maxima whatever their score."""
     maps = maps.float()
     n = torch.arange(len(classes), device=maps.device)
     heat = maps[n, classes].sigmoid()  # (N, h, w)
     floor = torch.as_tensor(score_threshold, dtype=heat.dtype, device=heat.device)
-    floor = floor[classes, None, None] if floor.ndim else floor
-    peaks = (heat == F.max_pool2d(heat[:, None], 3, 1, 1)[:, 0]) & (heat >= floor)
+    floor = floor[classes] if floor.ndim else floor.expand(len(classes))  # (N,)
+    maxima = heat == F.max_pool2d(heat[:, None], 3, 1, 1)[:, 0]
     width = heat.shape[-1]
     corners, scores, tops = [], [], []
     for k in range(len(classes)):
         top = int(heat[k].flatten().argmax())
         tops.append(((top % width) * stride, (top // width) * stride))
-        rows, cols = torch.nonzero(peaks[k], as_tuple=True)
-        order = heat[k, rows, cols].argsort(descending=True)[:max_boxes]
+        rows, cols = torch.nonzero(maxima[k], as_tuple=True)
+        strength = heat[k, rows, cols]
+        above = int((strength >= floor[k]).sum())
+        order = strength.argsort(descending=True)[:min(max(above, min_boxes), max_boxes)]
         rows, cols = rows[order], cols[order]
         box = (cell_boxes(maps[k, -REGRESSION_MAPS:, rows, cols], rows, cols) * stride).clamp(0, input_size)
         corners.append(box.cpu().numpy().astype(np.float64))

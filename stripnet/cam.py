@@ -108,7 +108,7 @@ def head_detections(model: RepNet, found: Pass, input_size: int, score_threshold
     served = spec.class_thresholds or spec.score_threshold
     return decode(found.box_maps, found.classes, model.boxes.stride, input_size,
                   score_threshold=served if score_threshold is None else score_threshold,
-                  max_boxes=spec.max_boxes if max_boxes is None else max_boxes)
+                  max_boxes=spec.max_boxes if max_boxes is None else max_boxes, min_boxes=spec.min_boxes)
 
 
 def normalize_cam(cam: np.ndarray) -> np.ndarray:

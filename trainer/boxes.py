@@ -71,6 +71,8 @@ class HeadConfig:
                                  "trains on all of them (twice the time; by CV no better than one threshold once "
                                  "fine-tuned)"] = False
     max_boxes: Help[int, "at most this many served boxes per frame"] = 8
+    min_boxes: Help[int, "at least this many served boxes per frame: the head's strongest centres, below the "
+                         "threshold if need be (0: none below it)"] = 0
     giou_weight: Help[float, "weight of the GIoU loss of the boxes regressed at every cell inside a box, besides "
                              "L1 at its centre (0: centre cells only; 5, TTFNet's: higher mAP and precision, lower "
                              "recall and best IoU by CV, docs/locate.md)"] = 1.0
@@ -334,9 +336,9 @@ def _train(groups: list[dict], head: BoxHead, epochs: int, samples: int, cfg: He
 
 
 def head_spec(cfg: HeadConfig, fitted_images: int, annotations: str = "") -> BoxHeadSpec:
-    own_fields = {"layers", "hidden", "score_threshold", "max_boxes"}
+    own_fields = {"layers", "hidden", "score_threshold", "max_boxes", "min_boxes"}
     return BoxHeadSpec(layers=cfg.layers, hidden=cfg.hidden, score_threshold=cfg.score_threshold,
-                       max_boxes=cfg.max_boxes, fitted_images=fitted_images, annotations=annotations,
+                       max_boxes=cfg.max_boxes, min_boxes=cfg.min_boxes, fitted_images=fitted_images, annotations=annotations,
                        recipe={k: v for k, v in asdict(cfg).items() if k not in own_fields})
 
 
@@ -400,7 +402,8 @@ class BoxesCVConfig:
                    "scored on the fold it never saw"]
     data: Help[Path, "the image folder of that run"]
     boxes: Help[Path, "folder of Pascal VOC XML files named after the images"]
-    out: Help[Path, "where the per-fold heads and the report go (resumes: a fold whose model exists is kept)"]
+    out: Help[Path, "where the per-fold heads and the report go (resumes: a fold whose model exists is kept, "
+                    "and scored with this run's threshold and box limits)"]
     head: HeadConfig = HeadConfig()
     threads: Help[int | None, "torch CPU threads"] = None
 
@@ -426,7 +429,7 @@ def cross_validate_boxes(cfg: BoxesCVConfig, log: Callable[[str], None] = print)
             export_checkpoint(fitted, done, class_names=manifest.class_names,
                               model_name=manifest.model_name, model_version=manifest.model_version,
                               input_spec=manifest.input, recipe=manifest.recipe)
-        with_boxes, _ = load_checkpoint(done)
+        with_boxes = served_as(load_checkpoint(done)[0], cfg.head)
         test = data.subset(test_idx)
         head_scored, _ = score_set(with_boxes, manifest, test, cfg.boxes, LocateConfig(method="head"))
         cam_scored, _ = score_set(model, manifest, test, cfg.boxes, LocateConfig(method="cam"))
@@ -452,6 +455,15 @@ def cross_validate_boxes(cfg: BoxesCVConfig, log: Callable[[str], None] = print)
     (Path(cfg.out) / "boxes-cv.json").write_text(json.dumps(doc, indent=2, default=str))
     (Path(cfg.out) / "boxes-cv.md").write_text(cv_markdown(doc))
     return doc
+
+
+def served_as(model: RepNet, cfg: HeadConfig) -> RepNet:
+    """`model` serving its head with `cfg`'s decoding (threshold, box limits): a finished fold is re-scored with
+    other served settings without training its head again."""
+    assert model.boxes is not None
+    model.boxes.spec = model.boxes.spec.model_copy(update={
+        "score_threshold": cfg.score_threshold, "max_boxes": cfg.max_boxes, "min_boxes": cfg.min_boxes})
+    return model
 
 
 def thresholds_from_other_folds(folds: list[tuple[RepNet, ImageSet]], manifest: Manifest, cfg: BoxesCVConfig

@@ -102,6 +102,22 @@ def test_local_maxima_only_best_first_and_at_most_max_boxes():
     assert len(decode(maps, torch.tensor([0]), 8, 200, score_threshold=0.3, max_boxes=1).scores[0]) == 1
 
 
+def test_min_boxes_serves_the_strongest_centres_below_the_threshold_only_to_make_up_the_number():
+    maps = _maps(1, 25, (3, 3), 0, (0, 0, 0, 0), peak=0.2)
+    maps[0, 0, 20, 20] = math.log(0.1 / 0.9)
+    maps[0, 0, 12, 12] = math.log(0.7 / 0.3)
+    def scores(threshold, min_boxes, max_boxes=8):
+        found = decode(maps, torch.tensor([0]), 8, 200, score_threshold=threshold, max_boxes=max_boxes,
+                       min_boxes=min_boxes)
+        return found.scores[0].round(6).tolist()
+    assert scores(0.3, 0) == [0.7]
+    assert scores(0.3, 1) == [0.7]  # one above the threshold already: nothing below it added
+    assert scores(0.3, 2) == [0.7, 0.2]
+    assert scores(0.9, 1) == [0.7]
+    assert scores(0.9, 2, max_boxes=1) == [0.7]  # max_boxes still caps it
+    assert len(scores(0.3, 64)) == len(scores(1e-6, 0))  # no more than the local maxima there are
+
+
 def test_checkpoint_saves_the_head_and_locate_serves_its_boxes(net, tmp_path):
     manifest = export_checkpoint(net, tmp_path / "ckpt", class_names=tuple("abcdef"), model_name="t",
                                  model_version="v1")
@@ -151,3 +167,5 @@ def test_head_spec_bounds_what_a_manifest_may_ask_for():
         BoxHeadSpec(layers=(3,), hidden=100_000, fitted_images=1)
     with pytest.raises(ValueError):
         BoxHeadSpec(layers=(), hidden=8, fitted_images=1)
+    with pytest.raises(ValueError, match="min_boxes"):
+        BoxHeadSpec(layers=(3,), hidden=8, fitted_images=1, min_boxes=9, max_boxes=8)

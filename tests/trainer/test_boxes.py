@@ -160,8 +160,10 @@ def test_boxes_cv_fine_tunes_one_network_and_head_per_fold_scores_the_fold_it_ne
         assert manifest.boxes.fitted_images == 4 and manifest.model_version == f"fold{k}"
     assert "| localization head |" in (tmp_path / "out" / "boxes-cv.md").read_text()
     stamp = (tmp_path / "out" / "fold-0" / "model" / "manifest.json").stat().st_mtime_ns
-    assert main(args) == 0  # resumes: the fold heads are kept
+    assert main(args + ["--min-boxes", "3"]) == 0  # resumes: the fold heads are kept, served as this run says
     assert (tmp_path / "out" / "fold-0" / "model" / "manifest.json").stat().st_mtime_ns == stamp
+    rescored = json.loads((tmp_path / "out" / "boxes-cv.json").read_text())["pooled"]["head"]["rows"]["overall"]
+    assert rescored["boxes_per_image"] >= 3 > doc["pooled"]["head"]["rows"]["overall"]["boxes_per_image"]
 
 
 def test_boxes_cv_with_one_threshold_also_serves_each_fold_the_thresholds_of_the_other_folds(tmp_path):
