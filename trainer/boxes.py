@@ -339,7 +339,8 @@ def _train(groups: list[dict], head: BoxHead, epochs: int, samples: int, cfg: He
 def head_spec(cfg: HeadConfig, fitted_images: int, annotations: str = "") -> BoxHeadSpec:
     own_fields = {"layers", "hidden", "score_threshold", "max_boxes", "min_boxes"}
     return BoxHeadSpec(layers=cfg.layers, hidden=cfg.hidden, score_threshold=cfg.score_threshold,
-                       max_boxes=cfg.max_boxes, min_boxes=cfg.min_boxes, fitted_images=fitted_images, annotations=annotations,
+                       max_boxes=cfg.max_boxes, min_boxes=cfg.min_boxes, fitted_images=fitted_images,
+                       annotations=annotations,
                        recipe={k: v for k, v in asdict(cfg).items() if k not in own_fields})
 
 
