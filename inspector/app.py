@@ -23,6 +23,7 @@ from inspector.runners import Loader, Runner
 from inspector.service import InspectorService, Models
 from inspector.settings import Settings
 from schemas.checkpoint import Manifest
+from stripnet.allocator import keep_freed_memory
 from stripnet.network import RepNet
 
 
@@ -40,6 +41,8 @@ def build(settings: Settings, *, metrics: Metrics | None = None, models: Models 
     give it the same `metrics`). Raises BackendUnavailableError when the chosen backend is not installed."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)  # process-wide: intra-op threads for CPU inference
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     metrics = metrics if metrics is not None else Metrics()
     loader = Loader(settings, metrics=metrics)
     models = models if models is not None else model_store(settings, loader.load, metrics)

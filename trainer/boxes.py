@@ -77,6 +77,9 @@ class HeadConfig:
     giou_weight: Help[float, "weight of the GIoU loss of the boxes regressed at every cell inside a box, besides "
                              "L1 at its centre (0: centre cells only; 5, TTFNet's: higher mAP and precision, lower "
                              "recall and best IoU by CV, docs/locate.md)"] = 1.0
+    centre_iou: Help[float, "cells where a box, centred there instead, would still overlap it by this IoU are "
+                            "centres too (0: its own cell only); a large box's ambiguous centre gets more than "
+                            "one cell, as FCOS's centre sampling"] = 0.0
     finetune_epochs: Help[int, "then train the network and the head together for this many passes over the "
                                "annotated images (one D4 transform each), the network's cross-entropy in the loss "
                                "(0: the network stays frozen, its classifier exactly as it was)"] = 100
@@ -112,19 +115,22 @@ class Targets:
     centres: torch.Tensor  # (N, h, w) bool
     boxes: torch.Tensor  # (N, 4, h, w) corners x0, y0, x1, y1 in cells of the box each cell regresses
     weight: torch.Tensor  # (N, h, w) that box's Gaussian there, summing to 1 over its cells (0: no box)
+    objects: torch.Tensor  # (N,) boxes per image
 
     def take(self, idx: torch.Tensor) -> Targets:
-        return Targets(self.heat[idx], self.regression[idx], self.centres[idx], self.boxes[idx], self.weight[idx])
+        return Targets(self.heat[idx], self.regression[idx], self.centres[idx], self.boxes[idx], self.weight[idx],
+                       self.objects[idx])
 
 
 def targets(boxes: Sequence[Sequence[Corners]], labels: Sequence[int], num_classes: int, grid: tuple[int, int],
-            stride: int) -> Targets:
+            stride: int, centre_iou: float = 0.0) -> Targets:
     n, (h, w) = len(boxes), grid
     heat = torch.zeros(n, num_classes, h, w)
     regression = torch.zeros(n, 4, h, w)
     centres = torch.zeros(n, h, w, dtype=torch.bool)
     corners, weight, owner = torch.zeros(n, 4, h, w), torch.zeros(n, h, w), torch.zeros(n, h, w)
     rows, cols = torch.arange(h, dtype=torch.float32)[:, None], torch.arange(w, dtype=torch.float32)[None, :]
+    ys, xs = rows.expand(h, w), cols.expand(h, w)
     for k, (image_boxes, label) in enumerate(zip(boxes, labels, strict=True)):
         for x0, y0, x1, y1 in image_boxes:
             cx, cy = (x0 + x1) / 2 / stride, (y0 + y1) / 2 / stride
@@ -132,9 +138,12 @@ def targets(boxes: Sequence[Sequence[Corners]], labels: Sequence[int], num_class
             i, j = min(max(round(cy), 0), h - 1), min(max(round(cx), 0), w - 1)
             sx, sy = max(GAUSSIAN_ALPHA * bw / 6, 0.3), max(GAUSSIAN_ALPHA * bh / 6, 0.3)
             peak = torch.exp(-((cols - j) ** 2) / (2 * sx * sx) - ((rows - i) ** 2) / (2 * sy * sy))
-            heat[k, label] = torch.maximum(heat[k, label], peak)
-            regression[k, :, i, j] = torch.tensor([cx - j, cy - i, math.log(bw), math.log(bh)])
-            centres[k, i, j] = True
+            own = shifted_iou(xs - cx, ys - cy, bw, bh) >= centre_iou if centre_iou else torch.zeros_like(centres[k])
+            own[i, j] = True
+            heat[k, label] = torch.maximum(heat[k, label], torch.where(own, 1.0, peak))
+            regression[k, 0][own], regression[k, 1][own] = cx - xs[own], cy - ys[own]
+            regression[k, 2][own], regression[k, 3][own] = math.log(bw), math.log(bh)
+            centres[k] |= own
             inside = (cols >= x0 / stride) & (cols <= x1 / stride) & (rows >= y0 / stride) & (rows <= y1 / stride)
             inside[i, j] = True
             mine = torch.where(inside, peak, 0.0)
@@ -142,7 +151,13 @@ def targets(boxes: Sequence[Sequence[Corners]], labels: Sequence[int], num_class
             owner[k] = torch.where(won, mine, owner[k])
             weight[k] = torch.where(won, mine / mine.sum(), weight[k])
             corners[k, :, won] = torch.tensor([x0, y0, x1, y1])[:, None] / stride
-    return Targets(heat, regression, centres, corners, weight)
+    return Targets(heat, regression, centres, corners, weight, torch.tensor([len(b) for b in boxes]))
+
+
+def shifted_iou(dx: torch.Tensor, dy: torch.Tensor, w: float, h: float) -> torch.Tensor:
+    """IoU of a w × h box with itself moved by (dx, dy)."""
+    inter = (w - dx.abs()).clamp(min=0) * (h - dy.abs()).clamp(min=0)
+    return inter / (2 * w * h - inter)
 
 
 def focal_loss(logits: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
@@ -156,11 +171,11 @@ def focal_loss(logits: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
 def head_loss(maps: torch.Tensor, target: Targets, num_classes: int, giou_weight: float) -> torch.Tensor:
     heat = focal_loss(maps[:, :num_classes], target.heat)
     mask = target.centres[:, None].expand_as(target.regression)
-    regression = F.l1_loss(maps[:, num_classes:][mask], target.regression[mask], reduction="sum")
-    objects = target.centres.sum().clamp(min=1)
+    l1 = F.l1_loss(maps[:, num_classes:][mask], target.regression[mask], reduction="sum")
+    loss = heat + l1 / target.centres.sum().clamp(min=1)
     if giou_weight:
-        regression = regression + giou_weight * dense_giou(maps[:, num_classes:], target)
-    return heat + regression / objects
+        loss = loss + giou_weight * dense_giou(maps[:, num_classes:], target) / target.objects.sum().clamp(min=1)
+    return loss
 
 
 def dense_giou(regression: torch.Tensor, target: Targets) -> torch.Tensor:
@@ -221,7 +236,7 @@ def fit_boxes(model: RepNet, data: BoxSet, spec: InputSpec, cfg: HeadConfig, log
     train = augmented(data, cfg.augment)
     head = BoxHead(model.spec, model.num_classes, head_spec(cfg, len(data.labels), annotations))
     grid = _grid(model, spec, cfg.layers)
-    target = targets(train.boxes, train.labels, model.num_classes, grid, head.stride)
+    target = targets(train.boxes, train.labels, model.num_classes, grid, head.stride, cfg.centre_iou)
     log(f"boxes: {len(train.labels)} training maps ({len(data.labels)} images × "
         f"{len(train.labels) // len(data.labels)} transforms), network frozen")
     cached = features(model, train.images, spec, cfg.layers)

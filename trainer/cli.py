@@ -17,6 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from schemas.checkpoint import InputSpec
+from stripnet.allocator import keep_freed_memory
 from stripnet.architectures import ARCHITECTURES
 from stripnet.cam import LocateConfig
 from trainer.boxes import BoxesConfig, BoxesCVConfig
@@ -313,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:

@@ -31,6 +31,7 @@ from stripnet.checkpoint import load_checkpoint
 from trainer.data import ImageSet, load_image_folder
 from trainer.figures import plot_validation_curves
 from trainer.runlog import read_rows
+from stripnet.allocator import keep_freed_memory
 from trainer.evaluate import Metrics, compute_metrics, predict_logits, predictions_doc
 from trainer.figures import plot_confusion
 from trainer.train import TrainConfig, fit
@@ -86,8 +87,11 @@ def _fold_config(cfg: CVConfig, recipe: TrainConfig, run: Path, split: Path, tea
                    threads=cfg.threads, limit_per_class=cfg.limit_per_class, progress=False)
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Pool initializer: a fold process stops when `trainer cv` is killed, instead of training on as an orphan."""
+def _fold_process(parent: int) -> None:
+    """Pool initializer: the allocator `trainer` runs with, and a fold process that stops when `trainer cv` is
+    killed, instead of training on as an orphan."""
+    keep_freed_memory()
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(2)
@@ -152,7 +156,7 @@ def cross_validate(cfg: CVConfig) -> dict:
           f"({cfg.jobs} at a time, {cfg.threads} thread(s) each; per-epoch logs in {cfg.out}/fold-*/*/log.csv)",
           flush=True)
     with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+                             initializer=_fold_process, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(run_fold, cfg, k): k for k in pending}
         for future in as_completed(futures):
             future.result()

@@ -64,6 +64,7 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: tuple[s
 
 
 @torch.inference_mode()
+@torch.inference_mode()
 def predict_logits(model: nn.Module, data: ImageSet, spec: InputSpec, batch_size: int = 64) -> torch.Tensor:
     model.eval()
     chunks = [

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stripnet.architectures import EG_REPVGG
-from stripnet.boxhead import decode
+from stripnet.boxhead import cell_boxes, decode
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
 from trainer.boxes import (THRESHOLD_GRID, best_f1_thresholds, box_set, choose_thresholds, dense_giou, dihedral_boxes,
@@ -44,6 +44,20 @@ def test_targets_put_a_peak_of_one_at_the_centre_and_decode_back_to_the_box():
     found = decode(maps, torch.tensor([1]), 8, 200, score_threshold=0.99, max_boxes=8)
     np.testing.assert_allclose(found.corners[0], [box], atol=1e-3)
     assert target.regression[0, 2, 10, 10] == pytest.approx(math.log(10))
+
+
+def test_centre_iou_makes_the_cells_near_a_large_box_centre_centres_too_and_each_decodes_to_the_box():
+    large, small = (20.0, 52.0, 148.0, 124.0), (168.0, 168.0, 184.0, 184.0)  # 16 × 9 cells; 2 × 2 cells
+    target = targets([[large, small]], [0], 1, (25, 25), 8, centre_iou=0.7)
+    centres = target.centres[0]
+    assert centres[11, 8] and centres[11, 13] and not centres[11, 14] and not centres[13, 10]  # centre (10.5, 11)
+    assert centres[22, 22] and int(centres[19:, 19:].sum()) == 1  # a small box keeps its one cell
+    assert torch.equal(target.heat[0, 0][centres], torch.ones(int(centres.sum())))
+    assert target.objects.tolist() == [2] and int(centres.sum()) > 2
+    rows, cols = torch.nonzero(centres[:15], as_tuple=True)
+    boxes = cell_boxes(target.regression[0][:, rows, cols], rows, cols) * 8
+    np.testing.assert_allclose(boxes.numpy(), np.tile(large, (len(rows), 1)), atol=1e-4)
+    assert torch.equal(targets([[large]], [0], 1, (25, 25), 8).centres.nonzero(), torch.tensor([[0, 11, 10]]))
 
 
 def test_every_cell_inside_a_box_regresses_it_and_a_cell_of_two_boxes_takes_the_higher_peak():
