@@ -51,6 +51,7 @@ class Machine(BaseModel):
     platform: str
     torch: str
     onnxruntime: str | None
+    isa: tuple[str, ...] = ()  # of VECTOR_ISA, the ones this CPU reports (empty in results written before)
 
 
 def load_average() -> LoadAverage:
@@ -58,8 +59,13 @@ def load_average() -> LoadAverage:
     return LoadAverage(one=one, five=five, fifteen=fifteen)
 
 
+VECTOR_ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")  # what decides which kernels run
+
+
 def machine() -> Machine:
     import torch
+
+    from stripnet.bf16 import cpu_flags
 
     try:
         import onnxruntime
@@ -68,7 +74,8 @@ def machine() -> Machine:
     except ImportError:
         ort_version = None
     return Machine(cpu=_cpu_name(), logical_cpus=os.cpu_count() or 0, python=platform.python_version(),
-                   platform=platform.platform(), torch=torch.__version__, onnxruntime=ort_version)
+                   platform=platform.platform(), torch=torch.__version__, onnxruntime=ort_version,
+                   isa=tuple(flag for flag in VECTOR_ISA if flag in cpu_flags()))
 
 
 def _cpu_name() -> str:

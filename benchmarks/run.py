@@ -80,7 +80,7 @@ def sections(out_dir: Path, level: str = "##") -> list[str]:
         m, la = f.machine, f.load_average_start
         parts += ["", f"{level} {f.title}", "",
                   f"`{f.command}` · {f.started_at:%Y-%m-%d %H:%M} UTC · {f.duration_s:.0f} s · "
-                  f"{m.cpu}, {m.logical_cpus} logical CPUs · torch {m.torch}"
+                  f"{m.cpu}, {m.logical_cpus} logical CPUs{isa_note(m)} · torch {m.torch}"
                   + (f" · onnxruntime {m.onnxruntime}" if m.onnxruntime else "")
                   + f" · load average (1 min) {la.one:.2f} at start, {f.load_average_end.one:.2f} at end"
                   + (" · **quick run: not for quoting**" if f.options.get("quick") else ""),
@@ -108,6 +108,11 @@ def write_project_readme(out_dir: Path, readme: Path = PROJECT_README) -> Path:
     body = "\n".join(sections(out_dir, level="###")).strip()
     readme.write_text(text[:start + len(GENERATED[0])] + "\n\n" + body + "\n\n" + text[end:])
     return readme
+
+
+def isa_note(m: Machine) -> str:
+    """" (avx2 avx512f …)": the vector instructions a result was measured with; absent from older results."""
+    return f" ({' '.join(m.isa)})" if m.isa else ""
 
 
 def main(argv: list[str] | None = None) -> int:

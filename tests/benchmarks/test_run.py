@@ -31,3 +31,11 @@ def test_a_readme_without_the_markers_is_an_error(tmp_path):
     (tmp_path / "README.md").write_text("# P\n")
     with pytest.raises(ValueError, match="no"):
         write_project_readme(tmp_path, tmp_path / "README.md")
+
+
+def test_a_result_names_the_vector_instructions_it_was_measured_with_and_an_older_one_none(tmp_path):
+    newer = {**RESULT, "machine": {**RESULT["machine"], "isa": ["avx2", "avx512f", "avx512_bf16"]}}
+    (tmp_path / "model.json").write_text(ResultFile.model_validate(newer).model_dump_json())
+    assert "AMD EPYC, 2 logical CPUs (avx2 avx512f avx512_bf16) · torch" in write_readme(tmp_path).read_text()
+    (tmp_path / "model.json").write_text(ResultFile.model_validate(RESULT).model_dump_json())
+    assert "AMD EPYC, 2 logical CPUs · torch" in write_readme(tmp_path).read_text()
