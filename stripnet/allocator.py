@@ -4,9 +4,9 @@ glibc serves a large allocation (an activation map, a gradient) with its own mma
 freed, and trims the heap's free top back to the kernel. A network that allocates the same sizes every batch
 then takes fresh pages, each a page fault and a zeroed page, on every step; on this VM that kernel time was as
 large as the arithmetic (tests/stripnet/test_allocator.py counts the faults; `make bench` runs the service
-with and without it). `keep_freed_memory` raises glibc's mmap and trim thresholds (`mallopt`, the same settings as the `MALLOC_MMAP_THRESHOLD_` and
-`MALLOC_TRIM_THRESHOLD_` environment variables), so the pages stay mapped and are reused: the price is that
-the process keeps its peak heap instead of shrinking after it.
+with and without it). `keep_freed_memory` raises glibc's mmap and trim thresholds (`mallopt`, the settings of
+the `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` environment variables), so the pages stay mapped and
+are reused: the price is that the process keeps its peak heap instead of shrinking after it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # <malloc.h>
 MMAP_THRESHOLD = 1 << 30  # allocations below 1 GiB come from the heap
 TRIM_THRESHOLD = (1 << 31) - 1  # the heap returns its free top only beyond 2 GiB (mallopt takes an int)
-TOP_PAD = 64 << 20
+TOP_PAD = 64 << 20  # each time the heap grows, 64 MiB more than asked: fewer brk calls
 
 
 def keep_freed_memory() -> bool:
