@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from benchmarks import RESULTS_DIR, BenchOptions, LoadAverage, Machine, Section, load_average, machine
 from stripnet.allocator import keep_freed_memory
 
-BENCHMARKS: tuple[str, ...] = ("model", "service", "console", "gpu")
+BENCHMARKS: tuple[str, ...] = ("model", "service", "train", "console", "gpu")
 
 
 class ResultFile(BaseModel):
