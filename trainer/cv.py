@@ -27,11 +27,11 @@ from typing import Annotated
 import numpy as np
 import torch
 
+from stripnet.allocator import keep_freed_memory
 from stripnet.checkpoint import load_checkpoint
 from trainer.data import ImageSet, load_image_folder
 from trainer.figures import plot_validation_curves
 from trainer.runlog import read_rows
-from stripnet.allocator import keep_freed_memory
 from trainer.evaluate import Metrics, compute_metrics, predict_logits, predictions_doc
 from trainer.figures import plot_confusion
 from trainer.train import TrainConfig, fit
