@@ -24,7 +24,6 @@ from typing import Any
 from pydantic import BaseModel
 
 from benchmarks import RESULTS_DIR, BenchOptions, LoadAverage, Machine, Section, load_average, machine
-from stripnet.allocator import keep_freed_memory
 
 BENCHMARKS: tuple[str, ...] = ("model", "service", "train", "console", "gpu")
 
@@ -123,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output folder (default {RESULTS_DIR})")
     args = parser.parse_args(argv)
     options = BenchOptions(quick=args.quick, threads=args.threads)
-    keep_freed_memory()  # as `inspector run` and `trainer` do, so the model-only figures match what they serve
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.only or BENCHMARKS:

@@ -65,7 +65,7 @@ System = str  # INSPECTOR, NAIVE or an inspector variant's name (VARIANTS)
 VARIANTS: dict[str, dict[str, str]] = {
     "inspector run --threads 2": {"INSPECTOR_THREADS": "2"},
     "inspector run --inference-workers 1": {"INSPECTOR_INFERENCE_WORKERS": "1"},  # the default is 2 on 2+ cores
-    "inspector run --no-keep-freed-memory": {"INSPECTOR_KEEP_FREED_MEMORY": "false"},  # glibc's own allocator
+    "inspector run --keep-freed-memory": {"INSPECTOR_KEEP_FREED_MEMORY": "true"},  # stripnet.allocator's setting
 }
 
 

@@ -90,9 +90,10 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=1, gt=0)
     """intra-op threads for CPU inference; measured on the 2-core box (README), 1 beat 2 by 4-10x per batch
     once anything else ran (the event loop, decoding, a trainer)"""
-    keep_freed_memory: bool = True
-    """glibc keeps freed memory mapped and reuses it, instead of returning it to the kernel after every batch and
-    faulting fresh zeroed pages in for the next (stripnet/allocator.py); the process keeps its peak heap"""
+    keep_freed_memory: bool = False
+    """glibc keeps freed memory mapped and reuses it instead of returning it to the kernel (stripnet/allocator.py;
+    trainer sets it: 1.43x less CPU per training step). Off for the service: in one benchmark run (AVX2 host,
+    onnxruntime) the service delivered 610 frames/s with it and 879 without (README, Performance)"""
     inference_workers: int = Field(default_factory=lambda: min(2, os.cpu_count() or 1), gt=0)
     """threads each running whole batches (events still leave in batch order); default 2 on a machine with 2 or
     more cores (measured on 2 shared cores, two runs: 1.04-1.38x the saturation of one worker, 1.3-1.8x the frames

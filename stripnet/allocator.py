@@ -2,11 +2,12 @@
 
 glibc serves a large allocation (an activation map, a gradient) with its own mmap and unmaps it when it is
 freed, and trims the heap's free top back to the kernel. A network that allocates the same sizes every batch
-then takes fresh pages, each a page fault and a zeroed page, on every step; on this VM that kernel time was as
-large as the arithmetic (tests/stripnet/test_allocator.py counts the faults; `make bench` runs the service
-with and without it). `keep_freed_memory` raises glibc's mmap and trim thresholds (`mallopt`, the settings of
-the `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` environment variables), so the pages stay mapped and
-are reused: the price is that the process keeps its peak heap instead of shrinking after it.
+then takes fresh pages, each a page fault and a zeroed page, on every step; on this VM that kernel time was
+as large as the arithmetic in a training step (tests/stripnet/test_allocator.py counts the faults; `make
+bench --only train` measures it). `keep_freed_memory` raises glibc's mmap and trim thresholds (`mallopt`,
+the settings of the `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` environment variables), so the
+pages stay mapped and are reused: the price is that the process keeps its peak heap instead of shrinking
+after it. `trainer` sets it; the service leaves it off by default, since it slowed it in the one run measured.
 """
 
 from __future__ import annotations
