@@ -11,7 +11,6 @@ faults land in kernel time), and minor page faults.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import statistics
@@ -129,27 +128,27 @@ def run(options: BenchOptions) -> Section:
 
 def render(report: TrainReport) -> str:
     m = report.median
+
+    def total(a: str, part: str) -> float:
+        return m(a, f"{part}_user_ms") + m(a, f"{part}_kernel_ms")
+
     lines = [
         f"EG-RepVGG from scratch, batch {BATCH}, 200×200 gray, one thread, "
         f"{'bf16 autocast' if report.bf16 else 'fp32 (no bf16 dot products on this CPU)'}; per allocator "
         f"{report.rounds} worker process(es), alternating, each {report.steps} steps and one validation pass over "
         f"{report.validation_images} images after a warm-up; medians. keep: `stripnet.allocator.keep_freed_memory`, "
-        "as `trainer` and `inspector run` set it; glibc: its defaults. Kernel time is mostly page faults.",
+        "as `trainer` sets it; glibc: its defaults. Kernel time is mostly page faults.",
         "",
         "| allocator | step CPU ms (user + kernel) | kernel share | page faults per step | validation CPU ms per "
         "image (user + kernel) | page faults per image |",
         "| :--- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for a in ALLOCATORS:
-        step = m(a, "step_user_ms") + m(a, "step_kernel_ms")
-        val = m(a, "validate_user_ms") + m(a, "validate_kernel_ms")
+        step, val = total(a, "step"), total(a, "validate")
         lines.append(f"| {a} | {step:,.0f} ({m(a, 'step_user_ms'):,.0f} + {m(a, 'step_kernel_ms'):,.0f}) | "
                      f"{m(a, 'step_kernel_ms') / step:.0%} | {m(a, 'step_faults'):,.0f} | {val:.2f} "
                      f"({m(a, 'validate_user_ms'):.2f} + {m(a, 'validate_kernel_ms'):.2f}) | "
                      f"{m(a, 'validate_faults'):,.0f} |")
-
-    def total(a: str, part: str) -> float:
-        return m(a, f"{part}_user_ms") + m(a, f"{part}_kernel_ms")
     lines += ["", f"glibc / keep, CPU per step: {total('glibc', 'step') / total('keep', 'step'):.2f}×; per "
               f"validated image: {total('glibc', 'validate') / total('keep', 'validate'):.2f}×"]
     return "\n".join(lines)
