@@ -3,8 +3,8 @@ that `trainer` uses (stripnet.allocator.keep_freed_memory) and with glibc's own,
 
 The setting is process-wide, so each allocator runs in its own worker process (`python -m benchmarks.train
 --worker keep|glibc`), alternately, several rounds each. A worker trains the network from scratch on
-synthetic 200×200 gray frames as `trainer.train.fit` does (one D4 element per image, SGD with momentum, bf16
-autocast where the CPU has bf16 dot products, the trainer's default) and validates it as `fit` does after each
+synthetic 200×200 gray frames with `trainer.train.train_step`, as `fit` does (one D4 element per image, SGD
+with momentum, bf16 autocast where the CPU has bf16 dot products, the trainer's default) and validates it as `fit` does after each
 epoch (`trainer.evaluate.predict_logits`). It reports process CPU time, split into user and kernel (page
 faults land in kernel time), and minor page faults.
 """
@@ -31,6 +31,7 @@ from stripnet.preprocess import normalize
 from schemas.checkpoint import InputSpec
 from trainer.data import DIHEDRAL, ImageSet, dihedral_batch
 from trainer.evaluate import predict_logits
+from trainer.train import train_step
 
 ALLOCATORS = ("keep", "glibc")
 BATCH, CLASSES, SIZE = 64, 6, 200
@@ -82,12 +83,7 @@ def measure(steps: int, validation_images: int) -> Cost:
     def step() -> None:
         model.train()
         x = normalize(dihedral_batch(images, torch.randint(0, DIHEDRAL, (BATCH,), generator=gen)), spec)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, bf16, lambda logits: {"loss": F.cross_entropy(logits, labels)})
 
     val = ImageSet(torch.randint(0, 256, (validation_images, SIZE, SIZE), dtype=torch.uint8, generator=gen),
                    torch.zeros(validation_images, dtype=torch.long), tuple(f"c{i}" for i in range(CLASSES)),

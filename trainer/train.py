@@ -14,11 +14,13 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from schemas.checkpoint import ArchitectureSpec, InputSpec, Manifest
 from stripnet.architectures import ARCHITECTURES, get_spec
@@ -205,6 +207,29 @@ def _score(row: dict, by_f1: bool) -> tuple[float, ...]:
     return (f1, acc, -loss) if by_f1 else (acc, -loss)
 
 
+def loss_parts(logits: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None, cfg: TrainConfig,
+               weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The batch's loss and its logged parts: distillation against the teacher's `soft` logits, or cross-entropy."""
+    if soft is not None:
+        return kd_loss(logits, soft, y, cfg.kd, cfg.label_smoothing, weight)
+    ce = F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
+    return {"loss": ce, "ce": ce.detach(), "kd": torch.zeros(())}
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, bf16: bool,
+               loss_of: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step: forward (bf16 autocast if asked), `loss_of` the fp32 logits, backward, update."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+    logits = logits.float()
+    parts = loss_of(logits)
+    opt.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    opt.step()
+    return logits, parts
+
+
 def fit(cfg: TrainConfig) -> FitResult:
     from tqdm import tqdm  # the `train` extra: the runtime image builds this module's CLI without it
 
@@ -271,17 +296,9 @@ def fit(cfg: TrainConfig) -> FitResult:
             x, y = prep(camera_jitter(pixels, gen) if cfg.jitter else pixels), train.labels[idx]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup, cfg.lr)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(x)
-            logits = logits.float()
-            if soft is not None:
-                parts = kd_loss(logits, soft[ks, idx], y, cfg.kd, cfg.label_smoothing, weight)
-            else:
-                ce = F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
-                parts = {"loss": ce, "ce": ce.detach(), "kd": torch.zeros(())}
-            opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            opt.step()
+            targets = soft[ks, idx] if soft is not None else None
+            logits, parts = train_step(model, opt, x, cfg.bf16,
+                                       partial(loss_parts, y=y, soft=targets, cfg=cfg, weight=weight))
             if ema is not None:
                 ema.update_parameters(model)
             step += 1
