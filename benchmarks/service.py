@@ -60,12 +60,16 @@ CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale
 PARTITIONS = 3
 INSPECTOR, NAIVE = "inspector run", "naive consumer"
 System = str  # INSPECTOR, NAIVE or an inspector variant's name (VARIANTS)
+DEFAULTS_AGAIN = "inspector run, the defaults again (last)"
 # Issue 14, item 5: the inspector with two intra-op threads, and with two inference workers (threads each
 # running whole batches), against its defaults (one of each), in the same run.
 VARIANTS: dict[str, dict[str, str]] = {
     "inspector run --threads 2": {"INSPECTOR_THREADS": "2"},
     "inspector run --inference-workers 1": {"INSPECTOR_INFERENCE_WORKERS": "1"},  # the default is 2 on 2+ cores
     "inspector run --keep-freed-memory": {"INSPECTOR_KEEP_FREED_MEMORY": "true"},  # stripnet.allocator's setting
+    # the defaults once more, after every variant: how far the same system drifts between the start and the end of
+    # a run on this shared VM, against which a variant's difference from the defaults is read
+    DEFAULTS_AGAIN: {},
 }
 
 
@@ -689,7 +693,8 @@ def render(report: ServiceReport, plan: Plan) -> str:
         f"{plan.rate:,.0f} frames/s; frames without an event {plan.drain_timeout_s:g} s after a phase count as "
         f"infinitely late. Delivered = events/s during the send window after its first "
         f"{plan.ramp_s:g} s. Variants (issue 14, item 5), each a fresh `inspector run` with one setting changed, get "
-        f"the saturation and target phases: {', '.join(f'`{v}`' for v in VARIANTS)}.",
+        f"the saturation and target phases: {', '.join(f'`{v}`' for v in VARIANTS)}; the last one changes nothing "
+        f"and measures the run's drift.",
         markdown_table(["System", "Phase", "Offered", "Sent/s", "Delivered/s", "p50", "p90", "p99", "max", "Missing",
                         "CPU ms/frame", "Mean batch", "Inference busy"], phase_rows, "ll" + "r" * 11),
         markdown_table(["Model-only (this process, pre-decoded frames)", "Runtime", "Batch",
