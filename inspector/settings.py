@@ -92,8 +92,8 @@ class Settings(BaseSettings):
     once anything else ran (the event loop, decoding, a trainer)"""
     keep_freed_memory: bool = False
     """glibc keeps freed memory mapped and reuses it instead of returning it to the kernel (stripnet/allocator.py;
-    trainer sets it: 1.43x less CPU per training step). Off for the service: in one benchmark run (AVX2 host,
-    onnxruntime) the service delivered 610 frames/s with it and 879 without (README, Performance)"""
+    trainer sets it: 1.43-1.53x less CPU per training step). Off for the service, which does not fault the way
+    training does: two benchmark runs disagreed in sign, within the VM's run-to-run spread (README, Performance)"""
     inference_workers: int = Field(default_factory=lambda: min(2, os.cpu_count() or 1), gt=0)
     """threads each running whole batches (events still leave in batch order); default 2 on a machine with 2 or
     more cores (measured on 2 shared cores, two runs: 1.04-1.38x the saturation of one worker, 1.3-1.8x the frames
