@@ -61,8 +61,8 @@ PARTITIONS = 3
 INSPECTOR, NAIVE = "inspector run", "naive consumer"
 System = str  # INSPECTOR, NAIVE or an inspector variant's name (VARIANTS)
 DEFAULTS_AGAIN = "inspector run, the defaults again (last)"
-# Issue 14, item 5: the inspector with two intra-op threads, and with two inference workers (threads each
-# running whole batches), against its defaults (one of each), in the same run.
+# Issue 14, item 5: the inspector with one setting changed against its defaults (one intra-op thread, two
+# inference workers on 2+ cores), in the same run.
 VARIANTS: dict[str, dict[str, str]] = {
     "inspector run --threads 2": {"INSPECTOR_THREADS": "2"},
     "inspector run --inference-workers 1": {"INSPECTOR_INFERENCE_WORKERS": "1"},  # the default is 2 on 2+ cores
