@@ -83,7 +83,7 @@ def measure(steps: int, validation_images: int) -> Cost:
     def step() -> None:
         model.train()
         x = normalize(dihedral_batch(images, torch.randint(0, DIHEDRAL, (BATCH,), generator=gen)), spec)
-        train_step(model, opt, x, bf16, lambda logits: {"loss": F.cross_entropy(logits, labels)})
+        train_step(model, opt, x, bf16, lambda logits, _: {"loss": F.cross_entropy(logits, labels)})
 
     val = ImageSet(torch.randint(0, 256, (validation_images, SIZE, SIZE), dtype=torch.uint8, generator=gen),
                    torch.zeros(validation_images, dtype=torch.long), tuple(f"c{i}" for i in range(CLASSES)),

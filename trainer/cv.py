@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
 import statistics
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import torch
 
-from stripnet.allocator import keep_freed_memory
 from stripnet.checkpoint import load_checkpoint
 from trainer.data import ImageSet, load_image_folder
 from trainer.figures import plot_validation_curves
 from trainer.runlog import read_rows
+from trainer.jobs import in_processes
 from trainer.evaluate import Metrics, compute_metrics, predict_logits, predictions_doc
 from trainer.figures import plot_confusion
 from trainer.train import TrainConfig, fit
@@ -85,18 +81,6 @@ def fold_dir(out: Path, k: int) -> Path:
 def _fold_config(cfg: CVConfig, recipe: TrainConfig, run: Path, split: Path, teacher: Path | None) -> TrainConfig:
     return replace(recipe, data=cfg.data, out=run, split_file=split, select="last", teacher=teacher,
                    threads=cfg.threads, limit_per_class=cfg.limit_per_class, progress=False)
-
-
-def _fold_process(parent: int) -> None:
-    """Pool initializer: the allocator `trainer` runs with, and a fold process that stops when `trainer cv` is
-    killed, instead of training on as an orphan."""
-    keep_freed_memory()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(2)
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True).start()
 
 
 def run_fold(cfg: CVConfig, k: int) -> Path:
@@ -155,12 +139,8 @@ def cross_validate(cfg: CVConfig) -> dict:
     print(f"cv: {cfg.folds} folds of {len(data)} images, {cfg.folds - len(pending)} done; running {pending} "
           f"({cfg.jobs} at a time, {cfg.threads} thread(s) each; per-epoch logs in {cfg.out}/fold-*/*/log.csv)",
           flush=True)
-    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_fold_process, initargs=(os.getpid(),)) as pool:
-        futures = {pool.submit(run_fold, cfg, k): k for k in pending}
-        for future in as_completed(futures):
-            future.result()
-            print(f"cv: fold {futures[future]} done", flush=True)
+    for k, _ in in_processes(partial(run_fold, cfg), pending, cfg.jobs):
+        print(f"cv: fold {k} done", flush=True)
     return write_report(cfg.out)
 
 

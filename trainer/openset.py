@@ -33,6 +33,7 @@ from stripnet.network import RepNet
 from stripnet.ood import calibrate, channel_stats, fit_head
 from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
+from trainer.jobs import in_processes
 from trainer.detector import DEFAULT_METHOD, DEFAULT_SPREAD, MAHALANOBIS_LAYER, NEIGHBOURS, Method, fit_method
 from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
@@ -53,6 +54,7 @@ class OpenSetConfig:
     recipe: TrainConfig = field(default_factory=_default_recipe)  # data, out and split are set per split
     false_unknown_rate: Annotated[float, "threshold calibration: the share of held-in images allowed to be unknown"] = 0.01
     limit_per_class: Annotated[int | None, "use only the first N images of each class"] = None
+    jobs: Annotated[int, "splits trained at the same time, one process each"] = 1
 
 
 def split_dir(out: Path, held_out: str) -> Path:
@@ -120,9 +122,8 @@ def open_set(cfg: OpenSetConfig) -> dict:
     (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
     pending = [c for c in classes if not (split_dir(cfg.out, c) / OUTPUTS).exists()]
     print(f"openset: {len(classes)} splits, {len(classes) - len(pending)} done; running {pending} "
-          f"(per-epoch logs in {cfg.out}/without-*/run/log.csv)", flush=True)
-    for held_out in pending:
-        run_split(cfg, held_out)
+          f"({cfg.jobs} at a time; per-epoch logs in {cfg.out}/without-*/run/log.csv)", flush=True)
+    for held_out, _ in in_processes(partial(run_split, cfg), pending, cfg.jobs):
         print(f"openset: split without {held_out} done", flush=True)
     return write_report(cfg.out, cfg.false_unknown_rate)
 

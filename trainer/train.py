@@ -81,6 +81,9 @@ class TrainConfig:
     select: Annotated[Literal["best", "last"], "checkpoint the epoch best on validation, or the last one, so the "
                       "validation part (a cross-validation fold, or none) never chooses the model"] = "best"
     label_smoothing: float = 0.1
+    supcon: Annotated[float, "weight of a supervised contrastive loss (Khosla et al. 2020, one view) on the "
+                             "L2-normalized pooled features, the unknown detector's kNN space (0: off)"] = 0.0
+    supcon_temperature: float = 0.1
     ema_decay: Annotated[float | None, Opt("keep an exponential moving average of the weights (and BN statistics) "
                                            "with this decay (0: off)", flag="--ema")] = 0.998
     jitter: Annotated[bool, "camera jitter (brightness, contrast, gamma, blur, shift, scale) on top of D4"] = True
@@ -157,6 +160,8 @@ def recipe_of(cfg: TrainConfig) -> dict[str, str | int | float | bool | None]:
     recipe["split"] = ":".join(f"{part:.4g}" for part in cfg.split) if cfg.split_file is None else str(cfg.split_file)
     if cfg.teacher is not None:
         recipe |= {f"kd_{name}": value for name, value in asdict(cfg.kd).items()}
+    if cfg.supcon:
+        recipe |= {"supcon": cfg.supcon, "supcon_temperature": cfg.supcon_temperature}
     if cfg.chosen_by is not None:
         recipe["chosen_by"] = str(cfg.chosen_by)
     return recipe
@@ -207,23 +212,43 @@ def _score(row: dict, by_f1: bool) -> tuple[float, ...]:
     return (f1, acc, -loss) if by_f1 else (acc, -loss)
 
 
-def loss_parts(logits: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None, cfg: TrainConfig,
-               weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The batch's loss and its logged parts: distillation against the teacher's `soft` logits, or cross-entropy."""
+def supcon_loss(features: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss over one view: each image's other same-class images in the batch are its
+    positives, every other image the denominator. Anchors without a positive are left out."""
+    z = F.normalize(features, dim=1)
+    sim = (z @ z.T / temperature).fill_diagonal_(-torch.inf)
+    log_p = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    positive = (y[:, None] == y[None, :]).fill_diagonal_(False)
+    count = positive.sum(1)
+    mean_log_p = torch.where(positive, log_p, 0.0).sum(1) / count.clamp(min=1)
+    return -mean_log_p[count > 0].mean() if (count > 0).any() else features.sum() * 0.0
+
+
+def loss_parts(logits: torch.Tensor, pooled: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None,
+               cfg: TrainConfig, weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The batch's loss and its logged parts: distillation against the teacher's `soft` logits, or cross-entropy,
+    plus the supervised contrastive term on the `pooled` features when `cfg.supcon` weighs it."""
     if soft is not None:
-        return kd_loss(logits, soft, y, cfg.kd, cfg.label_smoothing, weight)
-    ce = F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
-    return {"loss": ce, "ce": ce.detach(), "kd": torch.zeros(())}
+        parts = kd_loss(logits, soft, y, cfg.kd, cfg.label_smoothing, weight)
+    else:
+        ce = F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
+        parts = {"loss": ce, "ce": ce.detach(), "kd": torch.zeros(())}
+    if cfg.supcon:
+        contrastive = supcon_loss(pooled, y, cfg.supcon_temperature)
+        parts |= {"loss": parts["loss"] + cfg.supcon * contrastive, "supcon": contrastive.detach()}
+    return parts
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, bf16: bool,
-               loss_of: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+def train_step(model: RepNet, opt: torch.optim.Optimizer, x: torch.Tensor, bf16: bool,
+               loss_of: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimizer step: forward (bf16 autocast if asked), `loss_of` the fp32 logits, backward, update."""
+    """One optimizer step: forward (bf16 autocast if asked), `loss_of` the fp32 logits and pooled features,
+    backward, update."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = model(x)
+        pooled = model.head.pool(model.forward_features(x))
+        logits = model.head.fc(pooled)
     logits = logits.float()
-    parts = loss_of(logits)
+    parts = loss_of(logits, pooled.float())
     opt.zero_grad(set_to_none=True)
     parts["loss"].backward()
     opt.step()
@@ -287,7 +312,7 @@ def fit(cfg: TrainConfig) -> FitResult:
                initial=start_epoch, total=cfg.epochs, disable=not cfg.progress)
     for epoch in bar:
         model.train()
-        t0, sums = time.perf_counter(), {"loss": 0.0, "kd": 0.0, "ce": 0.0, "correct": 0}
+        t0, sums = time.perf_counter(), {"loss": 0.0, "kd": 0.0, "ce": 0.0, "supcon": 0.0, "correct": 0}
         perm = epoch_order(train.labels, cfg.balance, gen)
         for i in range(0, len(train), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
@@ -302,8 +327,8 @@ def fit(cfg: TrainConfig) -> FitResult:
             if ema is not None:
                 ema.update_parameters(model)
             step += 1
-            for key in ("loss", "kd", "ce"):
-                sums[key] += parts[key].item() * len(idx)
+            for key, value in parts.items():
+                sums[key] += value.item() * len(idx)
             sums["correct"] += (logits.argmax(1) == y).sum().item()
 
         scored = ema.module if ema is not None else model
@@ -311,6 +336,7 @@ def fit(cfg: TrainConfig) -> FitResult:
         row = {
             "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": sums["loss"] / len(train),
             "train_ce": sums["ce"] / len(train), "train_kd": sums["kd"] / len(train),
+            **({"train_supcon": sums["supcon"] / len(train)} if cfg.supcon else {}),
             "train_acc": sums["correct"] / len(train), "val_loss": val_loss, "val_acc": val_acc, "val_macro_f1": val_f1,
             "seconds": time.perf_counter() - t0,
         }

@@ -2,6 +2,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from schemas.checkpoint import InputSpec
 from stripnet.architectures import EG_REPVGG
@@ -9,7 +10,7 @@ from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
 from tests.helpers.images import hue_folder
 from trainer.runlog import read_rows
-from trainer.train import TrainConfig, fit
+from trainer.train import TrainConfig, fit, supcon_loss
 
 
 @pytest.fixture
@@ -93,3 +94,19 @@ def test_distillation_from_a_colour_teacher_and_a_gray_teacher_is_refused(hue_cf
                       model_name="gray", input_spec=InputSpec(size=200))
     with pytest.raises(ValueError, match="teacher .* takes gray 200×200, the student's data are rgb 200×200"):
         fit(replace(student, out=tmp_path / "refused", teacher=tmp_path / "gray-teacher"))
+
+
+def test_supcon_loss_is_low_for_class_clusters_and_skips_anchors_without_a_positive():
+    y = torch.tensor([0, 0, 1, 1, 2])  # class 2 has one image: no positive, not an anchor
+    centres = torch.eye(3) * 5
+    clustered = centres[y] + 0.01 * torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    mixed = centres[torch.tensor([0, 1, 0, 1, 2])]
+    assert supcon_loss(clustered, y, 0.1) < 0.01 < supcon_loss(mixed, y, 0.1)
+    assert supcon_loss(clustered, torch.tensor([0, 1, 2, 3, 4]), 0.1) == 0
+
+
+def test_supcon_weight_trains_the_contrastive_term_and_names_it_in_the_manifest(smoke_cfg):
+    fit(replace(smoke_cfg, epochs=1, supcon=0.5))
+    assert read_rows(smoke_cfg.out)[0]["train_supcon"] > 0
+    recipe = load_checkpoint(smoke_cfg.out / "model")[1].recipe
+    assert recipe["supcon"] == 0.5 and recipe["supcon_temperature"] == 0.1
