@@ -76,10 +76,10 @@ class OODSpec(_Frozen):
     method: Literal["mahalanobis", "knn", "combined"] = Field(
         default="mahalanobis", description="mahalanobis: the distance to the nearest class Gaussian; knn: the "
         "distance of the L2-normalized channel means to their k-th nearest training image; combined: the sum of "
-        "the two, Mahalanobis on `layer` and kNN on `knn_layer`, each scaled by its held-in scores")
+        "Mahalanobis on `layer` and one kNN distance per block of `knn_layers`, each scaled by its held-in scores")
     layer: int = Field(ge=0, description="the block (0-based) whose output's per-channel mean and standard "
                                          "deviation are the detector's features")
-    knn_layer: int | None = Field(default=None, ge=0, description="combined: the block of the kNN part")
+    knn_layers: tuple[int, ...] = Field(default=(), description="combined: the blocks of the kNN parts, one each")
     neighbours: int = Field(default=10, gt=0, le=100, description="knn: which nearest training image's distance")
     spread: Literal["std", "log_std"] = Field(default="std", description="the second half of the features: each "
                                               "channel's standard deviation, or its natural log")
@@ -92,18 +92,30 @@ class OODSpec(_Frozen):
     fitted_images: int = Field(gt=0, le=200_000, description="training images the class means and covariance "
                                                           "come from (knn: the images it keeps)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_knn_layer(cls, data: object) -> object:
+        """Checkpoints written before several kNN blocks name their one block `knn_layer`."""
+        if isinstance(data, dict) and "knn_layer" in data:
+            data = dict(data)
+            layer = data.pop("knn_layer")
+            data.setdefault("knn_layers", () if layer is None else (layer,))
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> OODSpec:
         if self.method != "mahalanobis" and self.neighbours > self.fitted_images:
             raise ValueError(f"knn needs at least {self.neighbours} kept images, got {self.fitted_images}")
-        if (self.method == "combined") != (self.knn_layer is not None):
-            raise ValueError("knn_layer is set for the combined method, and only for it")
+        if (self.method == "combined") != bool(self.knn_layers):
+            raise ValueError("knn_layers is set for the combined method, and only for it")
+        if any(b < 0 for b in self.knn_layers) or len(set(self.knn_layers)) != len(self.knn_layers):
+            raise ValueError(f"knn_layers must be distinct block indices, got {self.knn_layers}")
         return self
 
     @property
     def layers(self) -> tuple[int, ...]:
         """The blocks whose channel statistics the detector reads, in the order of its features."""
-        return (self.layer,) if self.knn_layer is None else (self.layer, self.knn_layer)
+        return (self.layer, *self.knn_layers)
 
 
 class BoxHeadSpec(_Frozen):

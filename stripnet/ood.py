@@ -107,39 +107,61 @@ class KNNHead(nn.Module):
 
 
 class CombinedHead(nn.Module):
-    """Features (N, K + 2C): block `spec.layer`'s statistics then block `spec.knn_layer`'s → (N,) float32 sum of
-    the Mahalanobis and the kNN distance, each standardized as (d − offset) / scale by its held-in scores."""
+    """Features (N, K + 2C₁ + 2C₂ …): block `spec.layer`'s statistics, then those of each block of
+    `spec.knn_layers` → (N,) float32 sum of the Mahalanobis distance and one kNN distance per block, each
+    standardized as (d − offset) / scale by its held-in scores. The first kNN part is the module `knn` (the
+    name checkpoints with one kNN block have), the others `knn_1`, `knn_2`, …"""
 
-    def __init__(self, texture: OODHead, knn: KNNHead, spec: OODSpec | None = None) -> None:
+    def __init__(self, texture: OODHead, knns: Sequence[KNNHead], spec: OODSpec | None = None) -> None:
         super().__init__()
-        self.spec, self.texture, self.knn = spec, texture, knn
-        self.split = texture.whiten.shape[0]
-        self.register_buffer("offset", torch.zeros(2))
-        self.register_buffer("scale", torch.ones(2))
+        if not knns:
+            raise ValueError("a combined detector needs at least one kNN part")
+        self.spec, self.texture = spec, texture
+        for i, head in enumerate(knns):
+            self.add_module(_knn_name(i), head)
+        widths = [texture.whiten.shape[0], *(2 * head.bank.shape[1] for head in knns)]
+        self.bounds = np.cumsum([0, *widths]).tolist()  # each part's columns of the features
+        self.register_buffer("offset", torch.zeros(len(widths)))
+        self.register_buffer("scale", torch.ones(len(widths)))
+
+    @property
+    def parts(self) -> list[nn.Module]:
+        """The Mahalanobis part, then the kNN parts, in the order of the features."""
+        return [self.texture, *(getattr(self, _knn_name(i)) for i in range(len(self.bounds) - 2))]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self._standardized(self.texture(features[:, :self.split]), self.knn(features[:, self.split:]))
+        return self._standardized([part(x) for part, x in zip(self.parts, self._split(features))])
 
     def fits(self, num_classes: int, dim: int) -> bool:
-        return self.texture.fits(num_classes, self.split) and self.knn.fits(num_classes, dim - self.split)
+        return self.texture.fits(num_classes, self.bounds[1]) and dim == self.bounds[-1]
 
     def fitted_scores(self, features: torch.Tensor) -> torch.Tensor:
-        return self._standardized(self.texture.fitted_scores(features[:, :self.split]),
-                                  self.knn.fitted_scores(features[:, self.split:]))
+        return self._standardized(self.part_scores(features, fitted=True))
 
-    def _standardized(self, texture: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
-        parts = torch.stack([texture, knn], dim=1)
-        return ((parts - self.offset.float()) / self.scale.float()).sum(dim=1)
+    def part_scores(self, features: torch.Tensor, *, fitted: bool = False) -> list[torch.Tensor]:
+        """Each part's raw distance (`fitted`: of the images the parts were fitted on, as `fitted_scores`)."""
+        with torch.no_grad():
+            return [part.fitted_scores(x) if fitted else part(x) for part, x in zip(self.parts, self._split(features))]
+
+    def _split(self, features: torch.Tensor) -> list[torch.Tensor]:
+        return [features[:, a:b] for a, b in zip(self.bounds, self.bounds[1:])]
+
+    def _standardized(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return ((torch.stack(parts, dim=1) - self.offset.float()) / self.scale.float()).sum(dim=1)
+
+
+def _knn_name(i: int) -> str:
+    return "knn" if i == 0 else f"knn_{i}"
 
 
 Detector = OODHead | KNNHead | CombinedHead
 DETECTORS: dict[str, type[nn.Module]] = {"mahalanobis": OODHead, "knn": KNNHead, "combined": CombinedHead}
 
 
-def combine(texture: OODHead, knn: KNNHead, held_in: torch.Tensor) -> CombinedHead:
-    """The two detectors as one, each standardized by its (N, 2) held-in scores (texture, kNN): offset the median,
-    scale the distance from it to the 99th percentile."""
-    head = CombinedHead(texture, knn)
+def combine(texture: OODHead, knns: Sequence[KNNHead], held_in: torch.Tensor) -> CombinedHead:
+    """The detectors as one, each standardized by its column of the (N, 1 + kNN parts) held-in scores (texture,
+    then each kNN part): offset the median, scale the distance from it to the 99th percentile."""
+    head = CombinedHead(texture, knns)
     median = held_in.double().quantile(0.5, dim=0)
     spread = held_in.double().quantile(0.99, dim=0) - median
     head.offset.copy_(median.float())
@@ -163,7 +185,7 @@ def make_detector(spec: OODSpec, num_classes: int, channels: Sequence[int]) -> D
         return KNNHead(spec.fitted_images, channels[0], spec)
     if spec.method == "combined":
         return CombinedHead(OODHead(num_classes, feature_dim(channels[:1]), log_spread=spec.spread == "log_std"),
-                            KNNHead(spec.fitted_images, channels[1], neighbours=spec.neighbours), spec)
+                            [KNNHead(spec.fitted_images, c, neighbours=spec.neighbours) for c in channels[1:]], spec)
     return OODHead(num_classes, feature_dim(channels), spec)
 
 

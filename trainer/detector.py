@@ -28,7 +28,7 @@ from schemas.checkpoint import InputSpec, OODSpec
 from stripnet.bundled import resolve_model_dir
 from stripnet.checkpoint import load_checkpoint, rewrite_checkpoint
 from stripnet.network import RepNet
-from stripnet.ood import Detector, calibrate, combine, fit_head, fit_knn, with_detector
+from stripnet.ood import CombinedHead, Detector, calibrate, combine, fit_head, fit_knn, with_detector
 from stripnet.preprocess import normalize
 from trainer.data import ImageSet, fingerprint, load_image_folder, load_split, stratified_split
 from trainer.options import Opt, parse_split
@@ -41,6 +41,7 @@ DEFAULT_FALSE_UNKNOWN_RATE = 0.01
 # defects (docs/openset.md)
 DEFAULT_METHOD: Method = "combined"
 MAHALANOBIS_LAYER = 1  # for Mahalanobis, the second block: its best block (docs/openset.md)
+KNN_FROM = 2  # combined: a kNN part on every block from the third on (docs/openset.md)
 DEFAULT_SPREAD: Spread = "log_std"  # Mahalanobis: deviations as logs (docs/openset.md)
 NEIGHBOURS = 10
 
@@ -64,25 +65,31 @@ def model_labels(data: ImageSet, class_names: tuple[str, ...]) -> torch.Tensor:
     return torch.tensor([index[data.class_names[y]] for y in data.labels.tolist()], dtype=torch.long)
 
 
+def default_knn_layers(blocks: int) -> tuple[int, ...]:
+    """The combined detector's kNN blocks for a network of `blocks` blocks: every one from `KNN_FROM` on."""
+    return tuple(range(min(KNN_FROM, blocks - 1), blocks))
+
+
 def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, held_in: ImageSet | None,
                  spec: InputSpec, rate: float = DEFAULT_FALSE_UNKNOWN_RATE, method: Method = DEFAULT_METHOD,
-                 layer: int | None = None, spread: Spread = DEFAULT_SPREAD) -> RepNet:
+                 layer: int | None = None, spread: Spread = DEFAULT_SPREAD,
+                 knn_layers: tuple[int, ...] = ()) -> RepNet:
     """A copy of `model` carrying its unknown detector: fitted on `train`, calibrated on `train` and `held_in`;
-    `layer` unset: the method's own block (the last for knn, `MAHALANOBIS_LAYER` otherwise; combined adds kNN on
-    the last block to Mahalanobis on `layer`)."""
-    last = len(model.spec.blocks) - 1
-    layer = (last if method == "knn" else MAHALANOBIS_LAYER) if layer is None else layer
-    knn_layer = last if method == "combined" else None
-    ood_layers = (layer,) if knn_layer is None else (layer, knn_layer)
+    `layer` unset: the method's own block (the last for knn, `MAHALANOBIS_LAYER` otherwise); combined adds a kNN
+    part per block of `knn_layers` (unset: `default_knn_layers`) to Mahalanobis on `layer`."""
+    blocks = model.spec.blocks
+    layer = (len(blocks) - 1 if method == "knn" else MAHALANOBIS_LAYER) if layer is None else layer
+    knn_layers = (knn_layers or default_knn_layers(len(blocks))) if method == "combined" else ()
+    ood_layers = (layer, *knn_layers)
     features = features_and_logits(model, train.images, spec, ood_layers)[0]
     held = (features_and_logits(model, held_in.images, spec, ood_layers)[0] if held_in is not None and len(held_in)
             else features[:0])
     labels = model_labels(train, class_names)
     head, described = fit_method(method, features, held, labels, len(class_names),
-                                 2 * model.spec.blocks[layer].out_channels, spread)
+                                 [2 * blocks[b].out_channels for b in ood_layers], spread)
     with torch.inference_mode():
         scores = torch.cat([head.fitted_scores(features), head(held)])
-    ood = OODSpec(method=method, layer=layer, knn_layer=knn_layer, **described,
+    ood = OODSpec(method=method, layer=layer, knn_layers=knn_layers, **described,
                   threshold=calibrate(scores.numpy(), rate), false_unknown_rate=rate,
                   calibrated_on="training and validation" if len(held) else "training",
                   calibration_images=len(scores), fitted_images=len(train))
@@ -90,20 +97,22 @@ def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, h
 
 
 def fit_method(method: Method, features: torch.Tensor, held: torch.Tensor, labels: torch.Tensor, num_classes: int,
-               split: int, spread: Spread) -> tuple[Detector, dict]:
-    """The detector of `method` on the training `features` (combined: the first `split` columns are the
-    Mahalanobis part's), and the spec fields that describe it."""
+               widths: list[int], spread: Spread) -> tuple[Detector, dict]:
+    """The detector of `method` on the training `features`, whose columns are the blocks' statistics side by side
+    (`widths` columns each; combined: the first block's are the Mahalanobis part's, each other block's a kNN
+    part's), and the spec fields that describe it."""
     neighbours = min(NEIGHBOURS, len(features) - 1)  # a tiny training part keeps fewer
     if method == "knn":
         return fit_knn(features, neighbours), {"neighbours": neighbours}
-    texture = fit_head(features[:, :split], labels, num_classes, log_spread=spread == "log_std")
+    texture = fit_head(features[:, :widths[0]], labels, num_classes, log_spread=spread == "log_std")
     if method == "mahalanobis":
         return texture, {"spread": spread}
-    knn = fit_knn(features[:, split:], neighbours)
-    with torch.inference_mode():
-        parts = torch.stack([torch.cat([texture.fitted_scores(features[:, :split]), texture(held[:, :split])]),
-                             torch.cat([knn.fitted_scores(features[:, split:]), knn(held[:, split:])])], dim=1)
-    return combine(texture, knn, parts), {"spread": spread, "neighbours": neighbours}
+    bounds = np.cumsum([0, *widths]).tolist()
+    knns = [fit_knn(features[:, a:b], neighbours) for a, b in zip(bounds[1:], bounds[2:])]
+    raw = CombinedHead(texture, knns)
+    held_in = torch.cat([torch.stack(raw.part_scores(features, fitted=True), dim=1),
+                         torch.stack(raw.part_scores(held), dim=1)])
+    return combine(texture, knns, held_in), {"spread": spread, "neighbours": neighbours}
 
 
 def unknown_scores(model: RepNet, images: torch.Tensor, spec: InputSpec) -> np.ndarray:
@@ -130,6 +139,8 @@ class DetectorConfig:
     layer: Annotated[int | None, "the block (0-based) whose channel statistics are the features (unset: the last "
                                  "block for knn, the second for mahalanobis and combined's Mahalanobis part)"] = None
     spread: Annotated[Spread, "mahalanobis: the deviations as they are, or as logs"] = DEFAULT_SPREAD
+    knn_layers: Annotated[tuple[int, ...], "combined: the blocks (0-based) of the kNN parts (unset: every block "
+                                           f"from block {KNN_FROM} on)"] = ()
 
 
 def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
@@ -144,7 +155,7 @@ def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
                                                                                      cfg.split_seed)
     held_in = data.subset(parts[1]) if len(parts) > 1 and parts[1] else None
     fitted = fit_detector(model, manifest.class_names, data.subset(parts[0]), held_in, manifest.input,
-                          cfg.false_unknown_rate, cfg.method, cfg.layer, cfg.spread)
+                          cfg.false_unknown_rate, cfg.method, cfg.layer, cfg.spread, cfg.knn_layers)
     written = rewrite_checkpoint(fitted, model_dir, manifest)
     assert written.ood is not None
     return written.ood

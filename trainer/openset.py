@@ -30,11 +30,12 @@ from safetensors.torch import load_file, save_file
 from schemas.checkpoint import InputSpec
 from stripnet.checkpoint import load_checkpoint
 from stripnet.network import RepNet
-from stripnet.ood import calibrate, channel_stats, fit_head
+from stripnet.ood import calibrate, channel_stats, fit_head, fit_knn
 from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
 from trainer.jobs import in_processes
-from trainer.detector import DEFAULT_METHOD, DEFAULT_SPREAD, MAHALANOBIS_LAYER, NEIGHBOURS, Method, fit_method
+from trainer.detector import (DEFAULT_METHOD, DEFAULT_SPREAD, KNN_FROM, MAHALANOBIS_LAYER, NEIGHBOURS, Method,
+                              default_knn_layers, fit_method)
 from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
 
@@ -178,6 +179,17 @@ def mahalanobis(out: SplitOutputs, features: torch.Tensor, log_spread: bool = Fa
         return head(features).numpy()
 
 
+def knn_distance(out: SplitOutputs, features: torch.Tensor) -> np.ndarray:
+    """kNN on the normalized channel means of `features` (N, 2C), kept from the training part, which is scored as
+    `KNNHead.fitted_scores` scores it."""
+    train = out.where("train")
+    head = fit_knn(features[train], NEIGHBOURS)
+    with torch.no_grad():
+        scores = head(features)
+        scores[train] = head.fitted_scores(features[train])
+    return scores.numpy()
+
+
 def every_block(out: SplitOutputs) -> np.ndarray:
     """Lee et al.'s feature ensemble, unweighted: the sum over blocks of each block's distance, standardized by its
     validation scores."""
@@ -189,14 +201,17 @@ def every_block(out: SplitOutputs) -> np.ndarray:
     return total
 
 
-def served(out: SplitOutputs, method: Method) -> np.ndarray:
+def served(out: SplitOutputs, method: Method, knn_layers: tuple[int, ...] | None = None) -> np.ndarray:
     """The detector `--method method` serves (trainer.detector.fit_method), fitted on the split's training part,
-    its standardization on training and validation; each training image scored as `fitted_scores` does."""
-    blocks = {"combined": (MAHALANOBIS_LAYER, -1), "mahalanobis": (MAHALANOBIS_LAYER,), "knn": (-1,)}[method]
+    its standardization on training and validation; each training image scored as `fitted_scores` does.
+    `knn_layers` unset: the served blocks (`default_knn_layers`)."""
+    last = len(out.stats) - 1
+    knn_layers = default_knn_layers(len(out.stats)) if knn_layers is None else knn_layers
+    blocks = {"combined": (MAHALANOBIS_LAYER, *knn_layers), "mahalanobis": (MAHALANOBIS_LAYER,), "knn": (last,)}[method]
     features = torch.cat([out.stats[b] for b in blocks], dim=1)
     train, val = out.where("train"), out.where("val")
     head, _ = fit_method(method, features[train], features[val], out.labels[train], len(out.class_names),
-                         out.stats[MAHALANOBIS_LAYER].shape[1], DEFAULT_SPREAD)
+                         [out.stats[b].shape[1] for b in blocks], DEFAULT_SPREAD)
     with torch.no_grad():
         scores = head(features)
         scores[train] = head.fitted_scores(features[train])
@@ -206,7 +221,9 @@ def served(out: SplitOutputs, method: Method) -> np.ndarray:
 BLOCK_2_LOG = f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean + log std"
 KNN = f"kNN (k={NEIGHBOURS}), last block pooled"
 WITH_TRAINING = ", calibrated on training + validation"
-COMBINED = "combined: Mahalanobis block 2 + kNN last block, each standardized"
+COMBINED = (f"combined: Mahalanobis block {MAHALANOBIS_LAYER + 1} + kNN on every block from block {KNN_FROM + 1} on, "
+            "each standardized")
+LAST_ONLY = f"combined, kNN on the last block only (shipped before){WITH_TRAINING}"
 METHODS = {method: (name, partial(served, method=method))
            for method, name in (("combined", COMBINED), ("mahalanobis", BLOCK_2_LOG), ("knn", KNN))}
 
@@ -219,6 +236,7 @@ SHIPPED = _calibrated(METHODS[DEFAULT_METHOD][0], DEFAULT_METHOD)
 
 SCORES = {
     **{_calibrated(name, method): fn for method, (name, fn) in METHODS.items()},
+    LAST_ONLY: partial(served, method="combined", knn_layers=(-1,)),
     COMBINED: METHODS["combined"][1],
     BLOCK_2_LOG: METHODS["mahalanobis"][1],
     f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean+std": lambda out: mahalanobis(out, out.stats[MAHALANOBIS_LAYER]),
@@ -259,8 +277,9 @@ def write_report(out_dir: Path, rate: float) -> dict:
     rates = sorted({rate, 0.02})
     table = {name: {f"{r:g}": {s.held_out: score_split(s, per[s.held_out], r, WITH_TRAINING in name) for s in splits}
                     for r in rates} for name, per in scores.items()}
-    per_block = {b + 1: {s.held_out: score_split(s, mahalanobis(s, s.stats[b]), rate)["auroc"] for s in splits}
-                 for b in range(len(splits[0].stats))}
+    per_block = {kind: {b + 1: {s.held_out: score_split(s, fn(s, s.stats[b]), rate)["auroc"] for s in splits}
+                        for b in range(len(splits[0].stats))}
+                 for kind, fn in (("mahalanobis", mahalanobis), ("knn", knn_distance))}
     doc = {"false_unknown_rate": rate, "rates": rates, "served": SHIPPED, "epochs": splits[0].epochs,
            "seconds": {s.held_out: s.seconds for s in splits},
            "accuracy": {s.held_out: _test_accuracy(s) for s in splits},
@@ -309,11 +328,13 @@ def format_report(doc: dict) -> str:
         rows = by_rate[first]["splits"]
         lines.append(f"| {name} | " + " | ".join(f"{rows[c]['auroc']:.3f} / {rows[c]['unknown_flagged']:.0%}"
                                                for c in splits) + " |")
-    lines += ["", "Mahalanobis on each block's channel mean and standard deviation, AUROC:", "",
-              "| block | mean | " + " | ".join(splits) + " |", "|---" * (2 + len(splits)) + "|"]
-    for block, rows in doc["per_block_auroc"].items():
-        lines.append(f"| {block} | {np.mean(list(rows.values())):.3f} | "
-                     + " | ".join(f"{rows[c]:.3f}" for c in splits) + " |")
+    for kind, what in (("mahalanobis", "Mahalanobis on each block's channel mean and standard deviation"),
+                       ("knn", f"kNN (k={NEIGHBOURS}) on each block's normalized channel means")):
+        lines += ["", f"{what}, AUROC:", "",
+                  "| block | mean | " + " | ".join(splits) + " |", "|---" * (2 + len(splits)) + "|"]
+        for block, rows in doc["per_block_auroc"][kind].items():
+            lines.append(f"| {block} | {np.mean(list(rows.values())):.3f} | "
+                         + " | ".join(f"{rows[c]:.3f}" for c in splits) + " |")
     lines += ["", "Known-class test accuracy per split: " + "; ".join(
         f"without {c} {a:.1%}" for c, a in doc["accuracy"].items()), ""]
     return "\n".join(lines)

@@ -125,20 +125,22 @@ def with_fitted_detector(model: RepNet, manifest: Manifest, method: str = "mahal
     """The model with an unknown detector fitted on its own features of a few frames."""
     last = len(model.spec.blocks) - 1
     spec = OODSpec(method=method, layer=last if method == "knn" else 1,
-                   knn_layer=last if method == "combined" else None, neighbours=3, threshold=1.0,
+                   knn_layers=(2, last) if method == "combined" else (), neighbours=3, threshold=1.0,
                    false_unknown_rate=0.01, calibrated_on="training", calibration_images=24, fitted_images=24)
     with torch.inference_mode():
         _, stats = model.forward_with_features(preprocess(gray_frames(24, seed=5), manifest.input), spec.layers)
     classes = len(manifest.class_names)
-    split = 2 * model.spec.blocks[1].out_channels
+    bounds = np.cumsum([0, *(2 * model.spec.blocks[b].out_channels for b in spec.layers)]).tolist()
     if method == "knn":
         head = fit_knn(stats, 3)
     elif method == "mahalanobis":
         head = fit_head(stats, torch.arange(24) % classes, classes)
     else:
-        texture, knn = fit_head(stats[:, :split], torch.arange(24) % classes, classes), fit_knn(stats[:, split:], 3)
+        texture = fit_head(stats[:, :bounds[1]], torch.arange(24) % classes, classes)
+        knns = [fit_knn(stats[:, a:b], 3) for a, b in zip(bounds[1:], bounds[2:])]
         with torch.inference_mode():
-            head = combine(texture, knn, torch.stack([texture(stats[:, :split]), knn(stats[:, split:])], dim=1))
+            parts = [texture(stats[:, :bounds[1]]), *(k(stats[:, a:b]) for k, a, b in zip(knns, bounds[1:], bounds[2:]))]
+            head = combine(texture, knns, torch.stack(parts, dim=1))
     return with_detector(model, head, spec), manifest.model_copy(update={"ood": spec})
 
 

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -173,45 +175,72 @@ def test_a_checkpoint_round_trips_a_knn_detector(tmp_path):
         OODSpec.model_validate(spec.model_dump() | {"neighbours": 30})
 
 
-def test_the_combined_score_adds_both_distances_each_standardized_by_its_held_in_scores():
+def test_the_combined_score_adds_every_distance_each_standardized_by_its_held_in_scores():
     features, labels, _ = _clusters()
     texture = fit_head(features, labels, 3)
-    means = torch.cat([features[:, :2], torch.ones(len(features), 2)], dim=1)  # the kNN part's (N, 2C) stats
-    knn = fit_knn(means, 5)
-    both = torch.cat([features, means], dim=1)
+    means = torch.cat([features[:, :2], torch.ones(len(features), 2)], dim=1)  # a kNN part's (N, 2C) stats
+    other = torch.cat([features[:, 2:5], torch.ones(len(features), 3)], dim=1)  # a second block's
+    knns = [fit_knn(means, 5), fit_knn(other, 5)]
+    both = torch.cat([features, means, other], dim=1)
     with torch.no_grad():
-        parts = torch.stack([texture(features), knn.fitted_scores(means)], dim=1)
-        head = combine(texture, knn, parts)
+        parts = torch.stack([texture(features), knns[0].fitted_scores(means), knns[1].fitted_scores(other)], dim=1)
+        head = combine(texture, knns, parts)
         median, top = parts.quantile(0.5, dim=0), parts.quantile(0.99, dim=0)
         expected = ((parts - median) / (top - median)).sum(dim=1)
         torch.testing.assert_close(head.fitted_scores(both), expected, rtol=1e-4, atol=1e-4)
         probe = both[:5] + 3
-        torch.testing.assert_close(head(probe), ((torch.stack([texture(probe[:, :8]), knn(probe[:, 8:])], dim=1)
-                                                  - median) / (top - median)).sum(dim=1), rtol=1e-4, atol=1e-4)
+        raw = torch.stack([texture(probe[:, :8]), knns[0](probe[:, 8:12]), knns[1](probe[:, 12:])], dim=1)
+        torch.testing.assert_close(head(probe), ((raw - median) / (top - median)).sum(dim=1), rtol=1e-4, atol=1e-4)
 
 
-def test_a_checkpoint_round_trips_a_combined_detector(tmp_path):
+def _combined(model, x: torch.Tensor, knn_layers: tuple[int, ...]):
+    """A combined detector on `knn_layers` fitted on `x`, its spec and the features it read."""
+    spec = SPEC.model_copy(update={"method": "combined", "knn_layers": knn_layers, "spread": "log_std",
+                                   "neighbours": 3, "fitted_images": len(x)})
+    with torch.no_grad():
+        _, stats = model.forward_with_features(x, spec.layers)
+        bounds = np.cumsum([0, *(2 * EG_REPVGG.blocks[b].out_channels for b in spec.layers)]).tolist()
+        texture = fit_head(stats[:, :bounds[1]], torch.arange(len(x)) % 6, 6, log_spread=True)
+        knns = [fit_knn(stats[:, a:b], 3) for a, b in zip(bounds[1:], bounds[2:])]
+        parts = [texture(stats[:, :bounds[1]]), *(k.fitted_scores(stats[:, a:b])
+                                                  for k, a, b in zip(knns, bounds[1:], bounds[2:]))]
+        head = combine(texture, knns, torch.stack(parts, 1))
+    return with_detector(model, head, spec), spec, stats, knns
+
+
+def test_a_checkpoint_round_trips_a_combined_detector_on_several_blocks(tmp_path):
     torch.manual_seed(0)
     model = build_model(EG_REPVGG, 6).eval()
     x = torch.randn(24, 3, 32, 32)
     last = len(EG_REPVGG.blocks) - 1
-    spec = SPEC.model_copy(update={"method": "combined", "knn_layer": last, "spread": "log_std", "neighbours": 3,
-                                   "fitted_images": 24})
-    with torch.no_grad():
-        _, stats = model.forward_with_features(x, spec.layers)
-        split = 2 * EG_REPVGG.blocks[1].out_channels
-        texture = fit_head(stats[:, :split], torch.arange(24) % 6, 6, log_spread=True)
-        knn = fit_knn(stats[:, split:], 3)
-        head = combine(texture, knn, torch.stack([texture(stats[:, :split]), knn.fitted_scores(stats[:, split:])], 1))
-    combined = with_detector(model, head, spec)
+    combined, spec, stats, knns = _combined(model, x, (2, 5, last))
     export_checkpoint(combined, tmp_path / "ckpt", class_names=tuple("abcdef"), model_name="t",
                       input_spec=InputSpec(size=32))
     loaded, manifest = load_checkpoint(tmp_path / "ckpt")
-    assert manifest.ood == spec and manifest.ood.layers == (1, last)
+    assert manifest.ood == spec and manifest.ood.layers == (1, 2, 5, last)
     with torch.no_grad():
         torch.testing.assert_close(loaded.ood(loaded.forward_with_features(x, spec.layers)[1]), combined.ood(stats),
                                    rtol=2e-3, atol=1e-3)
     with pytest.raises(ValueError, match="not a combined"):
-        with_detector(model, knn, spec)
-    with pytest.raises(ValueError, match="knn_layer"):
-        OODSpec.model_validate(spec.model_dump() | {"knn_layer": None})
+        with_detector(model, knns[0], spec)
+    for bad in ((), (2, 2)):
+        with pytest.raises(ValueError, match="knn_layers"):
+            OODSpec.model_validate(spec.model_dump() | {"knn_layers": bad})
+
+
+def test_a_checkpoint_with_one_knn_block_in_the_earlier_format_still_loads(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(EG_REPVGG, 6).eval()
+    x = torch.randn(24, 3, 32, 32)
+    last = len(EG_REPVGG.blocks) - 1
+    combined, spec, stats, _ = _combined(model, x, (last,))
+    export_checkpoint(combined, tmp_path / "ckpt", class_names=tuple("abcdef"), model_name="t",
+                      input_spec=InputSpec(size=32))
+    path = tmp_path / "ckpt" / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["ood"]["knn_layer"] = doc["ood"].pop("knn_layers")[0]  # as checkpoints before several blocks wrote it
+    path.write_text(json.dumps(doc))
+    loaded, manifest = load_checkpoint(tmp_path / "ckpt")
+    assert manifest.ood == spec
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.ood(stats), combined.ood(stats), rtol=2e-3, atol=1e-3)

@@ -53,8 +53,8 @@ def test_fit_exports_a_calibrated_detector_and_says_where_it_was_calibrated(fold
     model, manifest = load_checkpoint(cfg.out / "model")
     assert model.ood is not None and manifest.ood.calibrated_on == "training and validation"
     assert (manifest.ood.method, manifest.ood.layer, manifest.ood.spread, manifest.ood.fitted_images,
-            manifest.ood.calibration_images, manifest.ood.knn_layer) == ("combined", 1, "log_std", 45, 60,
-                                                                         len(EG_REPVGG.blocks) - 1)
+            manifest.ood.calibration_images, manifest.ood.knn_layers) == ("combined", 1, "log_std", 45, 60,
+                                                                          tuple(range(2, len(EG_REPVGG.blocks))))
     fit(replace(cfg, out=tmp_path / "all", split=(1.0,), select="last"))
     assert load_checkpoint(tmp_path / "all" / "model")[1].ood.calibrated_on == "training"
 
