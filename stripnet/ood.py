@@ -16,13 +16,15 @@ d(f) exceeds a threshold calibrated as the (1 − rate) quantile of held-in imag
 features, were chosen by measurement: docs/openset.md.
 
 `KNNHead` (`OODSpec.method` "knn", on the last block) keeps the training images' L2-normalized channel
-means, the pooled features the linear head reads, and scores a frame by the distance to its k-th nearest
-one (Sun et al., ICML 2022): better on new defect types for a well-trained network, blind to noise.
+means of one block (of the last: the pooled features the linear head reads) and scores a frame by the
+distance to its k-th nearest one (Sun et al., ICML 2022): better on new defect types for a well-trained
+network, blind to noise.
 
-`CombinedHead` (`OODSpec.method` "combined", the default `trainer fit` ships) adds the two: block 2's
-Mahalanobis distance and the last block's kNN distance, each less its held-in median and divided by the
-distance from that median to its held-in 99th percentile. Texture flags noise and foreign surfaces, kNN
-new defect types; the sum scores better than either in leave-one-class-out (docs/openset.md).
+`CombinedHead` (`OODSpec.method` "combined", the default `trainer fit` ships) adds block 2's Mahalanobis
+distance and one kNN distance per block of `OODSpec.knn_layers` (by default every block from block 3 on),
+each less its held-in median and divided by the distance from that median to its held-in 99th percentile.
+Texture flags noise and foreign surfaces, kNN new defect types, and the middle blocks' kNN more of them than
+the last block's; the sum scores better than any part in leave-one-class-out (docs/openset.md).
 
 `OODHead` is the fitted detector as a module of two buffers. A RepNet that carries one (`model.ood`,
 see `with_detector`) saves it in its weights file, and the manifest describes it (`Manifest.ood`), so a

@@ -1,13 +1,13 @@
 """The unknown detector of a trained model: fitted on its own training images, calibrated on held-in images.
 
-`fit_detector` is what `trainer fit` runs before it exports a model. By default (`combined`) it fits two
+`fit_detector` is what `trainer fit` runs before it exports a model. By default (`combined`) it fits several
 detectors and adds their scores. One is class Gaussians with one shared covariance on block 2's channel
 means and log deviations (stripnet.ood.OODHead): texture statistics the classifier was never trained to
-throw away, which flag clearly foreign frames (noise, checkerboards). The other keeps the training part's
-L2-normalized pooled features of the last block and scores a frame by the distance to its k-th nearest kept
-image (stripnet.ood.KNNHead): better on new defect types, blind to noise fields. Each is standardized by its
-held-in scores before the sum (stripnet.ood.combine); `--method mahalanobis` or `knn` serves one alone
-(docs/openset.md has all three). The threshold is the (1 − rate) quantile of the scores of every held-in image,
+throw away, which flag clearly foreign frames (noise, checkerboards). The others, one per block from block 3
+on, keep the training part's L2-normalized pooled features of that block and score a frame by the distance
+to its k-th nearest kept image (stripnet.ood.KNNHead): better on new defect types, blind to noise fields.
+Each is standardized by its held-in scores before the sum (stripnet.ood.combine); `--method mahalanobis` or
+`knn` (the last block) serves one alone (docs/openset.md has them all). The threshold is the (1 − rate) quantile of the scores of every held-in image,
 training and validation parts together, each training image scored as a new frame would be (by kNN,
 among the *other* kept images: `KNNHead.fitted_scores`); so a model trained on every image still
 gets an honest threshold. `refit_checkpoint` (`trainer detector`) does the same for a checkpoint that has
