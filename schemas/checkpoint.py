@@ -80,6 +80,8 @@ class OODSpec(_Frozen):
     layer: int = Field(ge=0, description="the block (0-based) whose output's per-channel mean and standard "
                                          "deviation are the detector's features")
     knn_layers: tuple[int, ...] = Field(default=(), description="combined: the blocks of the kNN parts, one each")
+    per_class: bool = Field(default=False, description="combined: the sum is standardized once more by the held-in "
+                            "scores of the images predicted as the frame's class")
     neighbours: int = Field(default=10, gt=0, le=100, description="knn: which nearest training image's distance")
     spread: Literal["std", "log_std"] = Field(default="std", description="the second half of the features: each "
                                               "channel's standard deviation, or its natural log")
@@ -108,6 +110,8 @@ class OODSpec(_Frozen):
             raise ValueError(f"knn needs at least {self.neighbours} kept images, got {self.fitted_images}")
         if (self.method == "combined") != bool(self.knn_layers):
             raise ValueError("knn_layers is set for the combined method, and only for it")
+        if self.per_class and self.method != "combined":
+            raise ValueError("per_class is for the combined method only")
         if any(b < 0 for b in self.knn_layers) or len(set(self.knn_layers)) != len(self.knn_layers):
             raise ValueError(f"knn_layers must be distinct block indices, got {self.knn_layers}")
         return self

@@ -89,7 +89,7 @@ def one_pass(model: RepNet, x: torch.Tensor) -> Pass:
     logits = model.head.fc(model.head.pool(x))
     classes = logits.argmax(dim=1)
     return Pass(logits, classes, class_activation_maps(x, model.head.fc, classes),
-                model.ood(stats_of(kept, ood_layers)) if ood_layers else None,
+                model.ood(stats_of(kept, ood_layers), logits) if ood_layers else None,
                 model.boxes([kept[i] for i in box_layers]) if model.boxes is not None else None)
 
 

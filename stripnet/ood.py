@@ -63,12 +63,12 @@ class OODHead(nn.Module):
     def fits(self, num_classes: int, dim: int) -> bool:
         return tuple(self.centres.shape) == (num_classes, dim)
 
-    def fitted_scores(self, features: torch.Tensor) -> torch.Tensor:
+    def fitted_scores(self, features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of the images the detector was fitted on: as any frame's (it keeps none of them)."""
         with torch.no_grad():
             return self(features)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         # fp32 whatever the caller's precision: a sum of squares loses too much in bf16 or fp16.
         with torch.autocast(features.device.type, enabled=False):
             features = features.float()
@@ -89,7 +89,7 @@ class KNNHead(nn.Module):
         self.neighbours = spec.neighbours if spec is not None else neighbours
         self.register_buffer("bank", torch.zeros(kept, channels))  # unit vectors, (M, C)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         return self.distances(features, self.neighbours)
 
     def distances(self, features: torch.Tensor, k: int) -> torch.Tensor:
@@ -101,7 +101,7 @@ class KNNHead(nn.Module):
     def fits(self, num_classes: int, dim: int) -> bool:
         return 2 * self.bank.shape[1] == dim
 
-    def fitted_scores(self, features: torch.Tensor) -> torch.Tensor:
+    def fitted_scores(self, features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of the kept images as if each were new: each is its own nearest neighbour, so its k-th among
         the others is its (k+1)-th."""
         with torch.no_grad():
@@ -111,10 +111,13 @@ class KNNHead(nn.Module):
 class CombinedHead(nn.Module):
     """Features (N, K + 2C₁ + 2C₂ …): block `spec.layer`'s statistics, then those of each block of
     `spec.knn_layers` → (N,) float32 sum of the Mahalanobis distance and one kNN distance per block, each
-    standardized as (d − offset) / scale by its held-in scores. The first kNN part is the module `knn` (the
-    name checkpoints with one kNN block have), the others `knn_1`, `knn_2`, …"""
+    standardized as (d − offset) / scale by its held-in scores. With `classes` (`spec.per_class`) the sum is
+    standardized once more by the held-in sums of the images predicted as the frame's class, which its logits
+    say. The first kNN part is the module `knn` (the name checkpoints with one kNN block have), the others
+    `knn_1`, `knn_2`, …"""
 
-    def __init__(self, texture: OODHead, knns: Sequence[KNNHead], spec: OODSpec | None = None) -> None:
+    def __init__(self, texture: OODHead, knns: Sequence[KNNHead], spec: OODSpec | None = None, *,
+                 classes: int = 0) -> None:
         super().__init__()
         if not knns:
             raise ValueError("a combined detector needs at least one kNN part")
@@ -125,31 +128,41 @@ class CombinedHead(nn.Module):
         self.bounds = np.cumsum([0, *widths]).tolist()  # each part's columns of the features
         self.register_buffer("offset", torch.zeros(len(widths)))
         self.register_buffer("scale", torch.ones(len(widths)))
+        self.register_buffer("class_offset", torch.zeros(classes) if classes else None)
+        self.register_buffer("class_scale", torch.ones(classes) if classes else None)
 
     @property
     def parts(self) -> list[nn.Module]:
         """The Mahalanobis part, then the kNN parts, in the order of the features."""
         return [self.texture, *(getattr(self, _knn_name(i)) for i in range(len(self.bounds) - 2))]
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self._standardized([part(x) for part, x in zip(self.parts, self._split(features))])
+    def forward(self, features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        return self.by_class(self.summed(self.part_scores(features)), logits)
 
     def fits(self, num_classes: int, dim: int) -> bool:
         return self.texture.fits(num_classes, self.bounds[1]) and dim == self.bounds[-1]
 
-    def fitted_scores(self, features: torch.Tensor) -> torch.Tensor:
-        return self._standardized(self.part_scores(features, fitted=True))
+    def fitted_scores(self, features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        return self.by_class(self.summed(self.part_scores(features, fitted=True)), logits)
 
-    def part_scores(self, features: torch.Tensor, *, fitted: bool = False) -> list[torch.Tensor]:
-        """Each part's raw distance (`fitted`: of the images the parts were fitted on, as `fitted_scores`)."""
+    def part_scores(self, features: torch.Tensor, *, fitted: bool = False) -> torch.Tensor:
+        """(N, parts): each part's raw distance (`fitted`: of the images the parts were fitted on, as
+        `fitted_scores`)."""
         with torch.no_grad():
-            return [part.fitted_scores(x) if fitted else part(x) for part, x in zip(self.parts, self._split(features))]
+            chunks = [features[:, a:b] for a, b in zip(self.bounds, self.bounds[1:])]
+            return torch.stack([part.fitted_scores(x) if fitted else part(x) for part, x in zip(self.parts, chunks)],
+                               dim=1)
 
-    def _split(self, features: torch.Tensor) -> list[torch.Tensor]:
-        return [features[:, a:b] for a, b in zip(self.bounds, self.bounds[1:])]
+    def summed(self, parts: torch.Tensor) -> torch.Tensor:
+        return ((parts - self.offset.float()) / self.scale.float()).sum(dim=1)
 
-    def _standardized(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        return ((torch.stack(parts, dim=1) - self.offset.float()) / self.scale.float()).sum(dim=1)
+    def by_class(self, score: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        if self.class_offset is None or self.class_scale is None:
+            return score
+        if logits is None:
+            raise ValueError("this detector standardizes by the predicted class: pass the frame's logits")
+        predicted = logits.argmax(dim=1)
+        return (score - self.class_offset.float()[predicted]) / self.class_scale.float()[predicted]
 
 
 def _knn_name(i: int) -> str:
@@ -160,15 +173,34 @@ Detector = OODHead | KNNHead | CombinedHead
 DETECTORS: dict[str, type[nn.Module]] = {"mahalanobis": OODHead, "knn": KNNHead, "combined": CombinedHead}
 
 
-def combine(texture: OODHead, knns: Sequence[KNNHead], held_in: torch.Tensor) -> CombinedHead:
+def combine(texture: OODHead, knns: Sequence[KNNHead], held_in: torch.Tensor,
+            predicted: torch.Tensor | None = None, classes: int = 0) -> CombinedHead:
     """The detectors as one, each standardized by its column of the (N, 1 + kNN parts) held-in scores (texture,
-    then each kNN part): offset the median, scale the distance from it to the 99th percentile."""
-    head = CombinedHead(texture, knns)
-    median = held_in.double().quantile(0.5, dim=0)
-    spread = held_in.double().quantile(0.99, dim=0) - median
-    head.offset.copy_(median.float())
-    head.scale.copy_(torch.where(spread > 0, spread, torch.ones_like(spread)).float())
+    then each kNN part): offset the median, scale the distance from it to the 99th percentile. With the held-in
+    images' `predicted` classes, the sum is standardized the same way per predicted class (a class predicted
+    for fewer than `MIN_PER_CLASS` held-in images takes every image's median and percentile)."""
+    head = CombinedHead(texture, knns, classes=classes if predicted is not None else 0)
+    median, spread = _median_and_spread(held_in)
+    head.offset.copy_(median)
+    head.scale.copy_(spread)
+    if predicted is not None and head.class_offset is not None and head.class_scale is not None:
+        summed = head.summed(held_in)
+        overall = _median_and_spread(summed[:, None])
+        for c in range(classes):
+            mine = summed[predicted == c]
+            median, spread = _median_and_spread(mine[:, None]) if len(mine) >= MIN_PER_CLASS else overall
+            head.class_offset[c], head.class_scale[c] = median[0], spread[0]
     return head
+
+
+MIN_PER_CLASS = 20
+
+
+def _median_and_spread(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of (N, K) scores: the median, and the distance from it to the 99th percentile (1 where 0)."""
+    median = scores.double().quantile(0.5, dim=0)
+    spread = scores.double().quantile(0.99, dim=0) - median
+    return median.float(), torch.where(spread > 0, spread, torch.ones_like(spread)).float()
 
 
 def fit_knn(features: torch.Tensor, neighbours: int) -> KNNHead:
@@ -187,7 +219,8 @@ def make_detector(spec: OODSpec, num_classes: int, channels: Sequence[int]) -> D
         return KNNHead(spec.fitted_images, channels[0], spec)
     if spec.method == "combined":
         return CombinedHead(OODHead(num_classes, feature_dim(channels[:1]), log_spread=spec.spread == "log_std"),
-                            [KNNHead(spec.fitted_images, c, neighbours=spec.neighbours) for c in channels[1:]], spec)
+                            [KNNHead(spec.fitted_images, c, neighbours=spec.neighbours) for c in channels[1:]], spec,
+                            classes=num_classes if spec.per_class else 0)
     return OODHead(num_classes, feature_dim(channels), spec)
 
 
@@ -227,7 +260,7 @@ class Scored(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, features = self.net.forward_with_features(x, self.layers)
-        return logits, self.ood(features)
+        return logits, self.ood(features, logits)
 
 
 def scored(net: nn.Module, ood: Detector | None) -> nn.Module:
@@ -282,6 +315,9 @@ def with_detector(model: RepNet, head: Detector, spec: OODSpec) -> RepNet:
     if max(spec.layers) >= len(blocks) or not head.fits(
             model.num_classes, feature_dim([blocks[i].out_channels for i in spec.layers])):
         raise ValueError(f"detector {type(head).__name__} at blocks {spec.layers} does not fit the model")
+    if isinstance(head, CombinedHead) and (head.class_offset is not None) != spec.per_class:
+        raise ValueError(f"the detector is {'' if head.class_offset is not None else 'not '}standardized per class, "
+                         f"its spec says per_class={spec.per_class}")
     texture = head.texture if isinstance(head, CombinedHead) else head
     if isinstance(texture, OODHead) and texture.log_spread != (spec.spread == "log_std"):
         raise ValueError(f"the detector was fitted {'with' if head.log_spread else 'without'} log deviations, "

@@ -73,34 +73,46 @@ def default_knn_layers(blocks: int) -> tuple[int, ...]:
 def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, held_in: ImageSet | None,
                  spec: InputSpec, rate: float = DEFAULT_FALSE_UNKNOWN_RATE, method: Method = DEFAULT_METHOD,
                  layer: int | None = None, spread: Spread = DEFAULT_SPREAD,
-                 knn_layers: tuple[int, ...] = ()) -> RepNet:
+                 knn_layers: tuple[int, ...] = (), per_class: bool = True) -> RepNet:
     """A copy of `model` carrying its unknown detector: fitted on `train`, calibrated on `train` and `held_in`;
     `layer` unset: the method's own block (the last for knn, `MAHALANOBIS_LAYER` otherwise); combined adds a kNN
-    part per block of `knn_layers` (unset: `default_knn_layers`) to Mahalanobis on `layer`."""
+    part per block of `knn_layers` (unset: `default_knn_layers`) to Mahalanobis on `layer`, and standardizes
+    the sum per predicted class with `per_class`."""
     blocks = model.spec.blocks
     layer = (len(blocks) - 1 if method == "knn" else MAHALANOBIS_LAYER) if layer is None else layer
     knn_layers = (knn_layers or default_knn_layers(len(blocks))) if method == "combined" else ()
+    per_class = per_class and method == "combined"
     ood_layers = (layer, *knn_layers)
-    features = features_and_logits(model, train.images, spec, ood_layers)[0]
-    held = (features_and_logits(model, held_in.images, spec, ood_layers)[0] if held_in is not None and len(held_in)
-            else features[:0])
-    labels = model_labels(train, class_names)
-    head, described = fit_method(method, features, held, labels, len(class_names),
-                                 [2 * blocks[b].out_channels for b in ood_layers], spread)
+    features, logits = features_and_logits(model, train.images, spec, ood_layers)
+    held, held_logits = (features_and_logits(model, held_in.images, spec, ood_layers)
+                         if held_in is not None and len(held_in) else (features[:0], logits[:0]))
+    head, described = fit_method(method, Fitting(features, logits, model_labels(train, class_names)),
+                                 Fitting(held, held_logits), len(class_names),
+                                 [2 * blocks[b].out_channels for b in ood_layers], spread, per_class)
     with torch.inference_mode():
-        scores = torch.cat([head.fitted_scores(features), head(held)])
-    ood = OODSpec(method=method, layer=layer, knn_layers=knn_layers, **described,
+        scores = torch.cat([head.fitted_scores(features, logits), head(held, held_logits)])
+    ood = OODSpec(method=method, layer=layer, knn_layers=knn_layers, per_class=per_class, **described,
                   threshold=calibrate(scores.numpy(), rate), false_unknown_rate=rate,
                   calibrated_on="training and validation" if len(held) else "training",
                   calibration_images=len(scores), fitted_images=len(train))
     return with_detector(model, head, ood)
 
 
-def fit_method(method: Method, features: torch.Tensor, held: torch.Tensor, labels: torch.Tensor, num_classes: int,
-               widths: list[int], spread: Spread) -> tuple[Detector, dict]:
-    """The detector of `method` on the training `features`, whose columns are the blocks' statistics side by side
-    (`widths` columns each; combined: the first block's are the Mahalanobis part's, each other block's a kNN
-    part's), and the spec fields that describe it."""
+@dataclass(frozen=True)
+class Fitting:
+    """Images' detector features (N, K) and logits (N, classes); labels (N,) for the part it is fitted on."""
+    features: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+def fit_method(method: Method, train: Fitting, held: Fitting, num_classes: int, widths: list[int], spread: Spread,
+               per_class: bool = False) -> tuple[Detector, dict]:
+    """The detector of `method` fitted on `train` and standardized on `train` and `held`, whose features are the
+    blocks' statistics side by side (`widths` columns each; combined: the first block's are the Mahalanobis
+    part's, each other block's a kNN part's), and the spec fields that describe it."""
+    features, labels = train.features, train.labels
+    assert labels is not None
     neighbours = min(NEIGHBOURS, len(features) - 1)  # a tiny training part keeps fewer
     if method == "knn":
         return fit_knn(features, neighbours), {"neighbours": neighbours}
@@ -110,18 +122,19 @@ def fit_method(method: Method, features: torch.Tensor, held: torch.Tensor, label
     bounds = np.cumsum([0, *widths]).tolist()
     knns = [fit_knn(features[:, a:b], neighbours) for a, b in zip(bounds[1:], bounds[2:])]
     raw = CombinedHead(texture, knns)
-    held_in = torch.cat([torch.stack(raw.part_scores(features, fitted=True), dim=1),
-                         torch.stack(raw.part_scores(held), dim=1)])
-    return combine(texture, knns, held_in), {"spread": spread, "neighbours": neighbours}
+    held_in = torch.cat([raw.part_scores(features, fitted=True), raw.part_scores(held.features)])
+    predicted = torch.cat([train.logits, held.logits]).argmax(dim=1) if per_class else None
+    return (combine(texture, knns, held_in, predicted, num_classes),
+            {"spread": spread, "neighbours": neighbours})
 
 
 def unknown_scores(model: RepNet, images: torch.Tensor, spec: InputSpec) -> np.ndarray:
     """The served unknown score of each image; ValueError when the model carries no detector."""
     if model.ood is None:
         raise ValueError("this model has no unknown detector (fit one with `trainer detector`)")
-    features, _ = features_and_logits(model, images, spec, model.ood.spec.layers)
+    features, logits = features_and_logits(model, images, spec, model.ood.spec.layers)
     with torch.inference_mode():
-        return model.ood(features).numpy()
+        return model.ood(features, logits).numpy()
 
 
 @dataclass(frozen=True)
@@ -141,6 +154,8 @@ class DetectorConfig:
     spread: Annotated[Spread, "mahalanobis: the deviations as they are, or as logs"] = DEFAULT_SPREAD
     knn_layers: Annotated[tuple[int, ...], "combined: the blocks (0-based) of the kNN parts (unset: every block "
                                            f"from block {KNN_FROM} on)"] = ()
+    per_class: Annotated[bool, "combined: standardize the score by the held-in scores of the images predicted as "
+                               "the frame's class"] = True
 
 
 def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
@@ -155,7 +170,8 @@ def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
                                                                                      cfg.split_seed)
     held_in = data.subset(parts[1]) if len(parts) > 1 and parts[1] else None
     fitted = fit_detector(model, manifest.class_names, data.subset(parts[0]), held_in, manifest.input,
-                          cfg.false_unknown_rate, cfg.method, cfg.layer, cfg.spread, cfg.knn_layers)
+                          cfg.false_unknown_rate, cfg.method, cfg.layer, cfg.spread, cfg.knn_layers,
+                          cfg.per_class)
     written = rewrite_checkpoint(fitted, model_dir, manifest)
     assert written.ood is not None
     return written.ood

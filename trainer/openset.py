@@ -35,7 +35,7 @@ from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
 from trainer.jobs import in_processes
 from trainer.detector import (DEFAULT_METHOD, DEFAULT_SPREAD, KNN_FROM, MAHALANOBIS_LAYER, NEIGHBOURS, Method,
-                              default_knn_layers, fit_method)
+                              Fitting, default_knn_layers, fit_method)
 from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
 
@@ -201,7 +201,8 @@ def every_block(out: SplitOutputs) -> np.ndarray:
     return total
 
 
-def served(out: SplitOutputs, method: Method, knn_layers: tuple[int, ...] | None = None) -> np.ndarray:
+def served(out: SplitOutputs, method: Method, knn_layers: tuple[int, ...] | None = None,
+           per_class: bool = True) -> np.ndarray:
     """The detector `--method method` serves (trainer.detector.fit_method), fitted on the split's training part,
     its standardization on training and validation; each training image scored as `fitted_scores` does.
     `knn_layers` unset: the served blocks (`default_knn_layers`)."""
@@ -210,11 +211,12 @@ def served(out: SplitOutputs, method: Method, knn_layers: tuple[int, ...] | None
     blocks = {"combined": (MAHALANOBIS_LAYER, *knn_layers), "mahalanobis": (MAHALANOBIS_LAYER,), "knn": (last,)}[method]
     features = torch.cat([out.stats[b] for b in blocks], dim=1)
     train, val = out.where("train"), out.where("val")
-    head, _ = fit_method(method, features[train], features[val], out.labels[train], len(out.class_names),
-                         [out.stats[b].shape[1] for b in blocks], DEFAULT_SPREAD)
+    head, _ = fit_method(method, Fitting(features[train], out.logits[train], out.labels[train]),
+                         Fitting(features[val], out.logits[val]), len(out.class_names),
+                         [out.stats[b].shape[1] for b in blocks], DEFAULT_SPREAD, per_class and method == "combined")
     with torch.no_grad():
-        scores = head(features)
-        scores[train] = head.fitted_scores(features[train])
+        scores = head(features, out.logits)
+        scores[train] = head.fitted_scores(features[train], out.logits[train])
     return scores.numpy()
 
 
@@ -222,8 +224,9 @@ BLOCK_2_LOG = f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean + log std"
 KNN = f"kNN (k={NEIGHBOURS}), last block pooled"
 WITH_TRAINING = ", calibrated on training + validation"
 COMBINED = (f"combined: Mahalanobis block {MAHALANOBIS_LAYER + 1} + kNN on every block from block {KNN_FROM + 1} on, "
-            "each standardized")
-LAST_ONLY = f"combined, kNN on the last block only (shipped before){WITH_TRAINING}"
+            "each standardized, the sum per predicted class")
+ONE_SCALE = f"combined, blocks as shipped, the sum not standardized per class{WITH_TRAINING}"
+LAST_ONLY = f"combined, kNN on the last block only, the sum not standardized per class (shipped before){WITH_TRAINING}"
 METHODS = {method: (name, partial(served, method=method))
            for method, name in (("combined", COMBINED), ("mahalanobis", BLOCK_2_LOG), ("knn", KNN))}
 
@@ -236,7 +239,8 @@ SHIPPED = _calibrated(METHODS[DEFAULT_METHOD][0], DEFAULT_METHOD)
 
 SCORES = {
     **{_calibrated(name, method): fn for method, (name, fn) in METHODS.items()},
-    LAST_ONLY: partial(served, method="combined", knn_layers=(-1,)),
+    ONE_SCALE: partial(served, method="combined", per_class=False),
+    LAST_ONLY: partial(served, method="combined", knn_layers=(-1,), per_class=False),
     COMBINED: METHODS["combined"][1],
     BLOCK_2_LOG: METHODS["mahalanobis"][1],
     f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean+std": lambda out: mahalanobis(out, out.stats[MAHALANOBIS_LAYER]),

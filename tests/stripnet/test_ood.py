@@ -193,10 +193,33 @@ def test_the_combined_score_adds_every_distance_each_standardized_by_its_held_in
         torch.testing.assert_close(head(probe), ((raw - median) / (top - median)).sum(dim=1), rtol=1e-4, atol=1e-4)
 
 
-def _combined(model, x: torch.Tensor, knn_layers: tuple[int, ...]):
+def test_per_class_standardization_uses_the_held_in_scores_of_the_predicted_class():
+    features, labels, _ = _clusters()
+    texture = fit_head(features, labels, 3)
+    means = torch.cat([features[:, :2], torch.ones(len(features), 2)], dim=1)
+    knns = [fit_knn(means, 5)]
+    both = torch.cat([features, means], dim=1)
+    predicted = labels.clone()
+    predicted[labels == 2] = 0  # class 2 is never predicted: its frames take every image's median and spread
+    logits = torch.nn.functional.one_hot(predicted, 3).float()
+    with torch.no_grad():
+        parts = torch.stack([texture(features), knns[0].fitted_scores(means)], dim=1)
+        plain, head = combine(texture, knns, parts), combine(texture, knns, parts, predicted, 3)
+        summed = plain.fitted_scores(both)
+        scores = head.fitted_scores(both, logits)
+        for c, rows in ((0, predicted == 0), (1, predicted == 1)):
+            median, top = summed[rows].quantile(0.5), summed[rows].quantile(0.99)
+            torch.testing.assert_close(scores[rows], (summed[rows] - median) / (top - median), rtol=1e-4, atol=1e-4)
+        unseen = torch.nn.functional.one_hot(torch.full((5,), 2), 3).float()
+        median, top = summed.quantile(0.5), summed.quantile(0.99)
+        torch.testing.assert_close(head.fitted_scores(both[:5], unseen), (summed[:5] - median) / (top - median),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def _combined(model, x: torch.Tensor, knn_layers: tuple[int, ...], per_class: bool = False):
     """A combined detector on `knn_layers` fitted on `x`, its spec and the features it read."""
     spec = SPEC.model_copy(update={"method": "combined", "knn_layers": knn_layers, "spread": "log_std",
-                                   "neighbours": 3, "fitted_images": len(x)})
+                                   "neighbours": 3, "fitted_images": len(x), "per_class": per_class})
     with torch.no_grad():
         _, stats = model.forward_with_features(x, spec.layers)
         bounds = np.cumsum([0, *(2 * EG_REPVGG.blocks[b].out_channels for b in spec.layers)]).tolist()
@@ -204,8 +227,9 @@ def _combined(model, x: torch.Tensor, knn_layers: tuple[int, ...]):
         knns = [fit_knn(stats[:, a:b], 3) for a, b in zip(bounds[1:], bounds[2:])]
         parts = [texture(stats[:, :bounds[1]]), *(k.fitted_scores(stats[:, a:b])
                                                   for k, a, b in zip(knns, bounds[1:], bounds[2:]))]
-        head = combine(texture, knns, torch.stack(parts, 1))
-    return with_detector(model, head, spec), spec, stats, knns
+        logits = model(x)
+        head = combine(texture, knns, torch.stack(parts, 1), logits.argmax(1) if per_class else None, 6)
+    return with_detector(model, head, spec), spec, stats, knns, logits
 
 
 def test_a_checkpoint_round_trips_a_combined_detector_on_several_blocks(tmp_path):
@@ -213,16 +237,20 @@ def test_a_checkpoint_round_trips_a_combined_detector_on_several_blocks(tmp_path
     model = build_model(EG_REPVGG, 6).eval()
     x = torch.randn(24, 3, 32, 32)
     last = len(EG_REPVGG.blocks) - 1
-    combined, spec, stats, knns = _combined(model, x, (2, 5, last))
+    combined, spec, stats, knns, logits = _combined(model, x, (2, 5, last), per_class=True)
     export_checkpoint(combined, tmp_path / "ckpt", class_names=tuple("abcdef"), model_name="t",
                       input_spec=InputSpec(size=32))
     loaded, manifest = load_checkpoint(tmp_path / "ckpt")
     assert manifest.ood == spec and manifest.ood.layers == (1, 2, 5, last)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.ood(loaded.forward_with_features(x, spec.layers)[1]), combined.ood(stats),
-                                   rtol=2e-3, atol=1e-3)
+        torch.testing.assert_close(loaded.ood(loaded.forward_with_features(x, spec.layers)[1], logits),
+                                   combined.ood(stats, logits), rtol=2e-3, atol=1e-3)
     with pytest.raises(ValueError, match="not a combined"):
         with_detector(model, knns[0], spec)
+    with pytest.raises(ValueError, match="per_class"):
+        with_detector(model, combined.ood, spec.model_copy(update={"per_class": False}))
+    with pytest.raises(ValueError, match="logits"):
+        combined.ood(stats)
     for bad in ((), (2, 2)):
         with pytest.raises(ValueError, match="knn_layers"):
             OODSpec.model_validate(spec.model_dump() | {"knn_layers": bad})
@@ -233,7 +261,7 @@ def test_a_checkpoint_with_one_knn_block_in_the_earlier_format_still_loads(tmp_p
     model = build_model(EG_REPVGG, 6).eval()
     x = torch.randn(24, 3, 32, 32)
     last = len(EG_REPVGG.blocks) - 1
-    combined, spec, stats, _ = _combined(model, x, (last,))
+    combined, spec, stats, _, _ = _combined(model, x, (last,))
     export_checkpoint(combined, tmp_path / "ckpt", class_names=tuple("abcdef"), model_name="t",
                       input_spec=InputSpec(size=32))
     path = tmp_path / "ckpt" / "manifest.json"

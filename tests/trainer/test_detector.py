@@ -36,8 +36,8 @@ def test_the_detector_is_fitted_on_training_images_and_calibrated_on_every_held_
     assert (spec.method, spec.calibrated_on, spec.fitted_images, spec.calibration_images) == (
         method, "training and validation", 30, 60)
     # a kept image is its own nearest neighbour: calibration scores it among the others
-    features, _ = features_and_logits(model, train.images, InputSpec(size=SIZE), spec.layers)
-    held_in = np.concatenate([model.ood.fitted_scores(features).numpy(),
+    features, logits = features_and_logits(model, train.images, InputSpec(size=SIZE), spec.layers)
+    held_in = np.concatenate([model.ood.fitted_scores(features, logits).numpy(),
                               unknown_scores(model, val.images, InputSpec(size=SIZE))])
     assert (held_in > spec.threshold).sum() == 6  # 10 % of 60, the (1 - 0.1) quantile interpolated
     if method == "mahalanobis":  # an untrained network's pooled features need not set noise apart; the bundled
