@@ -23,8 +23,10 @@ network, blind to noise.
 `CombinedHead` (`OODSpec.method` "combined", the default `trainer fit` ships) adds block 2's Mahalanobis
 distance and one kNN distance per block of `OODSpec.knn_layers` (by default every block from block 3 on),
 each less its held-in median and divided by the distance from that median to its held-in 99th percentile.
-Texture flags noise and foreign surfaces, kNN new defect types, and the middle blocks' kNN more of them than
-the last block's; the sum scores better than any part in leave-one-class-out (docs/openset.md).
+With `OODSpec.per_class` the sum is standardized once more, by the held-in sums of the images predicted as
+the frame's class, so that one threshold means the same for every class. Texture flags noise and foreign
+surfaces, kNN new defect types, and the middle blocks' kNN more of them than the last block's; the sum
+scores better than any part in leave-one-class-out (docs/openset.md).
 
 `OODHead` is the fitted detector as a module of two buffers. A RepNet that carries one (`model.ood`,
 see `with_detector`) saves it in its weights file, and the manifest describes it (`Manifest.ood`), so a
@@ -148,10 +150,8 @@ class CombinedHead(nn.Module):
     def part_scores(self, features: torch.Tensor, *, fitted: bool = False) -> torch.Tensor:
         """(N, parts): each part's raw distance (`fitted`: of the images the parts were fitted on, as
         `fitted_scores`)."""
-        with torch.no_grad():
-            chunks = [features[:, a:b] for a, b in zip(self.bounds, self.bounds[1:])]
-            return torch.stack([part.fitted_scores(x) if fitted else part(x) for part, x in zip(self.parts, chunks)],
-                               dim=1)
+        chunks = [features[:, a:b] for a, b in zip(self.bounds, self.bounds[1:])]
+        return torch.stack([part.fitted_scores(x) if fitted else part(x) for part, x in zip(self.parts, chunks)], dim=1)
 
     def summed(self, parts: torch.Tensor) -> torch.Tensor:
         return ((parts - self.offset.float()) / self.scale.float()).sum(dim=1)

@@ -6,11 +6,12 @@ means and log deviations (stripnet.ood.OODHead): texture statistics the classifi
 throw away, which flag clearly foreign frames (noise, checkerboards). The others, one per block from block 3
 on, keep the training part's L2-normalized pooled features of that block and score a frame by the distance
 to its k-th nearest kept image (stripnet.ood.KNNHead): better on new defect types, blind to noise fields.
-Each is standardized by its held-in scores before the sum (stripnet.ood.combine); `--method mahalanobis` or
-`knn` (the last block) serves one alone (docs/openset.md has them all). The threshold is the (1 − rate) quantile of the scores of every held-in image,
-training and validation parts together, each training image scored as a new frame would be (by kNN,
-among the *other* kept images: `KNNHead.fitted_scores`); so a model trained on every image still
-gets an honest threshold. `refit_checkpoint` (`trainer detector`) does the same for a checkpoint that has
+Each is standardized by its held-in scores before the sum, and the sum by the held-in sums of the images
+predicted as the frame's class (stripnet.ood.combine); `--method mahalanobis` or `knn` (the last block)
+serves one part alone (docs/openset.md has them all). The threshold is the (1 − rate) quantile of the scores
+of every held-in image, training and validation parts together, each training image scored as a new frame
+would be (by kNN, among the *other* kept images: `KNNHead.fitted_scores`); so a model trained on every
+image still gets an honest threshold. `refit_checkpoint` (`trainer detector`) does the same for a checkpoint that has
 none yet, or whose detector should be re-fitted, and rewrites it in place with every other manifest field
 kept.
 """
