@@ -154,7 +154,7 @@ class DetectorConfig:
                                  "block for knn, the second for mahalanobis and combined's Mahalanobis part)"] = None
     spread: Annotated[Spread, "mahalanobis: the deviations as they are, or as logs"] = DEFAULT_SPREAD
     knn_layers: Annotated[tuple[int, ...], "combined: the blocks (0-based) of the kNN parts (unset: every block "
-                                           f"from block {KNN_FROM} on)"] = ()
+                                           f"from index {KNN_FROM} on: the third)"] = ()
     per_class: Annotated[bool, "combined: standardize the score by the held-in scores of the images predicted as "
                                "the frame's class"] = True
 
