@@ -11,9 +11,9 @@ predicted as the frame's class (stripnet.ood.combine); `--method mahalanobis` or
 serves one part alone (docs/openset.md has them all). The threshold is the (1 − rate) quantile of the scores
 of every held-in image, training and validation parts together, each training image scored as a new frame
 would be (by kNN, among the *other* kept images: `KNNHead.fitted_scores`); so a model trained on every
-image still gets an honest threshold. `refit_checkpoint` (`trainer detector`) does the same for a checkpoint that has
-none yet, or whose detector should be re-fitted, and rewrites it in place with every other manifest field
-kept.
+image still gets an honest threshold. `refit_checkpoint` (`trainer detector`) does the same for a checkpoint
+that has none yet, or whose detector should be re-fitted, and rewrites it in place with every other manifest
+field kept.
 """
 
 from __future__ import annotations
@@ -71,6 +71,22 @@ def default_knn_layers(blocks: int) -> tuple[int, ...]:
     return tuple(range(min(KNN_FROM, blocks - 1), blocks))
 
 
+def detector_layers(method: Method, blocks: int, layer: int | None = None,
+                    knn_layers: tuple[int, ...] = ()) -> tuple[int, tuple[int, ...]]:
+    """(the detector's block, its kNN blocks) for a network of `blocks` blocks: `layer` unset, the method's own
+    (the last for knn, `MAHALANOBIS_LAYER` otherwise); combined's kNN blocks unset, `default_knn_layers`."""
+    layer = (blocks - 1 if method == "knn" else MAHALANOBIS_LAYER) if layer is None else layer
+    return layer, (knn_layers or default_knn_layers(blocks)) if method == "combined" else ()
+
+
+def score_all(head: Detector, features: torch.Tensor, logits: torch.Tensor, fitted: torch.Tensor) -> torch.Tensor:
+    """Every image's score, the images the detector was fitted on (mask `fitted`) scored as `fitted_scores` does."""
+    with torch.no_grad():
+        scores = head(features, logits)
+        scores[fitted] = head.fitted_scores(features[fitted], logits[fitted])
+    return scores
+
+
 def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, held_in: ImageSet | None,
                  spec: InputSpec, rate: float = DEFAULT_FALSE_UNKNOWN_RATE, method: Method = DEFAULT_METHOD,
                  layer: int | None = None, spread: Spread = DEFAULT_SPREAD,
@@ -80,14 +96,13 @@ def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, h
     part per block of `knn_layers` (unset: `default_knn_layers`) to Mahalanobis on `layer`, and standardizes
     the sum per predicted class with `per_class`."""
     blocks = model.spec.blocks
-    layer = (len(blocks) - 1 if method == "knn" else MAHALANOBIS_LAYER) if layer is None else layer
-    knn_layers = (knn_layers or default_knn_layers(len(blocks))) if method == "combined" else ()
+    layer, knn_layers = detector_layers(method, len(blocks), layer, knn_layers)
     per_class = per_class and method == "combined"
     ood_layers = (layer, *knn_layers)
     features, logits = features_and_logits(model, train.images, spec, ood_layers)
     held, held_logits = (features_and_logits(model, held_in.images, spec, ood_layers)
                          if held_in is not None and len(held_in) else (features[:0], logits[:0]))
-    head, described = fit_method(method, Fitting(features, logits, model_labels(train, class_names)),
+    head, described = fit_method(method, Fitting(features, logits), model_labels(train, class_names),
                                  Fitting(held, held_logits), len(class_names),
                                  [2 * blocks[b].out_channels for b in ood_layers], spread, per_class)
     with torch.inference_mode():
@@ -101,19 +116,17 @@ def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, h
 
 @dataclass(frozen=True)
 class Fitting:
-    """Images' detector features (N, K) and logits (N, classes); labels (N,) for the part it is fitted on."""
+    """Images' detector features (N, K) and logits (N, classes)."""
     features: torch.Tensor
     logits: torch.Tensor
-    labels: torch.Tensor | None = None
 
 
-def fit_method(method: Method, train: Fitting, held: Fitting, num_classes: int, widths: list[int], spread: Spread,
-               per_class: bool = False) -> tuple[Detector, dict]:
-    """The detector of `method` fitted on `train` and standardized on `train` and `held`, whose features are the
-    blocks' statistics side by side (`widths` columns each; combined: the first block's are the Mahalanobis
-    part's, each other block's a kNN part's), and the spec fields that describe it."""
-    features, labels = train.features, train.labels
-    assert labels is not None
+def fit_method(method: Method, train: Fitting, labels: torch.Tensor, held: Fitting, num_classes: int,
+               widths: list[int], spread: Spread, per_class: bool = False) -> tuple[Detector, dict]:
+    """The detector of `method` fitted on `train` (class `labels`) and standardized on `train` and `held`, whose
+    features are the blocks' statistics side by side (`widths` columns each; combined: the first block's are the
+    Mahalanobis part's, each other block's a kNN part's), and the spec fields that describe it."""
+    features = train.features
     neighbours = min(NEIGHBOURS, len(features) - 1)  # a tiny training part keeps fewer
     if method == "knn":
         return fit_knn(features, neighbours), {"neighbours": neighbours}

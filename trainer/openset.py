@@ -33,9 +33,9 @@ from stripnet.network import RepNet
 from stripnet.ood import calibrate, channel_stats, fit_head, fit_knn
 from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
+from trainer.detector import (DEFAULT_METHOD, DEFAULT_SPREAD, KNN_FROM, MAHALANOBIS_LAYER, NEIGHBOURS, Fitting,
+                              Method, detector_layers, fit_method, score_all)
 from trainer.jobs import in_processes
-from trainer.detector import (DEFAULT_METHOD, DEFAULT_SPREAD, KNN_FROM, MAHALANOBIS_LAYER, NEIGHBOURS, Method,
-                              Fitting, default_knn_layers, fit_method)
 from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
 
@@ -180,14 +180,9 @@ def mahalanobis(out: SplitOutputs, features: torch.Tensor, log_spread: bool = Fa
 
 
 def knn_distance(out: SplitOutputs, features: torch.Tensor) -> np.ndarray:
-    """kNN on the normalized channel means of `features` (N, 2C), kept from the training part, which is scored as
-    `KNNHead.fitted_scores` scores it."""
+    """kNN on the normalized channel means of `features` (N, 2C), kept from the training part."""
     train = out.where("train")
-    head = fit_knn(features[train], NEIGHBOURS)
-    with torch.no_grad():
-        scores = head(features)
-        scores[train] = head.fitted_scores(features[train])
-    return scores.numpy()
+    return score_all(fit_knn(features[train], NEIGHBOURS), features, out.logits, train).numpy()
 
 
 def every_block(out: SplitOutputs) -> np.ndarray:
@@ -201,23 +196,18 @@ def every_block(out: SplitOutputs) -> np.ndarray:
     return total
 
 
-def served(out: SplitOutputs, method: Method, knn_layers: tuple[int, ...] | None = None,
-           per_class: bool = True) -> np.ndarray:
+def served(out: SplitOutputs, method: Method, knn_layers: tuple[int, ...] = (), per_class: bool = True) -> np.ndarray:
     """The detector `--method method` serves (trainer.detector.fit_method), fitted on the split's training part,
     its standardization on training and validation; each training image scored as `fitted_scores` does.
-    `knn_layers` unset: the served blocks (`default_knn_layers`)."""
-    last = len(out.stats) - 1
-    knn_layers = default_knn_layers(len(out.stats)) if knn_layers is None else knn_layers
-    blocks = {"combined": (MAHALANOBIS_LAYER, *knn_layers), "mahalanobis": (MAHALANOBIS_LAYER,), "knn": (last,)}[method]
+    `knn_layers` unset: the served blocks."""
+    layer, knn_layers = detector_layers(method, len(out.stats), knn_layers=knn_layers)
+    blocks = (layer, *knn_layers)
     features = torch.cat([out.stats[b] for b in blocks], dim=1)
     train, val = out.where("train"), out.where("val")
-    head, _ = fit_method(method, Fitting(features[train], out.logits[train], out.labels[train]),
+    head, _ = fit_method(method, Fitting(features[train], out.logits[train]), out.labels[train],
                          Fitting(features[val], out.logits[val]), len(out.class_names),
                          [out.stats[b].shape[1] for b in blocks], DEFAULT_SPREAD, per_class and method == "combined")
-    with torch.no_grad():
-        scores = head(features, out.logits)
-        scores[train] = head.fitted_scores(features[train], out.logits[train])
-    return scores.numpy()
+    return score_all(head, features, out.logits, train).numpy()
 
 
 BLOCK_2_LOG = f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean + log std"
