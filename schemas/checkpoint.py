@@ -80,6 +80,10 @@ class OODSpec(_Frozen):
     layer: int = Field(ge=0, description="the block (0-based) whose output's per-channel mean and standard "
                                          "deviation are the detector's features")
     knn_layers: tuple[int, ...] = Field(default=(), description="combined: the blocks of the kNN parts, one each")
+    corr_layers: tuple[int, ...] = Field(default=(), description="combined: the blocks of the channel-correlation "
+                                         "kNN parts, one each (after the kNN parts)")
+    corr_dims: int = Field(default=0, ge=0, le=4096, description="combined: the size each correlation part projects "
+                           "its block's channel correlations to (0 without correlation parts)")
     per_class: bool = Field(default=False, description="combined: the sum is standardized once more by the held-in "
                             "scores of the images predicted as the frame's class")
     neighbours: int = Field(default=10, gt=0, le=100, description="knn: which nearest training image's distance")
@@ -112,14 +116,24 @@ class OODSpec(_Frozen):
             raise ValueError("knn_layers is set for the combined method, and only for it")
         if self.per_class and self.method != "combined":
             raise ValueError("per_class is for the combined method only")
-        if any(b < 0 for b in self.knn_layers) or len(set(self.knn_layers)) != len(self.knn_layers):
-            raise ValueError(f"knn_layers must be distinct block indices, got {self.knn_layers}")
+        for name, blocks in (("knn_layers", self.knn_layers), ("corr_layers", self.corr_layers)):
+            if any(b < 0 for b in blocks) or len(set(blocks)) != len(blocks):
+                raise ValueError(f"{name} must be distinct block indices, got {blocks}")
+        if self.corr_layers and self.method != "combined":
+            raise ValueError("corr_layers is for the combined method only")
+        if bool(self.corr_layers) != (self.corr_dims > 0):
+            raise ValueError("corr_dims is set when, and only when, there are corr_layers")
         return self
 
     @property
     def layers(self) -> tuple[int, ...]:
         """The blocks whose channel statistics the detector reads, in the order of its features."""
         return (self.layer, *self.knn_layers)
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """Every block the detector reads: `layers`, then `corr_layers`."""
+        return (*self.layers, *self.corr_layers)
 
 
 class BoxHeadSpec(_Frozen):
@@ -179,8 +193,8 @@ class Manifest(_Frozen):
     def _unique_classes(self) -> Manifest:
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names must be unique")
-        if self.ood is not None and max(self.ood.layers) >= len(self.architecture.blocks):
-            raise ValueError(f"ood.layers {self.ood.layers} are not all blocks of the architecture")
+        if self.ood is not None and max(self.ood.blocks) >= len(self.architecture.blocks):
+            raise ValueError(f"ood blocks {self.ood.blocks} are not all blocks of the architecture")
         if self.boxes is not None and max(self.boxes.layers) >= len(self.architecture.blocks):
             raise ValueError(f"boxes.layers {self.boxes.layers} are not all blocks of the architecture")
         if self.boxes is not None and self.boxes.class_thresholds is not None and len(

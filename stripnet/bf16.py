@@ -60,8 +60,9 @@ class Bf16Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(self.stem(x)))
 
-    def forward_with_features(self, x: torch.Tensor, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward_with_stats([self.stem, *self.body], self.head, x, layers)
+    def forward_with_features(self, x: torch.Tensor, layers: tuple[int, ...], corr_layers: tuple[int, ...] = ()
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_with_stats([self.stem, *self.body], self.head, x, layers, corr_layers)
 
 
 class _Bf16ConvBlock(nn.Module):

@@ -83,13 +83,14 @@ class Pass:
 
 def one_pass(model: RepNet, x: torch.Tensor) -> Pass:
     """Logits, classes, CAMs and, with the model's detector and head, unknown scores and box maps, in one pass."""
-    ood_layers = model.ood.spec.layers if model.ood is not None and model.ood.spec is not None else ()
+    ood = model.ood.spec if model.ood is not None else None
+    ood_layers, corr_layers = (ood.layers, ood.corr_layers) if ood is not None else ((), ())
     box_layers = model.boxes.spec.layers if model.boxes is not None else ()
-    x, kept = run_chain(model.blocks, x, (*box_layers, *ood_layers))
+    x, kept = run_chain(model.blocks, x, (*box_layers, *ood_layers, *corr_layers))
     logits = model.head.fc(model.head.pool(x))
     classes = logits.argmax(dim=1)
     return Pass(logits, classes, class_activation_maps(x, model.head.fc, classes),
-                model.ood(stats_of(kept, ood_layers), logits) if ood_layers else None,
+                model.ood(stats_of(kept, ood_layers, corr_layers), logits) if ood_layers else None,
                 model.boxes([kept[i] for i in box_layers]) if model.boxes is not None else None)
 
 

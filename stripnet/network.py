@@ -11,7 +11,7 @@ from torch import nn
 from schemas.checkpoint import ArchitectureSpec, BoxHeadSpec, InputSpec, Normalization, OODSpec
 from stripnet.boxhead import BoxHead
 from stripnet.layers import RepVGGBlock
-from stripnet.ood import Detector, channel_stats, make_detector
+from stripnet.ood import Detector, channel_correlations, channel_stats, make_detector
 
 
 @runtime_checkable
@@ -53,7 +53,7 @@ class RepNet(nn.Module):
             in_ch = row.out_channels
         self.blocks = nn.Sequential(*blocks)
         self.head = ClassifierHead(in_ch, num_classes)
-        self.ood: Detector | None = (make_detector(ood, num_classes, [spec.blocks[i].out_channels for i in ood.layers])
+        self.ood: Detector | None = (make_detector(ood, num_classes, [spec.blocks[i].out_channels for i in ood.blocks])
                                      if ood is not None else None)
         self.boxes: BoxHead | None = (BoxHead(spec, num_classes, boxes, deploy=deploy)
                                       if boxes is not None else None)
@@ -68,22 +68,26 @@ class RepNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
-    def forward_with_features(self, x: torch.Tensor, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_features(self, x: torch.Tensor, layers: tuple[int, ...], corr_layers: tuple[int, ...] = ()
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass → (logits (N, classes), the channel statistics of the outputs of the blocks `layers`: (N, 2C)
-        each, side by side)."""
-        return forward_with_stats(self.blocks, self.head, x, layers)
+        each, then the channel correlations of the blocks `corr_layers`, side by side)."""
+        return forward_with_stats(self.blocks, self.head, x, layers, corr_layers)
 
 
 def forward_with_stats(blocks: nn.Sequential | list[nn.Module], head: ClassifierHead, x: torch.Tensor,
-                       layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chain of `blocks`, then `head`, keeping the blocks `layers`' channel statistics on the way."""
-    x, kept = run_chain(blocks, x, layers)
-    return head(x), stats_of(kept, layers)
+                       layers: tuple[int, ...], corr_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chain of `blocks`, then `head`, keeping a detector's features (`stats_of`) on the way."""
+    x, kept = run_chain(blocks, x, (*layers, *corr_layers))
+    return head(x), stats_of(kept, layers, corr_layers)
 
 
-def stats_of(kept: dict[int, torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor:
-    """The channel statistics of the kept outputs of the blocks `layers`, side by side: a detector's features."""
-    return torch.cat([channel_stats(kept[i]) for i in layers], dim=1)
+def stats_of(kept: dict[int, torch.Tensor], layers: tuple[int, ...], corr_layers: tuple[int, ...] = ()
+             ) -> torch.Tensor:
+    """A detector's features: the channel statistics of the kept outputs of the blocks `layers`, then the
+    channel correlations of those of `corr_layers`, side by side."""
+    return torch.cat([*(channel_stats(kept[i]) for i in layers), *(channel_correlations(kept[i]) for i in corr_layers)],
+                     dim=1)
 
 
 def run_chain(blocks: nn.Sequential | list[nn.Module], x: torch.Tensor, keep: tuple[int, ...] = ()

@@ -21,12 +21,14 @@ distance to its k-th nearest one (Sun et al., ICML 2022): better on new defect t
 network, blind to noise.
 
 `CombinedHead` (`OODSpec.method` "combined", the default `trainer fit` ships) adds block 2's Mahalanobis
-distance and one kNN distance per block of `OODSpec.knn_layers` (by default every block from block 3 on),
-each less its held-in median and divided by the distance from that median to its held-in 99th percentile.
+distance, one kNN distance per block of `OODSpec.knn_layers` (by default every block from block 3 on) and one
+`CorrelationKNN` distance per block of `OODSpec.corr_layers` (kNN on the projected channel correlations of
+`channel_correlations`, by default blocks 3–5), each less its held-in median and divided by the distance from
+that median to its held-in 99th percentile.
 With `OODSpec.per_class` the sum is standardized once more, by the held-in sums of the images predicted as
 the frame's class, so that one threshold means the same for every class. Texture flags noise and foreign
-surfaces, kNN new defect types, and the middle blocks' kNN more of them than the last block's; the sum
-scores better than any part in leave-one-class-out (docs/openset.md).
+surfaces, kNN new defect types, the middle blocks' kNN more of them than the last block's, and the channel
+correlations more again; the sum scores better than any part in leave-one-class-out (docs/openset.md).
 
 `OODHead` is the fitted detector as a module of two buffers. A RepNet that carries one (`model.ood`,
 see `with_detector`) saves it in its weights file, and the manifest describes it (`Manifest.ood`), so a
@@ -91,17 +93,26 @@ class KNNHead(nn.Module):
         self.neighbours = spec.neighbours if spec is not None else neighbours
         self.register_buffer("bank", torch.zeros(kept, channels))  # unit vectors, (M, C)
 
+    @property
+    def width(self) -> int:
+        """How many feature columns it reads."""
+        return 2 * self.bank.shape[1]
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The vectors it compares (the bank's kind), before normalization: the channel means."""
+        return features[:, :self.bank.shape[1]]
+
     def forward(self, features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         return self.distances(features, self.neighbours)
 
     def distances(self, features: torch.Tensor, k: int) -> torch.Tensor:
         with torch.autocast(features.device.type, enabled=False):
-            unit = F.normalize(features.float()[:, :self.bank.shape[1]], dim=1)
+            unit = F.normalize(self.embed(features.float()), dim=1)
             kth_cosine = (unit @ self.bank.float().T).topk(k, dim=1).values[:, -1]
             return (2 - 2 * kth_cosine).clamp(min=0).sqrt()  # ‖a − b‖ of unit vectors
 
     def fits(self, num_classes: int, dim: int) -> bool:
-        return 2 * self.bank.shape[1] == dim
+        return self.width == dim
 
     def fitted_scores(self, features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of the kept images as if each were new: each is its own nearest neighbour, so its k-th among
@@ -110,9 +121,30 @@ class KNNHead(nn.Module):
             return self.distances(features, self.neighbours + 1)
 
 
+class CorrelationKNN(KNNHead):
+    """kNN on a block's channel correlations (`channel_correlations`, D = C(C − 1)/2 columns): each is
+    standardized by the training images' mean and deviation and projected on their first `dims` principal
+    axes, both folded into one (D, dims) `projection` and a `shift`; then compared as `KNNHead` compares the
+    channel means. Which channels rise and fall together describes a texture that a classifier trained on
+    the known classes keeps little of (docs/openset.md)."""
+
+    def __init__(self, kept: int, dim: int, dims: int, *, neighbours: int = 10) -> None:
+        super().__init__(kept, dims, neighbours=neighbours)
+        self.register_buffer("projection", torch.zeros(dim, dims))
+        self.register_buffer("shift", torch.zeros(dims))
+
+    @property
+    def width(self) -> int:
+        return self.projection.shape[0]
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.projection.float() - self.shift.float()
+
+
 class CombinedHead(nn.Module):
-    """Features (N, K + 2C₁ + 2C₂ …): block `spec.layer`'s statistics, then those of each block of
-    `spec.knn_layers` → (N,) float32 sum of the Mahalanobis distance and one kNN distance per block, each
+    """Features (N, K + 2C₁ + 2C₂ … + D₁ …): block `spec.layer`'s statistics, then those of each block of
+    `spec.knn_layers`, then the channel correlations of each block of `spec.corr_layers` → (N,) float32 sum of
+    the Mahalanobis distance and one kNN distance per block (`CorrelationKNN` parts last), each
     standardized as (d − offset) / scale by its held-in scores. With `classes` (`spec.per_class`) the sum is
     standardized once more by the held-in sums of the images predicted as the frame's class, which its logits
     say. The first kNN part is the module `knn` (the name checkpoints with one kNN block have), the others
@@ -126,7 +158,7 @@ class CombinedHead(nn.Module):
         self.spec, self.texture = spec, texture
         for i, head in enumerate(knns):
             self.add_module(_knn_name(i), head)
-        widths = [texture.whiten.shape[0], *(2 * head.bank.shape[1] for head in knns)]
+        widths = [texture.whiten.shape[0], *(head.width for head in knns)]
         self.bounds = np.cumsum([0, *widths]).tolist()  # each part's columns of the features
         self.register_buffer("offset", torch.zeros(len(widths)))
         self.register_buffer("scale", torch.ones(len(widths)))
@@ -169,7 +201,7 @@ def _knn_name(i: int) -> str:
     return "knn" if i == 0 else f"knn_{i}"
 
 
-Detector = OODHead | KNNHead | CombinedHead
+Detector = OODHead | KNNHead | CombinedHead  # a CorrelationKNN is only ever a part of a CombinedHead
 DETECTORS: dict[str, type[nn.Module]] = {"mahalanobis": OODHead, "knn": KNNHead, "combined": CombinedHead}
 
 
@@ -205,22 +237,45 @@ def _median_and_spread(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def fit_knn(features: torch.Tensor, neighbours: int) -> KNNHead:
     """The kNN detector keeping every training image's (N, 2C) features' normalized channel means."""
-    if not 0 < neighbours < len(features):
-        raise ValueError(f"the kNN detector needs more than {max(neighbours, 1)} training images, got {len(features)}")
+    _check_kept(features, neighbours)
     head = KNNHead(len(features), features.shape[1] // 2, neighbours=neighbours)
-    head.bank.copy_(F.normalize(features.float()[:, :features.shape[1] // 2], dim=1))
+    head.bank.copy_(F.normalize(head.embed(features.float()), dim=1))
     return head
 
 
+def fit_correlation_knn(features: torch.Tensor, neighbours: int, dims: int) -> CorrelationKNN:
+    """The correlation kNN part for training images' (N, D) channel correlations, projected on `dims` axes
+    (fewer when there are fewer images or columns)."""
+    _check_kept(features, neighbours)
+    x = features.double()
+    mean, deviation = x.mean(dim=0), x.std(dim=0).clamp(min=1e-6)
+    _, _, axes = torch.linalg.svd((x - mean) / deviation, full_matrices=False)
+    axes = axes[:min(dims, len(axes))].T  # (D, dims)
+    head = CorrelationKNN(len(features), x.shape[1], axes.shape[1], neighbours=neighbours)
+    head.projection.copy_(axes / deviation[:, None])
+    head.shift.copy_((mean / deviation) @ axes)
+    head.bank.copy_(F.normalize(head.embed(features.float()), dim=1))
+    return head
+
+
+def _check_kept(features: torch.Tensor, neighbours: int) -> None:
+    if not 0 < neighbours < len(features):
+        raise ValueError(f"the kNN detector needs more than {max(neighbours, 1)} training images, got {len(features)}")
+
+
 def make_detector(spec: OODSpec, num_classes: int, channels: Sequence[int]) -> Detector:
-    """The empty detector a checkpoint's `spec` describes, for blocks of `channels` (the blocks `spec.layers`; its
+    """The empty detector a checkpoint's `spec` describes, for blocks of `channels` (the blocks `spec.blocks`; its
     weights load into it)."""
     if spec.method == "knn":
         return KNNHead(spec.fitted_images, channels[0], spec)
     if spec.method == "combined":
+        knn = channels[1:len(spec.layers)]
+        corr = channels[len(spec.layers):]
+        parts = [*(KNNHead(spec.fitted_images, c, neighbours=spec.neighbours) for c in knn),
+                 *(CorrelationKNN(spec.fitted_images, correlation_dim(c), spec.corr_dims, neighbours=spec.neighbours)
+                   for c in corr)]
         return CombinedHead(OODHead(num_classes, feature_dim(channels[:1]), log_spread=spec.spread == "log_std"),
-                            [KNNHead(spec.fitted_images, c, neighbours=spec.neighbours) for c in channels[1:]], spec,
-                            classes=num_classes if spec.per_class else 0)
+                            parts, spec, classes=num_classes if spec.per_class else 0)
     return OODHead(num_classes, feature_dim(channels), spec)
 
 
@@ -232,6 +287,22 @@ def channel_stats(x: torch.Tensor) -> torch.Tensor:
     # E[x²] − E[x]²: one pass over the map and no centred copy
     mean, mean_square = pixels.mean(dim=dim), pixels.square().mean(dim=dim)
     return torch.cat([mean, (mean_square - mean * mean).clamp(min=0).sqrt()], dim=1)
+
+
+def channel_correlations(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) block output → (N, C(C − 1)/2) float32: the correlation over the map of every pair of
+    channels (the upper triangle of the correlation matrix, row by row)."""
+    c = x.shape[1]
+    pixels = x.float().flatten(2)
+    centred = pixels - pixels.mean(dim=2, keepdim=True)
+    unit = centred * centred.square().mean(dim=2, keepdim=True).clamp(min=1e-12).rsqrt()  # unit variance
+    correlation = unit @ unit.transpose(1, 2) / pixels.shape[2]
+    upper = torch.from_numpy(np.flatnonzero(np.triu(np.ones((c, c)), 1)))  # a constant in an exported graph
+    return correlation.flatten(1)[:, upper.to(x.device)]
+
+
+def correlation_dim(channels: int) -> int:
+    return channels * (channels - 1) // 2
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -248,6 +319,11 @@ def feature_dim(channels_of_layers: Sequence[int]) -> int:
     return 2 * sum(channels_of_layers)
 
 
+def detector_dim(stats_channels: Sequence[int], corr_channels: Sequence[int] = ()) -> int:
+    """The columns of a detector's features: channel statistics of some blocks, then others' correlations."""
+    return feature_dim(stats_channels) + sum(correlation_dim(c) for c in corr_channels)
+
+
 class Scored(nn.Module):
     """x → (logits, unknown scores) in one pass: `net` is anything with a RepNet's `forward_with_features`
     (logits and one block's channel statistics), `ood` scores them. What the runners export and run."""
@@ -256,10 +332,10 @@ class Scored(nn.Module):
         super().__init__()
         if ood.spec is None:
             raise ValueError("the unknown detector has no calibrated spec")
-        self.net, self.ood, self.layers = net, ood, ood.spec.layers
+        self.net, self.ood, self.layers, self.corr_layers = net, ood, ood.spec.layers, ood.spec.corr_layers
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features = self.net.forward_with_features(x, self.layers)
+        logits, features = self.net.forward_with_features(x, self.layers, self.corr_layers)
         return logits, self.ood(features, logits)
 
 
@@ -312,9 +388,9 @@ def with_detector(model: RepNet, head: Detector, spec: OODSpec) -> RepNet:
     blocks = model.spec.blocks
     if not isinstance(head, DETECTORS[spec.method]):
         raise ValueError(f"a {type(head).__name__} is not a {spec.method} detector")
-    if max(spec.layers) >= len(blocks) or not head.fits(
-            model.num_classes, feature_dim([blocks[i].out_channels for i in spec.layers])):
-        raise ValueError(f"detector {type(head).__name__} at blocks {spec.layers} does not fit the model")
+    if max(spec.blocks) >= len(blocks) or not head.fits(model.num_classes, detector_dim(
+            [blocks[i].out_channels for i in spec.layers], [blocks[i].out_channels for i in spec.corr_layers])):
+        raise ValueError(f"detector {type(head).__name__} at blocks {spec.blocks} does not fit the model")
     if isinstance(head, CombinedHead) and (head.class_offset is not None) != spec.per_class:
         raise ValueError(f"the detector is {'' if head.class_offset is not None else 'not '}standardized per class, "
                          f"its spec says per_class={spec.per_class}")

@@ -408,7 +408,8 @@ def fit_checkpoint(cfg: BoxesConfig, log: Callable[[str], None] = print) -> BoxH
     if cfg.head.finetune_epochs and manifest.ood is not None:  # the features moved: fit the detector again
         fitted = fit_detector(fitted, manifest.class_names, data, None, manifest.input,
                               manifest.ood.false_unknown_rate, manifest.ood.method, manifest.ood.layer,
-                              manifest.ood.spread, manifest.ood.knn_layers, manifest.ood.per_class)
+                              manifest.ood.spread, manifest.ood.knn_layers, manifest.ood.per_class,
+                              manifest.ood.corr_layers, manifest.ood.corr_dims)
     written = rewrite_checkpoint(fitted, model_dir, manifest)
     assert written.boxes is not None
     return written.boxes

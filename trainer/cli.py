@@ -171,7 +171,8 @@ def cmd_detector(args: argparse.Namespace) -> int:
 
     cfg = from_args(DetectorConfig, args)
     spec = refit_checkpoint(cfg)
-    print(f"{cfg.model}: {spec.method} unknown detector on blocks {list(spec.layers)}"
+    corr = f" and the channel correlations of blocks {list(spec.corr_layers)}" if spec.corr_layers else ""
+    print(f"{cfg.model}: {spec.method} unknown detector on blocks {list(spec.layers)}{corr}"
           f"{', standardized per predicted class' if spec.per_class else ''}, threshold "
           f"{spec.threshold:.4f} ({spec.false_unknown_rate:.0%} of {spec.calibration_images} held-in images, "
           f"calibrated on {spec.calibrated_on}; fitted on {spec.fitted_images})")

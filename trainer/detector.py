@@ -6,6 +6,8 @@ means and log deviations (stripnet.ood.OODHead): texture statistics the classifi
 throw away, which flag clearly foreign frames (noise, checkerboards). The others, one per block from block 3
 on, keep the training part's L2-normalized pooled features of that block and score a frame by the distance
 to its k-th nearest kept image (stripnet.ood.KNNHead): better on new defect types, blind to noise fields.
+The last, one per block of blocks 3–5, do the same on the block's channel correlations, projected on their
+first principal axes (stripnet.ood.CorrelationKNN): they flag more of the new defect types.
 Each is standardized by its held-in scores before the sum, and the sum by the held-in sums of the images
 predicted as the frame's class (stripnet.ood.combine); `--method mahalanobis` or `knn` (the last block)
 serves one part alone (docs/openset.md has them all). The threshold is the (1 − rate) quantile of the scores
@@ -29,7 +31,8 @@ from schemas.checkpoint import InputSpec, OODSpec
 from stripnet.bundled import resolve_model_dir
 from stripnet.checkpoint import load_checkpoint, rewrite_checkpoint
 from stripnet.network import RepNet
-from stripnet.ood import CombinedHead, Detector, calibrate, combine, fit_head, fit_knn, with_detector
+from stripnet.ood import (CombinedHead, Detector, calibrate, combine, correlation_dim, fit_correlation_knn, fit_head,
+                          fit_knn, with_detector)
 from stripnet.preprocess import normalize
 from trainer.data import ImageSet, fingerprint, load_image_folder, load_split, stratified_split
 from trainer.options import Opt, parse_split
@@ -43,16 +46,19 @@ DEFAULT_FALSE_UNKNOWN_RATE = 0.01
 DEFAULT_METHOD: Method = "combined"
 MAHALANOBIS_LAYER = 1  # for Mahalanobis, the second block: its best block (docs/openset.md)
 KNN_FROM = 2  # combined: a kNN part on every block from the third on (docs/openset.md)
+CORR_BLOCKS = 3  # combined: a correlation part on each of the three blocks from KNN_FROM on (docs/openset.md)
+CORR_DIMS = 32  # each projected on its first 32 principal axes (docs/openset.md)
 DEFAULT_SPREAD: Spread = "log_std"  # Mahalanobis: deviations as logs (docs/openset.md)
 NEIGHBOURS = 10
 
 
 @torch.inference_mode()
 def features_and_logits(model: RepNet, images: torch.Tensor, spec: InputSpec, layers: tuple[int, ...],
-                        batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, S, S) uint8 images → (N, K) channel statistics of the blocks `layers` and (N, classes) logits."""
+                        corr_layers: tuple[int, ...] = (), batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, S, S) uint8 images → (N, K) detector features (channel statistics of the blocks `layers`, then
+    channel correlations of `corr_layers`) and (N, classes) logits."""
     model.eval()
-    out = [model.forward_with_features(normalize(images[i:i + batch_size], spec), layers)
+    out = [model.forward_with_features(normalize(images[i:i + batch_size], spec), layers, corr_layers)
            for i in range(0, len(images), batch_size)]
     return torch.cat([o[1] for o in out]), torch.cat([o[0] for o in out])
 
@@ -71,12 +77,36 @@ def default_knn_layers(blocks: int) -> tuple[int, ...]:
     return tuple(range(min(KNN_FROM, blocks - 1), blocks))
 
 
-def detector_layers(method: Method, blocks: int, layer: int | None = None,
-                    knn_layers: tuple[int, ...] = ()) -> tuple[int, tuple[int, ...]]:
-    """(the detector's block, its kNN blocks) for a network of `blocks` blocks: `layer` unset, the method's own
-    (the last for knn, `MAHALANOBIS_LAYER` otherwise); combined's kNN blocks unset, `default_knn_layers`."""
+def default_corr_layers(blocks: int) -> tuple[int, ...]:
+    """The combined detector's correlation blocks: `CORR_BLOCKS` from `KNN_FROM` on, never the last (its many
+    channels would make a correlation part as costly as the network)."""
+    start = min(KNN_FROM, blocks - 1)
+    return tuple(range(start, min(start + CORR_BLOCKS, blocks - 1)))
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Which blocks a detector reads: `layer` (the Mahalanobis part, or the kNN one of `--method knn`), then
+    combined's kNN parts' and correlation parts' blocks."""
+    layer: int
+    knn: tuple[int, ...] = ()
+    corr: tuple[int, ...] = ()
+
+    @property
+    def stats(self) -> tuple[int, ...]:
+        return (self.layer, *self.knn)
+
+
+def detector_layers(method: Method, blocks: int, layer: int | None = None, knn_layers: tuple[int, ...] = (),
+                    corr_layers: tuple[int, ...] = (), corr_dims: int = CORR_DIMS) -> Blocks:
+    """The blocks of a detector for a network of `blocks` blocks: `layer` unset, the method's own (the last for
+    knn, `MAHALANOBIS_LAYER` otherwise); combined's kNN blocks unset, `default_knn_layers`; its correlation
+    blocks unset, `default_corr_layers`, and none when `corr_dims` is 0."""
     layer = (blocks - 1 if method == "knn" else MAHALANOBIS_LAYER) if layer is None else layer
-    return layer, (knn_layers or default_knn_layers(blocks)) if method == "combined" else ()
+    if method != "combined":
+        return Blocks(layer)
+    return Blocks(layer, knn_layers or default_knn_layers(blocks),
+                  (corr_layers or default_corr_layers(blocks)) if corr_dims else ())
 
 
 def score_all(head: Detector, features: torch.Tensor, logits: torch.Tensor, fitted: torch.Tensor) -> torch.Tensor:
@@ -89,25 +119,25 @@ def score_all(head: Detector, features: torch.Tensor, logits: torch.Tensor, fitt
 
 def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, held_in: ImageSet | None,
                  spec: InputSpec, rate: float = DEFAULT_FALSE_UNKNOWN_RATE, method: Method = DEFAULT_METHOD,
-                 layer: int | None = None, spread: Spread = DEFAULT_SPREAD,
-                 knn_layers: tuple[int, ...] = (), per_class: bool = True) -> RepNet:
+                 layer: int | None = None, spread: Spread = DEFAULT_SPREAD, knn_layers: tuple[int, ...] = (),
+                 per_class: bool = True, corr_layers: tuple[int, ...] = (), corr_dims: int = CORR_DIMS) -> RepNet:
     """A copy of `model` carrying its unknown detector: fitted on `train`, calibrated on `train` and `held_in`;
-    `layer` unset: the method's own block (the last for knn, `MAHALANOBIS_LAYER` otherwise); combined adds a kNN
-    part per block of `knn_layers` (unset: `default_knn_layers`) to Mahalanobis on `layer`, and standardizes
-    the sum per predicted class with `per_class`."""
-    blocks = model.spec.blocks
-    layer, knn_layers = detector_layers(method, len(blocks), layer, knn_layers)
+    the blocks as `detector_layers` chooses them. Combined standardizes the sum per predicted class with
+    `per_class`."""
+    channels = [row.out_channels for row in model.spec.blocks]
+    chosen = detector_layers(method, len(channels), layer, knn_layers, corr_layers, corr_dims)
     per_class = per_class and method == "combined"
-    ood_layers = (layer, *knn_layers)
-    features, logits = features_and_logits(model, train.images, spec, ood_layers)
-    held, held_logits = (features_and_logits(model, held_in.images, spec, ood_layers)
+    features, logits = features_and_logits(model, train.images, spec, chosen.stats, chosen.corr)
+    held, held_logits = (features_and_logits(model, held_in.images, spec, chosen.stats, chosen.corr)
                          if held_in is not None and len(held_in) else (features[:0], logits[:0]))
     head, described = fit_method(method, Fitting(features, logits), model_labels(train, class_names),
                                  Fitting(held, held_logits), len(class_names),
-                                 [2 * blocks[b].out_channels for b in ood_layers], spread, per_class)
+                                 [2 * channels[b] for b in chosen.stats], spread, per_class,
+                                 [correlation_dim(channels[b]) for b in chosen.corr], corr_dims)
     with torch.inference_mode():
         scores = torch.cat([head.fitted_scores(features, logits), head(held, held_logits)])
-    ood = OODSpec(method=method, layer=layer, knn_layers=knn_layers, per_class=per_class, **described,
+    ood = OODSpec(method=method, layer=chosen.layer, knn_layers=chosen.knn, corr_layers=chosen.corr,
+                  per_class=per_class, **described,
                   threshold=calibrate(scores.numpy(), rate), false_unknown_rate=rate,
                   calibrated_on="training and validation" if len(held) else "training",
                   calibration_images=len(scores), fitted_images=len(train))
@@ -122,10 +152,13 @@ class Fitting:
 
 
 def fit_method(method: Method, train: Fitting, labels: torch.Tensor, held: Fitting, num_classes: int,
-               widths: list[int], spread: Spread, per_class: bool = False) -> tuple[Detector, dict]:
+               widths: list[int], spread: Spread, per_class: bool = False, corr_widths: list[int] | None = None,
+               corr_dims: int = CORR_DIMS) -> tuple[Detector, dict]:
     """The detector of `method` fitted on `train` (class `labels`) and standardized on `train` and `held`, whose
     features are the blocks' statistics side by side (`widths` columns each; combined: the first block's are the
-    Mahalanobis part's, each other block's a kNN part's), and the spec fields that describe it."""
+    Mahalanobis part's, each other block's a kNN part's), then combined's blocks' channel correlations
+    (`corr_widths` columns each, a correlation part each, projected on `corr_dims` axes), and the spec fields
+    that describe it."""
     features = train.features
     neighbours = min(NEIGHBOURS, len(features) - 1)  # a tiny training part keeps fewer
     if method == "knn":
@@ -133,20 +166,24 @@ def fit_method(method: Method, train: Fitting, labels: torch.Tensor, held: Fitti
     texture = fit_head(features[:, :widths[0]], labels, num_classes, log_spread=spread == "log_std")
     if method == "mahalanobis":
         return texture, {"spread": spread}
-    bounds = np.cumsum([0, *widths]).tolist()
-    knns = [fit_knn(features[:, a:b], neighbours) for a, b in zip(bounds[1:], bounds[2:])]
+    corr_widths = corr_widths or []
+    bounds = np.cumsum([0, *widths, *corr_widths]).tolist()
+    columns = [features[:, a:b] for a, b in zip(bounds[1:], bounds[2:])]
+    dims = min([corr_dims, len(features), *corr_widths])  # one size for every part, as the spec has one
+    knns = [fit_knn(x, neighbours) for x in columns[:len(widths) - 1]]
+    knns += [fit_correlation_knn(x, neighbours, dims) for x in columns[len(widths) - 1:]]
     raw = CombinedHead(texture, knns)
     held_in = torch.cat([raw.part_scores(features, fitted=True), raw.part_scores(held.features)])
     predicted = torch.cat([train.logits, held.logits]).argmax(dim=1) if per_class else None
     return (combine(texture, knns, held_in, predicted, num_classes),
-            {"spread": spread, "neighbours": neighbours})
+            {"spread": spread, "neighbours": neighbours, "corr_dims": dims if corr_widths else 0})
 
 
 def unknown_scores(model: RepNet, images: torch.Tensor, spec: InputSpec) -> np.ndarray:
     """The served unknown score of each image; ValueError when the model carries no detector."""
     if model.ood is None:
         raise ValueError("this model has no unknown detector (fit one with `trainer detector`)")
-    features, logits = features_and_logits(model, images, spec, model.ood.spec.layers)
+    features, logits = features_and_logits(model, images, spec, model.ood.spec.layers, model.ood.spec.corr_layers)
     with torch.inference_mode():
         return model.ood(features, logits).numpy()
 
@@ -170,6 +207,10 @@ class DetectorConfig:
                                            f"from index {KNN_FROM} on: the third)"] = ()
     per_class: Annotated[bool, "combined: standardize the score by the held-in scores of the images predicted as "
                                "the frame's class"] = True
+    corr_layers: Annotated[tuple[int, ...], "combined: the blocks (0-based) of the channel-correlation parts "
+                                            f"(unset: {CORR_BLOCKS} from index {KNN_FROM} on, never the last)"] = ()
+    corr_dims: Annotated[int, "combined: the principal axes each correlation part keeps (0: no correlation "
+                              "parts)"] = CORR_DIMS
 
 
 def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
@@ -185,7 +226,7 @@ def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
     held_in = data.subset(parts[1]) if len(parts) > 1 and parts[1] else None
     fitted = fit_detector(model, manifest.class_names, data.subset(parts[0]), held_in, manifest.input,
                           cfg.false_unknown_rate, cfg.method, cfg.layer, cfg.spread, cfg.knn_layers,
-                          cfg.per_class)
+                          cfg.per_class, cfg.corr_layers, cfg.corr_dims)
     written = rewrite_checkpoint(fitted, model_dir, manifest)
     assert written.ood is not None
     return written.ood

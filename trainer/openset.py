@@ -8,10 +8,12 @@ split's own training images and its threshold calibrated on the split's validati
 are then scored. A split with `outputs.safetensors` is done and skipped; an interrupted one resumes
 from its run's `last.pt`.
 
-The outputs file keeps the logits and every block's channel statistics of every image, so the report
-compares several scores (stripnet.ood's Mahalanobis distance on each block, on the last block's pooled
-features and on all blocks together, and energy, kNN and max-softmax) without running a network again:
-`openset.json`, `openset.md` and the score distributions `scores.png`.
+The outputs file keeps the logits, every block's channel statistics and the correlation blocks' channel
+correlations of every image, so the report compares several scores (stripnet.ood's Mahalanobis distance on
+each block, on the last block's pooled features and on all blocks together, and energy, kNN and
+max-softmax) without running a network again: `openset.json`, `openset.md` and the score distributions
+`scores.png`. An outputs file written before the correlation parts is written again from the split's
+finished run (its training resumes at the end and only exports).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from safetensors.torch import load_file, save_file
 from schemas.checkpoint import InputSpec
 from stripnet.checkpoint import load_checkpoint
 from stripnet.network import RepNet
-from stripnet.ood import calibrate, channel_stats, fit_head, fit_knn
+from stripnet.ood import calibrate, channel_correlations, channel_stats, fit_correlation_knn, fit_head, fit_knn
 from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
-from trainer.detector import (DEFAULT_METHOD, DEFAULT_SPREAD, KNN_FROM, MAHALANOBIS_LAYER, NEIGHBOURS, Fitting,
-                              Method, detector_layers, fit_method, score_all)
+from trainer.detector import (CORR_DIMS, DEFAULT_METHOD, DEFAULT_SPREAD, KNN_FROM, MAHALANOBIS_LAYER, NEIGHBOURS,
+                              Fitting, Method, default_corr_layers, detector_layers, fit_method, score_all)
 from trainer.jobs import in_processes
 from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit
@@ -73,26 +75,38 @@ def training_view(root: Path, held_out: str, view: Path) -> Path:
 
 
 @torch.inference_mode()
-def block_outputs(model: RepNet, images: torch.Tensor, spec: InputSpec,
-                  batch_size: int = 128) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Every block's (N, 2C) channel statistics and the (N, classes) logits of `images`, one pass per batch."""
+def block_outputs(model: RepNet, images: torch.Tensor, spec: InputSpec, batch_size: int = 128
+                  ) -> tuple[list[torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+    """Every block's (N, 2C) channel statistics, the correlation blocks' (`default_corr_layers`) channel
+    correlations and the (N, classes) logits of `images`, one pass per batch."""
     model.eval()
     stats: list[list[torch.Tensor]] = [[] for _ in model.blocks]
+    corr: dict[int, list[torch.Tensor]] = {b: [] for b in default_corr_layers(len(model.blocks))}
     logits = []
     for i in range(0, len(images), batch_size):
         x = normalize(images[i:i + batch_size], spec)
         for b, block in enumerate(model.blocks):
             x = block(x)
             stats[b].append(channel_stats(x))
+            if b in corr:
+                corr[b].append(channel_correlations(x))
         logits.append(model.head(x))
-    return [torch.cat(s) for s in stats], torch.cat(logits)
+    return [torch.cat(s) for s in stats], {b: torch.cat(c) for b, c in corr.items()}, torch.cat(logits)
+
+
+def _complete(path: Path) -> bool:
+    """A split's outputs file that exists and holds the correlation features (later than the first outputs)."""
+    if not path.exists():
+        return False
+    with safe_open(path, "pt") as f:
+        return any(name.startswith("corr_") for name in f.keys())
 
 
 def run_split(cfg: OpenSetConfig, held_out: str) -> Path:
     """Train without `held_out`, then keep the features and logits of every image of the folder."""
     here = split_dir(cfg.out, held_out)
     done = here / OUTPUTS
-    if done.exists():
+    if _complete(done):
         return done
     view = training_view(cfg.data, held_out, here / "data")
     result = fit(replace(cfg.recipe, data=view, out=here / "run", split=(0.8, 0.1, 0.1), split_file=None,
@@ -104,12 +118,13 @@ def run_split(cfg: OpenSetConfig, held_out: str) -> Path:
     where = {p: i for i, p in enumerate(data.paths)}
     for name in ("train", "val", "test"):
         part[[where[p] for p in split[name]]] = PARTS.index(name)
-    stats, logits = block_outputs(model, data.images, manifest.input)
+    stats, corr, logits = block_outputs(model, data.images, manifest.input)
     known = torch.tensor([manifest.class_names.index(n) if n in manifest.class_names else -1
                           for n in data.class_names])
     tmp = done.with_suffix(".tmp")
     save_file({"logits": logits, "labels": known[data.labels], "part": part}
-              | {f"stats_{b}": t.contiguous() for b, t in enumerate(stats)}, tmp,
+              | {f"stats_{b}": t.contiguous() for b, t in enumerate(stats)}
+              | {f"corr_{b}": t.contiguous() for b, t in corr.items()}, tmp,
               metadata={"held_out": held_out, "class_names": json.dumps(manifest.class_names),
                         "epochs": str(cfg.recipe.epochs),
                         "seconds": f"{sum(row['seconds'] for row in read_rows(result.out)):.0f}"})
@@ -121,7 +136,7 @@ def open_set(cfg: OpenSetConfig) -> dict:
     classes = [f.name for f in class_folders(cfg.data)]
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-    pending = [c for c in classes if not (split_dir(cfg.out, c) / OUTPUTS).exists()]
+    pending = [c for c in classes if not _complete(split_dir(cfg.out, c) / OUTPUTS)]
     print(f"openset: {len(classes)} splits, {len(classes) - len(pending)} done; running {pending} "
           f"({cfg.jobs} at a time; per-epoch logs in {cfg.out}/without-*/run/log.csv)", flush=True)
     for held_out, _ in in_processes(partial(run_split, cfg), pending, cfg.jobs):
@@ -135,7 +150,9 @@ def load_split_outputs(path: Path) -> SplitOutputs:
         meta = f.metadata()
     blocks = sum(name.startswith("stats_") for name in tensors)
     return SplitOutputs(held_out=meta["held_out"], class_names=tuple(json.loads(meta["class_names"])),
-                        stats=[tensors[f"stats_{b}"] for b in range(blocks)], logits=tensors["logits"],
+                        stats=[tensors[f"stats_{b}"] for b in range(blocks)],
+                        corr={int(name[5:]): t for name, t in tensors.items() if name.startswith("corr_")},
+                        logits=tensors["logits"],
                         labels=tensors["labels"], part=tensors["part"], epochs=int(meta["epochs"]),
                         seconds=float(meta["seconds"]))
 
@@ -145,6 +162,7 @@ class SplitOutputs:
     held_out: str
     class_names: tuple[str, ...]  # the split model's (known) classes
     stats: list[torch.Tensor]  # per block, (N, 2C): every image's channel means, then standard deviations
+    corr: dict[int, torch.Tensor]  # per correlation block, (N, C(C − 1)/2): channel correlations
     logits: torch.Tensor  # (N, known classes)
     labels: torch.Tensor  # (N,) index into class_names, -1 for the held-out class
     part: torch.Tensor  # (N,) index into PARTS
@@ -185,6 +203,13 @@ def knn_distance(out: SplitOutputs, features: torch.Tensor) -> np.ndarray:
     return score_all(fit_knn(features[train], NEIGHBOURS), features, out.logits, train).numpy()
 
 
+def correlation_knn(out: SplitOutputs, features: torch.Tensor) -> np.ndarray:
+    """A correlation part alone (stripnet.ood.CorrelationKNN) on (N, D) channel correlations."""
+    train = out.where("train")
+    head = fit_correlation_knn(features[train], NEIGHBOURS, CORR_DIMS)
+    return score_all(head, features, out.logits, train).numpy()
+
+
 def every_block(out: SplitOutputs) -> np.ndarray:
     """Lee et al.'s feature ensemble, unweighted: the sum over blocks of each block's distance, standardized by its
     validation scores."""
@@ -196,27 +221,30 @@ def every_block(out: SplitOutputs) -> np.ndarray:
     return total
 
 
-def served(out: SplitOutputs, method: Method, knn_layers: tuple[int, ...] = (), per_class: bool = True) -> np.ndarray:
+def served(out: SplitOutputs, method: Method, knn_layers: tuple[int, ...] = (), per_class: bool = True,
+           corr_dims: int = CORR_DIMS) -> np.ndarray:
     """The detector `--method method` serves (trainer.detector.fit_method), fitted on the split's training part,
     its standardization on training and validation; each training image scored as `fitted_scores` does.
-    `knn_layers` unset: the served blocks."""
-    layer, knn_layers = detector_layers(method, len(out.stats), knn_layers=knn_layers)
-    blocks = (layer, *knn_layers)
-    features = torch.cat([out.stats[b] for b in blocks], dim=1)
+    `knn_layers` unset: the served blocks; `corr_dims` 0: no correlation parts."""
+    chosen = detector_layers(method, len(out.stats), knn_layers=knn_layers, corr_dims=corr_dims)
+    features = torch.cat([*(out.stats[b] for b in chosen.stats), *(out.corr[b] for b in chosen.corr)], dim=1)
     train, val = out.where("train"), out.where("val")
     head, _ = fit_method(method, Fitting(features[train], out.logits[train]), out.labels[train],
                          Fitting(features[val], out.logits[val]), len(out.class_names),
-                         [out.stats[b].shape[1] for b in blocks], DEFAULT_SPREAD, per_class and method == "combined")
+                         [out.stats[b].shape[1] for b in chosen.stats], DEFAULT_SPREAD,
+                         per_class and method == "combined", [out.corr[b].shape[1] for b in chosen.corr], corr_dims)
     return score_all(head, features, out.logits, train).numpy()
 
 
 BLOCK_2_LOG = f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean + log std"
 KNN = f"kNN (k={NEIGHBOURS}), last block pooled"
 WITH_TRAINING = ", calibrated on training + validation"
-COMBINED = (f"combined: Mahalanobis block {MAHALANOBIS_LAYER + 1} + kNN on every block from block {KNN_FROM + 1} on, "
-            "each standardized, the sum per predicted class")
-ONE_SCALE = f"combined, blocks as shipped, the sum not standardized per class{WITH_TRAINING}"
-LAST_ONLY = f"combined, kNN on the last block only, the sum not standardized per class (shipped before){WITH_TRAINING}"
+COMBINED = (f"combined: Mahalanobis block {MAHALANOBIS_LAYER + 1} + kNN on every block from block {KNN_FROM + 1} on "
+            f"+ correlation kNN on blocks {KNN_FROM + 1}–{KNN_FROM + 3}, each standardized, the sum per predicted class")
+NO_CORR = f"combined without the correlation parts (shipped before){WITH_TRAINING}"
+ONE_SCALE = f"combined without the correlation parts, the sum not standardized per class{WITH_TRAINING}"
+LAST_ONLY = (f"combined, kNN on the last block only, no correlation parts, the sum not standardized per class "
+             f"(shipped first){WITH_TRAINING}")
 METHODS = {method: (name, partial(served, method=method))
            for method, name in (("combined", COMBINED), ("mahalanobis", BLOCK_2_LOG), ("knn", KNN))}
 
@@ -229,8 +257,9 @@ SHIPPED = _calibrated(METHODS[DEFAULT_METHOD][0], DEFAULT_METHOD)
 
 SCORES = {
     **{_calibrated(name, method): fn for method, (name, fn) in METHODS.items()},
-    ONE_SCALE: partial(served, method="combined", per_class=False),
-    LAST_ONLY: partial(served, method="combined", knn_layers=(-1,), per_class=False),
+    NO_CORR: partial(served, method="combined", corr_dims=0),
+    ONE_SCALE: partial(served, method="combined", per_class=False, corr_dims=0),
+    LAST_ONLY: partial(served, method="combined", knn_layers=(-1,), per_class=False, corr_dims=0),
     COMBINED: METHODS["combined"][1],
     BLOCK_2_LOG: METHODS["mahalanobis"][1],
     f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean+std": lambda out: mahalanobis(out, out.stats[MAHALANOBIS_LAYER]),
@@ -274,6 +303,8 @@ def write_report(out_dir: Path, rate: float) -> dict:
     per_block = {kind: {b + 1: {s.held_out: score_split(s, fn(s, s.stats[b]), rate)["auroc"] for s in splits}
                         for b in range(len(splits[0].stats))}
                  for kind, fn in (("mahalanobis", mahalanobis), ("knn", knn_distance))}
+    per_block["correlation"] = {b + 1: {s.held_out: score_split(s, correlation_knn(s, s.corr[b]), rate)["auroc"]
+                                        for s in splits} for b in splits[0].corr}
     doc = {"false_unknown_rate": rate, "rates": rates, "served": SHIPPED, "epochs": splits[0].epochs,
            "seconds": {s.held_out: s.seconds for s in splits},
            "accuracy": {s.held_out: _test_accuracy(s) for s in splits},
@@ -323,7 +354,9 @@ def format_report(doc: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{rows[c]['auroc']:.3f} / {rows[c]['unknown_flagged']:.0%}"
                                                for c in splits) + " |")
     for kind, what in (("mahalanobis", "Mahalanobis on each block's channel mean and standard deviation"),
-                       ("knn", f"kNN (k={NEIGHBOURS}) on each block's normalized channel means")):
+                       ("knn", f"kNN (k={NEIGHBOURS}) on each block's normalized channel means"),
+                       ("correlation", f"kNN (k={NEIGHBOURS}) on each correlation block's channel correlations, "
+                                       f"projected on {CORR_DIMS} principal axes")):
         lines += ["", f"{what}, AUROC:", "",
                   "| block | mean | " + " | ".join(splits) + " |", "|---" * (2 + len(splits)) + "|"]
         for block, rows in doc["per_block_auroc"][kind].items():

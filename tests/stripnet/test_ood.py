@@ -8,7 +8,8 @@ from schemas.checkpoint import InputSpec, OODSpec
 from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
-from stripnet.ood import calibrate, channel_stats, combine, fit_head, fit_knn, ledoit_wolf, with_detector
+from stripnet.ood import (calibrate, channel_correlations, channel_stats, combine, fit_correlation_knn, fit_head, fit_knn,
+                          ledoit_wolf, with_detector)
 
 SPEC = OODSpec(layer=1, threshold=3.0, false_unknown_rate=0.01, calibrated_on="validation", calibration_images=30,
                fitted_images=90)
@@ -216,15 +217,20 @@ def test_per_class_standardization_uses_the_held_in_scores_of_the_predicted_clas
                                    rtol=1e-4, atol=1e-4)
 
 
-def _combined(model, x: torch.Tensor, knn_layers: tuple[int, ...], per_class: bool = False):
-    """A combined detector on `knn_layers` fitted on `x`, its spec and the features it read."""
+def _combined(model, x: torch.Tensor, knn_layers: tuple[int, ...], per_class: bool = False,
+              corr_layers: tuple[int, ...] = (), corr_dims: int = 5):
+    """A combined detector on `knn_layers` (and `corr_layers`) fitted on `x`, its spec and the features it read."""
     spec = SPEC.model_copy(update={"method": "combined", "knn_layers": knn_layers, "spread": "log_std",
-                                   "neighbours": 3, "fitted_images": len(x), "per_class": per_class})
+                                   "neighbours": 3, "fitted_images": len(x), "per_class": per_class,
+                                   "corr_layers": corr_layers, "corr_dims": corr_dims if corr_layers else 0})
     with torch.no_grad():
-        _, stats = model.forward_with_features(x, spec.layers)
-        bounds = np.cumsum([0, *(2 * EG_REPVGG.blocks[b].out_channels for b in spec.layers)]).tolist()
+        _, stats = model.forward_with_features(x, spec.layers, corr_layers)
+        channels = [EG_REPVGG.blocks[b].out_channels for b in spec.blocks]
+        widths = [2 * c for c in channels[:len(spec.layers)]] + [c * (c - 1) // 2 for c in channels[len(spec.layers):]]
+        bounds = np.cumsum([0, *widths]).tolist()
         texture = fit_head(stats[:, :bounds[1]], torch.arange(len(x)) % 6, 6, log_spread=True)
-        knns = [fit_knn(stats[:, a:b], 3) for a, b in zip(bounds[1:], bounds[2:])]
+        knns = [fit_knn(stats[:, a:b], 3) if i < len(knn_layers) else fit_correlation_knn(stats[:, a:b], 3, corr_dims)
+                for i, (a, b) in enumerate(zip(bounds[1:], bounds[2:]))]
         parts = [texture(stats[:, :bounds[1]]), *(k.fitted_scores(stats[:, a:b])
                                                   for k, a, b in zip(knns, bounds[1:], bounds[2:]))]
         logits = model(x)
@@ -237,13 +243,13 @@ def test_a_checkpoint_round_trips_a_combined_detector_on_several_blocks(tmp_path
     model = build_model(EG_REPVGG, 6).eval()
     x = torch.randn(24, 3, 32, 32)
     last = len(EG_REPVGG.blocks) - 1
-    combined, spec, stats, knns, logits = _combined(model, x, (2, 5, last), per_class=True)
+    combined, spec, stats, knns, logits = _combined(model, x, (2, 5, last), per_class=True, corr_layers=(2, 3))
     export_checkpoint(combined, tmp_path / "ckpt", class_names=tuple("abcdef"), model_name="t",
                       input_spec=InputSpec(size=32))
     loaded, manifest = load_checkpoint(tmp_path / "ckpt")
-    assert manifest.ood == spec and manifest.ood.layers == (1, 2, 5, last)
+    assert manifest.ood == spec and manifest.ood.blocks == (1, 2, 5, last, 2, 3)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.ood(loaded.forward_with_features(x, spec.layers)[1], logits),
+        torch.testing.assert_close(loaded.ood(loaded.forward_with_features(x, spec.layers, spec.corr_layers)[1], logits),
                                    combined.ood(stats, logits), rtol=2e-3, atol=1e-3)
     with pytest.raises(ValueError, match="not a combined"):
         with_detector(model, knns[0], spec)
@@ -254,6 +260,38 @@ def test_a_checkpoint_round_trips_a_combined_detector_on_several_blocks(tmp_path
     for bad in ((), (2, 2)):
         with pytest.raises(ValueError, match="knn_layers"):
             OODSpec.model_validate(spec.model_dump() | {"knn_layers": bad})
+    for field, bad in (("corr_dims", 0), ("corr_layers", (3, 3)), ("corr_layers", ())):
+        with pytest.raises(ValueError, match="corr_"):
+            OODSpec.model_validate(spec.model_dump() | {field: bad})
+
+
+def test_channel_correlations_are_the_upper_triangle_of_each_maps_correlation_matrix():
+    x = torch.randn(3, 5, 6, 7)
+    x[:, 1] = 2 * x[:, 0] + 1  # perfectly correlated with channel 0
+    got = channel_correlations(x.contiguous(memory_format=torch.channels_last))
+    assert got.shape == (3, 10)
+    rows, cols = np.triu_indices(5, 1)
+    for image, corr in zip(x, got):
+        expected = np.corrcoef(image.flatten(1).numpy())[rows, cols]
+        np.testing.assert_allclose(corr.numpy(), expected, atol=1e-5)
+    assert torch.allclose(got[:, 0], torch.ones(3))
+
+
+def test_a_correlation_part_is_knn_on_standardized_principal_components():
+    gen = torch.Generator().manual_seed(0)
+    kept = torch.randn(50, 12, generator=gen) * torch.linspace(0.1, 5, 12) + 3
+    head = fit_correlation_knn(kept, 4, 3)
+    z = (kept.double() - kept.double().mean(0)) / kept.double().std(0)
+    axes = torch.linalg.svd(z, full_matrices=False)[2][:3].T
+    projected = torch.nn.functional.normalize(z @ axes, dim=1).float()
+    torch.testing.assert_close(head.bank, projected, rtol=1e-4, atol=1e-4)
+    new = torch.randn(5, 12, generator=gen)
+    p = torch.nn.functional.normalize(((new.double() - kept.double().mean(0)) / kept.double().std(0)) @ axes, dim=1)
+    kth = (2 - 2 * (p.float() @ projected.T).topk(4, dim=1).values[:, -1]).sqrt()
+    torch.testing.assert_close(head(new), kth, rtol=1e-4, atol=1e-4)
+    # a kept image is its own nearest neighbour: its score is its k-th among the others
+    assert torch.all(head.fitted_scores(kept) >= head(kept) - 1e-6)
+    assert fit_correlation_knn(kept[:6], 4, 32).bank.shape == (6, 6)  # no more axes than images
 
 
 def test_a_checkpoint_with_one_knn_block_in_the_earlier_format_still_loads(tmp_path):

@@ -36,7 +36,8 @@ def test_the_detector_is_fitted_on_training_images_and_calibrated_on_every_held_
     assert (spec.method, spec.calibrated_on, spec.fitted_images, spec.calibration_images) == (
         method, "training and validation", 30, 60)
     # a kept image is its own nearest neighbour: calibration scores it among the others
-    features, logits = features_and_logits(model, train.images, InputSpec(size=SIZE), spec.layers)
+    features, logits = features_and_logits(model, train.images, InputSpec(size=SIZE), spec.layers,
+                                           spec.corr_layers)
     held_in = np.concatenate([model.ood.fitted_scores(features, logits).numpy(),
                               unknown_scores(model, val.images, InputSpec(size=SIZE))])
     assert (held_in > spec.threshold).sum() == 6  # 10 % of 60, the (1 - 0.1) quantile interpolated
@@ -55,6 +56,7 @@ def test_fit_exports_a_calibrated_detector_and_says_where_it_was_calibrated(fold
     assert (manifest.ood.method, manifest.ood.layer, manifest.ood.spread, manifest.ood.fitted_images,
             manifest.ood.calibration_images, manifest.ood.knn_layers) == ("combined", 1, "log_std", 45, 60,
                                                                           tuple(range(2, len(EG_REPVGG.blocks))))
+    assert (manifest.ood.corr_layers, manifest.ood.corr_dims) == ((2, 3, 4), 32)
     fit(replace(cfg, out=tmp_path / "all", split=(1.0,), select="last"))
     assert load_checkpoint(tmp_path / "all" / "model")[1].ood.calibrated_on == "training"
 
