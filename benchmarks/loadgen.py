@@ -110,13 +110,19 @@ class EventReader:
                     self.received[frame_id] = now
                     self.per_prefix[frame_id.split("/", 1)[0]] += 1
 
-    async def wait_for(self, offered: Offered, timeout_s: float) -> bool:
-        """Until every frame of `offered` has its event (True) or the timeout passed (False)."""
-        deadline = time.monotonic() + timeout_s
-        while self.per_prefix[offered.prefix] < len(offered.sent):
-            if time.monotonic() > deadline:
+    async def wait_for(self, offered: Offered, timeout_s: float, limit_s: float | None = None) -> bool:
+        """Until every frame of `offered` has its event (True), or none of them came for `timeout_s` or `limit_s`
+        passed (False): a backlog that still drains is waited for, up to the limit."""
+        now = time.monotonic()
+        stall, limit = now + timeout_s, now + (timeout_s if limit_s is None else limit_s)
+        seen = self.per_prefix[offered.prefix]
+        while seen < len(offered.sent):
+            now = time.monotonic()
+            if now > stall or now > limit:
                 return False
             await asyncio.sleep(0.05)
+            if self.per_prefix[offered.prefix] > seen:
+                seen, stall = self.per_prefix[offered.prefix], time.monotonic() + timeout_s
         return True
 
 

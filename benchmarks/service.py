@@ -9,8 +9,9 @@ Per system, after a warm-up:
     waits for input and the backlog stays bounded; events/s over the window is its capacity, and its
     latency is mostly that backlog (Little's law), not the pipeline.
   * fixed rate — paced against the clock, at half the inspector's measured capacity (a load it should
-    carry with room) and then at `rate` (the issue's 1,000 frames/s); frames still without an event
-    `drain_timeout_s` after a phase count as infinitely late in the percentiles.
+    carry with room) and then at `rate` (the issue's 1,000 frames/s). After each phase the reader waits as
+    long as its events keep coming (a backlog drains), up to `drain_limit_s`; frames still without an event
+    once none came for `drain_timeout_s` count as missing, and as infinitely late in the percentiles.
 For `inspector run` a profile phase in between samples it with py-spy (when installed) under saturation.
 
 Systems: `inspector run` with its defaults (the settings an operator gets: backend, max_batch 32,
@@ -81,17 +82,18 @@ class Plan:
     outstanding: int  # frames in the closed loop
     warmup_s: float
     profile_s: float
-    drain_timeout_s: float
+    drain_timeout_s: float  # no event of the phase for this long after it: the rest are missing
     ceiling_s: float  # per ceiling case, per measurement
     ramp_s: float  # start of each window left out of the delivered rate
+    drain_limit_s: float = 15.0  # the longest wait for a draining backlog after a phase
 
     @staticmethod
     def for_options(options: BenchOptions) -> Plan:
         if options.quick:
             return Plan(rate=200, fixed_s=3, saturation_s=3, outstanding=300, warmup_s=1, profile_s=2,
-                        drain_timeout_s=10, ceiling_s=0.5, ramp_s=0.5)
+                        drain_timeout_s=10, ceiling_s=0.5, ramp_s=0.5, drain_limit_s=30)
         return Plan(rate=1000, fixed_s=12, saturation_s=15, outstanding=1000, warmup_s=3, profile_s=8,
-                    drain_timeout_s=15, ceiling_s=3, ramp_s=2)
+                    drain_timeout_s=15, ceiling_s=3, ramp_s=2, drain_limit_s=120)
 
 
 # --- results --------------------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ class Phase(BaseModel):
     sent: int
     sent_fps: float
     events: int
-    missing: int  # no event within drain_timeout_s after the phase
+    missing: int  # no event by the end of the drain (Plan.drain_timeout_s, drain_limit_s)
     delivered_fps: float
     # None: that percentile falls among the frames that got no event (JSON has no infinity)
     p50_ms: float | None
@@ -359,7 +361,7 @@ class Bench:
         offered: Offered = await send(prefix)  # type: ignore[misc]
         cpu = self.meter.cores(cpu_before, self.meter.snapshot())
         metrics_after = await asyncio.to_thread(metric_sums, self.metrics_port)
-        await self.reader.wait_for(offered, self.plan.drain_timeout_s)
+        await self.reader.wait_for(offered, self.plan.drain_timeout_s, self.plan.drain_limit_s)
         return self._result(name, offered, offered_fps, cpu, metrics_before, metrics_after)
 
     def _result(self, name: str, offered: Offered, offered_fps: float | None, cpu: Cpu,
@@ -690,8 +692,9 @@ def render(report: ServiceReport, plan: Plan) -> str:
         f"run).** Latency = event received by the reader − frame handed to the producer. Saturation: a closed loop "
         f"keeps {plan.outstanding:,} frames unanswered (latency there is mostly that backlog). Fixed rate: "
         f"{plan.fixed_s:g} s at half the inspector's saturation throughput, then at the target "
-        f"{plan.rate:,.0f} frames/s; frames without an event {plan.drain_timeout_s:g} s after a phase count as "
-        f"infinitely late. Delivered = events/s during the send window after its first "
+        f"{plan.rate:,.0f} frames/s; after a phase the reader waits while its events keep coming (up to "
+        f"{plan.drain_limit_s:g} s), and frames without an event once none came for {plan.drain_timeout_s:g} s count "
+        f"as missing and infinitely late. Delivered = events/s during the send window after its first "
         f"{plan.ramp_s:g} s. Variants (issue 14, item 5), each a fresh `inspector run` with one setting changed, get "
         f"the saturation and target phases: {', '.join(f'`{v}`' for v in VARIANTS)}; the last one changes nothing "
         f"and measures the run's drift.",

@@ -78,8 +78,8 @@ def default_knn_layers(blocks: int) -> tuple[int, ...]:
 
 
 def default_corr_layers(blocks: int) -> tuple[int, ...]:
-    """The combined detector's correlation blocks: `CORR_BLOCKS` from `KNN_FROM` on, never the last (its many
-    channels would make a correlation part as costly as the network)."""
+    """The combined detector's correlation blocks: `CORR_BLOCKS` from `KNN_FROM` on, never the last (the matrix of
+    its many channels costs a sixth of EG-RepVGG's multiply-adds)."""
     start = min(KNN_FROM, blocks - 1)
     return tuple(range(start, min(start + CORR_BLOCKS, blocks - 1)))
 
