@@ -99,7 +99,7 @@ class KNNHead(nn.Module):
         return 2 * self.bank.shape[1]
 
     def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """The vectors it compares (the bank's kind), before normalization: the channel means."""
+        """The vectors it compares with its bank, before normalization: here the channel means."""
         return features[:, :self.bank.shape[1]]
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:

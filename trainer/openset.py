@@ -35,7 +35,7 @@ from stripnet.network import RepNet
 from stripnet.ood import calibrate, channel_correlations, channel_stats, fit_correlation_knn, fit_head, fit_knn
 from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
-from trainer.detector import (CORR_DIMS, DEFAULT_METHOD, DEFAULT_SPREAD, KNN_FROM, MAHALANOBIS_LAYER, NEIGHBOURS,
+from trainer.detector import (CORR_BLOCKS, CORR_DIMS, DEFAULT_METHOD, DEFAULT_SPREAD, KNN_FROM, MAHALANOBIS_LAYER, NEIGHBOURS,
                               Fitting, Method, default_corr_layers, detector_layers, fit_method, score_all)
 from trainer.jobs import in_processes
 from trainer.runlog import read_rows
@@ -240,7 +240,8 @@ BLOCK_2_LOG = f"Mahalanobis, block {MAHALANOBIS_LAYER + 1} mean + log std"
 KNN = f"kNN (k={NEIGHBOURS}), last block pooled"
 WITH_TRAINING = ", calibrated on training + validation"
 COMBINED = (f"combined: Mahalanobis block {MAHALANOBIS_LAYER + 1} + kNN on every block from block {KNN_FROM + 1} on "
-            f"+ correlation kNN on blocks {KNN_FROM + 1}–{KNN_FROM + 3}, each standardized, the sum per predicted class")
+            f"+ correlation kNN on blocks {KNN_FROM + 1}–{KNN_FROM + CORR_BLOCKS}, each standardized, "
+            "the sum per predicted class")
 NO_CORR = f"combined without the correlation parts (shipped before){WITH_TRAINING}"
 ONE_SCALE = f"combined without the correlation parts, the sum not standardized per class{WITH_TRAINING}"
 LAST_ONLY = (f"combined, kNN on the last block only, no correlation parts, the sum not standardized per class "

@@ -33,7 +33,7 @@ from stripnet.architectures import EG_REPVGG
 from stripnet.cam import LocateConfig, locate_batch
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import RepNet, build_model
-from stripnet.ood import combine, fit_correlation_knn, fit_head, fit_knn, with_detector
+from stripnet.ood import combine, correlation_dim, fit_correlation_knn, fit_head, fit_knn, with_detector
 from stripnet.preprocess import normalize, preprocess
 from tests.helpers import NEU_CLASSES
 from tests.helpers.models import randomize_bn, with_random_head
@@ -135,7 +135,7 @@ def with_fitted_detector(model: RepNet, manifest: Manifest, method: str = "mahal
                                                     spec.corr_layers)
     classes = len(manifest.class_names)
     channels = [model.spec.blocks[b].out_channels for b in spec.blocks]
-    widths = [2 * c for c in channels[:len(spec.layers)]] + [c * (c - 1) // 2 for c in channels[len(spec.layers):]]
+    widths = [2 * c for c in channels[:len(spec.layers)]] + [correlation_dim(c) for c in channels[len(spec.layers):]]
     bounds = np.cumsum([0, *widths]).tolist()
     if method == "knn":
         head = fit_knn(stats, 3)

@@ -8,8 +8,8 @@ from schemas.checkpoint import InputSpec, OODSpec
 from stripnet.architectures import EG_REPVGG
 from stripnet.checkpoint import export_checkpoint, load_checkpoint
 from stripnet.network import build_model
-from stripnet.ood import (calibrate, channel_correlations, channel_stats, combine, fit_correlation_knn, fit_head, fit_knn,
-                          ledoit_wolf, with_detector)
+from stripnet.ood import (calibrate, channel_correlations, channel_stats, combine, correlation_dim, fit_correlation_knn,
+                          fit_head, fit_knn, ledoit_wolf, with_detector)
 
 SPEC = OODSpec(layer=1, threshold=3.0, false_unknown_rate=0.01, calibrated_on="validation", calibration_images=30,
                fitted_images=90)
@@ -226,7 +226,8 @@ def _combined(model, x: torch.Tensor, knn_layers: tuple[int, ...], per_class: bo
     with torch.no_grad():
         _, stats = model.forward_with_features(x, spec.layers, corr_layers)
         channels = [EG_REPVGG.blocks[b].out_channels for b in spec.blocks]
-        widths = [2 * c for c in channels[:len(spec.layers)]] + [c * (c - 1) // 2 for c in channels[len(spec.layers):]]
+        stats_channels, corr_channels = channels[:len(spec.layers)], channels[len(spec.layers):]
+        widths = [2 * c for c in stats_channels] + [correlation_dim(c) for c in corr_channels]
         bounds = np.cumsum([0, *widths]).tolist()
         texture = fit_head(stats[:, :bounds[1]], torch.arange(len(x)) % 6, 6, log_spread=True)
         knns = [fit_knn(stats[:, a:b], 3) if i < len(knn_layers) else fit_correlation_knn(stats[:, a:b], 3, corr_dims)
@@ -249,8 +250,8 @@ def test_a_checkpoint_round_trips_a_combined_detector_on_several_blocks(tmp_path
     loaded, manifest = load_checkpoint(tmp_path / "ckpt")
     assert manifest.ood == spec and manifest.ood.blocks == (1, 2, 5, last, 2, 3)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.ood(loaded.forward_with_features(x, spec.layers, spec.corr_layers)[1], logits),
-                                   combined.ood(stats, logits), rtol=2e-3, atol=1e-3)
+        features = loaded.forward_with_features(x, spec.layers, spec.corr_layers)[1]
+        torch.testing.assert_close(loaded.ood(features, logits), combined.ood(stats, logits), rtol=2e-3, atol=1e-3)
     with pytest.raises(ValueError, match="not a combined"):
         with_detector(model, knns[0], spec)
     with pytest.raises(ValueError, match="per_class"):
