@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -297,8 +298,21 @@ def channel_correlations(x: torch.Tensor) -> torch.Tensor:
     centred = pixels - pixels.mean(dim=2, keepdim=True)
     unit = centred * centred.square().mean(dim=2, keepdim=True).clamp(min=1e-12).rsqrt()  # unit variance
     correlation = unit @ unit.transpose(1, 2) / pixels.shape[2]
-    upper = torch.from_numpy(np.flatnonzero(np.triu(np.ones((c, c)), 1)))  # a constant in an exported graph
-    return correlation.flatten(1)[:, upper.to(x.device)]
+    return correlation.flatten(1)[:, _upper_triangle(c, x.device)]
+
+
+@torch.compiler.assume_constant_result
+def _upper_triangle(channels: int, device: torch.device) -> torch.Tensor:
+    """The flat indices of a C×C matrix's entries above its diagonal: a constant to torch.compile and the ONNX
+    exporters (which have no `triu_indices`), made once per size and device in eager runs, not per batch (a
+    CUDA graph can replay it)."""
+    return _upper_triangle_made(channels, device)
+
+
+@lru_cache(maxsize=None)
+def _upper_triangle_made(channels: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([row * channels + col for row in range(channels) for col in range(row + 1, channels)],
+                        device=device)
 
 
 def correlation_dim(channels: int) -> int:

@@ -47,7 +47,7 @@ from stripnet.checkpoint import export_checkpoint, load_checkpoint, rewrite_chec
 from stripnet.network import RepNet, run_chain
 from stripnet.preprocess import normalize
 from trainer.data import ImageSet, dihedral, fingerprint, load_image_folder, load_split, stratified_split
-from trainer.detector import fit_detector, model_labels
+from trainer.detector import model_labels, refit_as
 from trainer.evaluate import evaluate
 from trainer.locate import collect_annotations, matched_at, pooled_report, score_set
 from trainer.voc import Corners
@@ -406,10 +406,7 @@ def fit_checkpoint(cfg: BoxesConfig, log: Callable[[str], None] = print) -> BoxH
     fitted = fit_served_head(model, train, manifest.input, cfg.head, manifest.class_names, log,
                              annotations=Path(cfg.boxes).name)
     if cfg.head.finetune_epochs and manifest.ood is not None:  # the features moved: fit the detector again
-        fitted = fit_detector(fitted, manifest.class_names, data, None, manifest.input,
-                              manifest.ood.false_unknown_rate, manifest.ood.method, manifest.ood.layer,
-                              manifest.ood.spread, manifest.ood.knn_layers, manifest.ood.per_class,
-                              manifest.ood.corr_layers, manifest.ood.corr_dims)
+        fitted = refit_as(fitted, manifest.class_names, data, None, manifest.input, manifest.ood)
     written = rewrite_checkpoint(fitted, model_dir, manifest)
     assert written.boxes is not None
     return written.boxes

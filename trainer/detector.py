@@ -144,6 +144,15 @@ def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, h
     return with_detector(model, head, ood)
 
 
+def refit_as(model: RepNet, class_names: tuple[str, ...], train: ImageSet, held_in: ImageSet | None,
+             spec: InputSpec, ood: OODSpec) -> RepNet:
+    """`fit_detector` again for the detector `ood` describes (its method, blocks, options and rate), on new
+    images or after the network's features moved."""
+    return fit_detector(model, class_names, train, held_in, spec, rate=ood.false_unknown_rate, method=ood.method,
+                        layer=ood.layer, spread=ood.spread, knn_layers=ood.knn_layers, per_class=ood.per_class,
+                        corr_layers=ood.corr_layers, corr_dims=ood.corr_dims)
+
+
 @dataclass(frozen=True)
 class Fitting:
     """Images' detector features (N, K) and logits (N, classes)."""
@@ -225,8 +234,9 @@ def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
                                                                                      cfg.split_seed)
     held_in = data.subset(parts[1]) if len(parts) > 1 and parts[1] else None
     fitted = fit_detector(model, manifest.class_names, data.subset(parts[0]), held_in, manifest.input,
-                          cfg.false_unknown_rate, cfg.method, cfg.layer, cfg.spread, cfg.knn_layers,
-                          cfg.per_class, cfg.corr_layers, cfg.corr_dims)
+                          rate=cfg.false_unknown_rate, method=cfg.method, layer=cfg.layer, spread=cfg.spread,
+                          knn_layers=cfg.knn_layers, per_class=cfg.per_class, corr_layers=cfg.corr_layers,
+                          corr_dims=cfg.corr_dims)
     written = rewrite_checkpoint(fitted, model_dir, manifest)
     assert written.ood is not None
     return written.ood

@@ -5,8 +5,8 @@ its training view `data/` links the other class folders) and the held-out class 
 class the model never saw, as a new defect type on a real line would be. The detector is fitted on the
 split's own training images and its threshold calibrated on the split's validation part, exactly as
 `trainer fit` does for every model; the known classes' test part and every image of the held-out class
-are then scored. A split with `outputs.safetensors` is done and skipped; an interrupted one resumes
-from its run's `last.pt`.
+are then scored. A split with a complete `outputs.safetensors` is done and skipped; an interrupted one
+resumes from its run's `last.pt`.
 
 The outputs file keeps the logits, every block's channel statistics and the correlation blocks' channel
 correlations of every image, so the report compares several scores (stripnet.ood's Mahalanobis distance on
@@ -35,8 +35,9 @@ from stripnet.network import RepNet
 from stripnet.ood import calibrate, channel_correlations, channel_stats, fit_correlation_knn, fit_head, fit_knn
 from stripnet.preprocess import normalize
 from trainer.data import class_folders, load_image_folder
-from trainer.detector import (CORR_BLOCKS, CORR_DIMS, DEFAULT_METHOD, DEFAULT_SPREAD, KNN_FROM, MAHALANOBIS_LAYER, NEIGHBOURS,
-                              Fitting, Method, default_corr_layers, detector_layers, fit_method, score_all)
+from trainer.detector import (CORR_BLOCKS, CORR_DIMS, DEFAULT_METHOD, DEFAULT_SPREAD, KNN_FROM, MAHALANOBIS_LAYER,
+                              NEIGHBOURS, Fitting, Method, default_corr_layers, detector_layers, fit_method,
+                              score_all)
 from trainer.jobs import in_processes
 from trainer.runlog import read_rows
 from trainer.train import TrainConfig, fit

@@ -278,6 +278,12 @@ def test_channel_correlations_are_the_upper_triangle_of_each_maps_correlation_ma
     assert torch.allclose(got[:, 0], torch.ones(3))
 
 
+def test_channel_correlations_compile_into_one_graph():
+    # numpy's nonzero, which the upper triangle's indices were once made with, broke torch.compile's graph
+    explained = torch._dynamo.explain(channel_correlations)(torch.randn(2, 5, 6, 7))
+    assert explained.graph_break_count == 0
+
+
 def test_a_correlation_part_is_knn_on_standardized_principal_components():
     gen = torch.Generator().manual_seed(0)
     kept = torch.randn(50, 12, generator=gen) * torch.linspace(0.1, 5, 12) + 3
