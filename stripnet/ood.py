@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -301,18 +300,14 @@ def channel_correlations(x: torch.Tensor) -> torch.Tensor:
     return correlation.flatten(1)[:, _upper_triangle(c, x.device)]
 
 
-@torch.compiler.assume_constant_result
 def _upper_triangle(channels: int, device: torch.device) -> torch.Tensor:
-    """The flat indices of a C×C matrix's entries above its diagonal: a constant to torch.compile and the ONNX
-    exporters (which have no `triu_indices`), made once per size and device in eager runs, not per batch (a
-    CUDA graph can replay it)."""
-    return _upper_triangle_made(channels, device)
-
-
-@lru_cache(maxsize=None)
-def _upper_triangle_made(channels: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor([row * channels + col for row in range(channels) for col in range(row + 1, channels)],
-                        device=device)
+    """The flat indices of a C×C matrix's entries above its diagonal, made on `device` (no host copy, so a CUDA
+    graph can replay it). The TorchScript ONNX exporter has no `triu_indices`; for it they are a constant."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.tensor([row * channels + col for row in range(channels) for col in range(row + 1, channels)],
+                            device=device)
+    rows, cols = torch.triu_indices(channels, channels, 1, device=device)
+    return rows * channels + cols
 
 
 def correlation_dim(channels: int) -> int:

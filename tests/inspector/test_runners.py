@@ -24,7 +24,7 @@ from inspector.decode import Decoded, DecodeLimits, decode_frame
 from inspector.outputs import Thresholds, defect_event
 from inspector.records import Frame, Record
 from inspector.runners import (
-    RUNNERS, BackendUnavailableError, Bf16Runner, Loader, OnnxRuntimeRunner, RunnerOptions, TorchRunner,
+    RUNNERS, BackendUnavailableError, Bf16Runner, CompiledRunner, Loader, OnnxRuntimeRunner, RunnerOptions, TorchRunner,
 )
 from inspector.settings import Settings
 from schemas.checkpoint import InputSpec, Manifest, Normalization, OODSpec
@@ -123,12 +123,13 @@ def test_every_backend_gives_the_events_the_training_path_gives(fused: tuple[Rep
 
 def with_fitted_detector(model: RepNet, manifest: Manifest, method: str = "mahalanobis") -> tuple[RepNet, Manifest]:
     """The model with an unknown detector fitted on its own features of a few frames (combined: with a kNN part
-    on two blocks and a correlation part on one)."""
+    on two blocks and a correlation part on each of three, as the bundled model has them: two of one width, one
+    of another)."""
     last = len(model.spec.blocks) - 1
     combined = method == "combined"
     spec = OODSpec(method=method, layer=last if method == "knn" else 1,
                    knn_layers=(2, last) if combined else (), per_class=combined,
-                   corr_layers=(3,) if combined else (), corr_dims=4 if combined else 0, neighbours=3, threshold=1.0,
+                   corr_layers=(2, 3, 4) if combined else (), corr_dims=4 if combined else 0, neighbours=3, threshold=1.0,
                    false_unknown_rate=0.01, calibrated_on="training", calibration_images=24, fitted_images=24)
     with torch.inference_mode():
         logits, stats = model.forward_with_features(preprocess(gray_frames(24, seed=5), manifest.input), spec.layers,
@@ -144,17 +145,19 @@ def with_fitted_detector(model: RepNet, manifest: Manifest, method: str = "mahal
     else:
         texture = fit_head(stats[:, :bounds[1]], torch.arange(24) % classes, classes)
         columns = [stats[:, a:b] for a, b in zip(bounds[1:], bounds[2:])]
-        knns = [fit_knn(c, 3) for c in columns[:2]] + [fit_correlation_knn(columns[2], 3, 4)]
+        knns = [fit_knn(c, 3) for c in columns[:2]] + [fit_correlation_knn(c, 3, 4) for c in columns[2:]]
         with torch.inference_mode():
             parts = [texture(stats[:, :bounds[1]]), *(k(c) for k, c in zip(knns, columns))]
             head = combine(texture, knns, torch.stack(parts, dim=1), logits.argmax(dim=1), classes)
     return with_detector(model, head, spec), manifest.model_copy(update={"ood": spec})
 
 
-@pytest.mark.parametrize(("runner_class", "locate", "rtol"), [
-    (TorchRunner, None, 1e-4), (TorchRunner, LocateConfig(), 1e-4), (OnnxRuntimeRunner, None, 1e-4),
-    (Bf16Runner, None, 2e-2)])
-@pytest.mark.parametrize("method", ["mahalanobis", "knn", "combined"])
+@pytest.mark.parametrize(("runner_class", "locate", "rtol", "method"), [
+    *((runner, locate, rtol, method) for runner, locate, rtol in (
+        (TorchRunner, None, 1e-4), (TorchRunner, LocateConfig(), 1e-4), (OnnxRuntimeRunner, None, 1e-4),
+        (Bf16Runner, None, 2e-2)) for method in ("mahalanobis", "knn", "combined")),
+    # torch.compile once, on the detector with every kind of part (it once failed on two correlation parts)
+    pytest.param(CompiledRunner, None, 1e-4, "combined", marks=pytest.mark.slow)])
 def test_a_runner_scores_unknowns_in_the_same_pass_as_the_reference_does(
         fused: tuple[RepNet, Manifest], runner_class: type, locate: LocateConfig | None, rtol: float,
         method: str) -> None:

@@ -278,10 +278,15 @@ def test_channel_correlations_are_the_upper_triangle_of_each_maps_correlation_ma
     assert torch.allclose(got[:, 0], torch.ones(3))
 
 
-def test_channel_correlations_compile_into_one_graph():
-    # numpy's nonzero, which the upper triangle's indices were once made with, broke torch.compile's graph
-    explained = torch._dynamo.explain(channel_correlations)(torch.randn(2, 5, 6, 7))
-    assert explained.graph_break_count == 0
+def test_channel_correlations_of_several_maps_compile_into_one_graph():
+    # numpy's nonzero, which the upper triangle's indices were once made with, broke torch.compile's graph, and
+    # then a constant made once per size failed to compile when two maps asked for it
+    def features(*maps: torch.Tensor) -> torch.Tensor:
+        return torch.cat([channel_correlations(x) for x in maps], dim=1)
+
+    maps = (torch.randn(2, 5, 6, 7), torch.randn(2, 5, 3, 3), torch.randn(2, 8, 4, 4))
+    assert torch._dynamo.explain(features)(*maps).graph_break_count == 0
+    torch.testing.assert_close(torch.compile(features)(*maps), features(*maps))
 
 
 def test_a_correlation_part_is_knn_on_standardized_principal_components():
