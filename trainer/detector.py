@@ -120,10 +120,11 @@ def score_all(head: Detector, features: torch.Tensor, logits: torch.Tensor, fitt
 def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, held_in: ImageSet | None,
                  spec: InputSpec, rate: float = DEFAULT_FALSE_UNKNOWN_RATE, method: Method = DEFAULT_METHOD,
                  layer: int | None = None, spread: Spread = DEFAULT_SPREAD, knn_layers: tuple[int, ...] = (),
-                 per_class: bool = True, corr_layers: tuple[int, ...] = (), corr_dims: int = CORR_DIMS) -> RepNet:
+                 per_class: bool = True, corr_layers: tuple[int, ...] = (), corr_dims: int = CORR_DIMS,
+                 neighbours: int = NEIGHBOURS) -> RepNet:
     """A copy of `model` carrying its unknown detector: fitted on `train`, calibrated on `train` and `held_in`;
-    the blocks as `detector_layers` chooses them. Combined standardizes the sum per predicted class with
-    `per_class`."""
+    the blocks as `detector_layers` chooses them, each kNN part scoring by its `neighbours`-th nearest kept image.
+    Combined standardizes the sum per predicted class with `per_class`."""
     channels = [row.out_channels for row in model.spec.blocks]
     chosen = detector_layers(method, len(channels), layer, knn_layers, corr_layers, corr_dims)
     per_class = per_class and method == "combined"
@@ -133,7 +134,7 @@ def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, h
     head, described = fit_method(method, Fitting(features, logits), model_labels(train, class_names),
                                  Fitting(held, held_logits), len(class_names),
                                  [2 * channels[b] for b in chosen.stats], spread, per_class,
-                                 [correlation_dim(channels[b]) for b in chosen.corr], corr_dims)
+                                 [correlation_dim(channels[b]) for b in chosen.corr], corr_dims, neighbours)
     with torch.inference_mode():
         scores = torch.cat([head.fitted_scores(features, logits), head(held, held_logits)])
     ood = OODSpec(method=method, layer=chosen.layer, knn_layers=chosen.knn, corr_layers=chosen.corr,
@@ -150,7 +151,7 @@ def refit_as(model: RepNet, class_names: tuple[str, ...], train: ImageSet, held_
     images or after the network's features moved."""
     return fit_detector(model, class_names, train, held_in, spec, rate=ood.false_unknown_rate, method=ood.method,
                         layer=ood.layer, spread=ood.spread, knn_layers=ood.knn_layers, per_class=ood.per_class,
-                        corr_layers=ood.corr_layers, corr_dims=ood.corr_dims)
+                        corr_layers=ood.corr_layers, corr_dims=ood.corr_dims, neighbours=ood.neighbours)
 
 
 @dataclass(frozen=True)
@@ -162,14 +163,14 @@ class Fitting:
 
 def fit_method(method: Method, train: Fitting, labels: torch.Tensor, held: Fitting, num_classes: int,
                widths: list[int], spread: Spread, per_class: bool = False, corr_widths: list[int] | None = None,
-               corr_dims: int = CORR_DIMS) -> tuple[Detector, dict]:
+               corr_dims: int = CORR_DIMS, neighbours: int = NEIGHBOURS) -> tuple[Detector, dict]:
     """The detector of `method` fitted on `train` (class `labels`) and standardized on `train` and `held`, whose
     features are the blocks' statistics side by side (`widths` columns each; combined: the first block's are the
     Mahalanobis part's, each other block's a kNN part's), then combined's blocks' channel correlations
-    (`corr_widths` columns each, a correlation part each, projected on `corr_dims` axes), and the spec fields
-    that describe it."""
+    (`corr_widths` columns each, a correlation part each, projected on `corr_dims` axes), each kNN part scoring
+    by its `neighbours`-th nearest kept image, and the spec fields that describe it."""
     features = train.features
-    neighbours = min(NEIGHBOURS, len(features) - 1)  # a tiny training part keeps fewer
+    neighbours = min(neighbours, len(features) - 1)  # a tiny training part keeps fewer
     if method == "knn":
         return fit_knn(features, neighbours), {"neighbours": neighbours}
     texture = fit_head(features[:, :widths[0]], labels, num_classes, log_spread=spread == "log_std")
@@ -220,6 +221,8 @@ class DetectorConfig:
                                             f"(unset: {CORR_BLOCKS} from index {KNN_FROM} on, never the last)"] = ()
     corr_dims: Annotated[int, "combined: the principal axes each correlation part keeps (0: no correlation "
                               "parts)"] = CORR_DIMS
+    neighbours: Annotated[int, "knn and combined: score by the distance to the k-th nearest kept training "
+                               "image"] = NEIGHBOURS
 
 
 def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
@@ -236,7 +239,7 @@ def refit_checkpoint(cfg: DetectorConfig) -> OODSpec:
     fitted = fit_detector(model, manifest.class_names, data.subset(parts[0]), held_in, manifest.input,
                           rate=cfg.false_unknown_rate, method=cfg.method, layer=cfg.layer, spread=cfg.spread,
                           knn_layers=cfg.knn_layers, per_class=cfg.per_class, corr_layers=cfg.corr_layers,
-                          corr_dims=cfg.corr_dims)
+                          corr_dims=cfg.corr_dims, neighbours=cfg.neighbours)
     written = rewrite_checkpoint(fitted, model_dir, manifest)
     assert written.ood is not None
     return written.ood

@@ -13,7 +13,7 @@ from stripnet.network import build_model
 from tests.helpers.images import texture_folder
 from trainer.data import fingerprint, load_image_folder, stratified_split
 from trainer.detector import (
-    DetectorConfig, features_and_logits, fit_detector, refit_checkpoint, unknown_report, unknown_scores,
+    DetectorConfig, features_and_logits, fit_detector, refit_as, refit_checkpoint, unknown_report, unknown_scores,
 )
 from trainer.train import TrainConfig, fit
 
@@ -72,6 +72,16 @@ def test_refit_adds_a_detector_in_place_and_keeps_the_rest_of_the_manifest(folde
     assert model.ood is not None and after.ood == spec and spec.calibration_images == 60
     assert (after.model_name, after.model_version, after.metrics, after.notes) == ("m", "v1", {"val_accuracy": 0.5}, "kept")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "data"]  # nothing staged is left behind
+
+
+def test_refitting_as_a_spec_keeps_every_option_it_names(folder):
+    data = load_image_folder(folder, SIZE)
+    model = fit_detector(build_model(EG_REPVGG, 3).eval(), data.class_names, data, None, InputSpec(size=SIZE), 0.1,
+                         knn_layers=(3, 8), corr_layers=(4,), corr_dims=3, neighbours=4, per_class=False)
+    spec = model.ood.spec
+    assert (spec.knn_layers, spec.corr_layers, spec.corr_dims, spec.neighbours, spec.per_class) == (
+        (3, 8), (4,), 3, 4, False)
+    assert refit_as(model, data.class_names, data, None, InputSpec(size=SIZE), spec).ood.spec == spec
 
 
 def test_refit_refuses_data_the_model_was_not_trained_on(folder, tmp_path):
