@@ -724,7 +724,7 @@ def run(options: BenchOptions) -> Section:
         cell_budget_s=plan.cell_budget_s,
         load_average_1min_per_round=loads, rows=table, ratios=ratios(table, plan),
         targets=targets(table, plan) + bf16_target(table, plan, agreed), preparation=preparation, agreement=agreed,
-        note=("Measured while other jobs (model training) were using the CPU: see the load averages. "
+        note=("Measured while other jobs ran (load average above half the cores): see the load averages. "
               "Numbers are comparable within this run, not absolute."
               if max(loads, default=0.0) > 0.5 * (os.cpu_count() or 1) else "The machine was otherwise idle."),
     )

@@ -105,7 +105,7 @@ class Cpu(BaseModel):
     system_under_test: float | None
     broker: float | None
     load_generator: float | None  # this process: producer and event reader
-    other: float | None  # the rest of the machine: other jobs (training)
+    other: float | None  # the rest of the machine: other jobs
     idle: float | None
 
 
@@ -671,6 +671,19 @@ def targets_table(targets: list[Target], source: str) -> str:
                           "lrl")
 
 
+OTHER_JOBS_CORES = 0.05  # below this, no other job took a measurable share of a phase
+
+
+def _other_jobs(report: ServiceReport) -> str:
+    """What the CPU table says about the rest of the machine, for the report's first paragraph."""
+    busiest = max((p.cpu.other for p in report.phases if p.cpu.other is not None), default=None)
+    if busiest is None:
+        return ""
+    if busiest < OTHER_JOBS_CORES:
+        return f", and no other job took more than {OTHER_JOBS_CORES:g} cores in any phase"
+    return f", and so did other jobs (up to {busiest:.2f} cores in a phase)"
+
+
 def render(report: ServiceReport, plan: Plan) -> str:
     phase_rows = [[p.system, p.phase, "closed loop" if p.offered_fps is None else f"{p.offered_fps:,.0f}/s",
                    f"{p.sent_fps:,.0f}", f"{p.delivered_fps:,.0f}", _ms(p.p50_ms), _ms(p.p90_ms), _ms(p.p99_ms),
@@ -687,9 +700,9 @@ def render(report: ServiceReport, plan: Plan) -> str:
         f"{report.max_batch}, max_wait_ms {report.max_wait_ms:g}, {report.threads} thread(s), "
         f"{report.inference_workers} inference worker(s), queue_frames "
         f"{report.queue_frames}. **The load generator (producer + event reader, one Python process), the broker and "
-        f"the system under test share this machine's 2 cores, and so did other jobs (model training): see the "
-        f"CPU table and the load averages ({', '.join(f'{x:.2f}' for x in report.load_average_1min)} along the "
-        f"run).** Latency = event received by the reader − frame handed to the producer. Saturation: a closed loop "
+        f"the system under test share this machine's 2 cores{_other_jobs(report)}: see the CPU table and the load "
+        f"averages ({', '.join(f'{x:.2f}' for x in report.load_average_1min)} along the run).** Latency = event "
+        f"received by the reader − frame handed to the producer. Saturation: a closed loop "
         f"keeps {plan.outstanding:,} frames unanswered (latency there is mostly that backlog). Fixed rate: "
         f"{plan.fixed_s:g} s at half the inspector's saturation throughput, then at the target "
         f"{plan.rate:,.0f} frames/s; after a phase the reader waits while its events keep coming (up to "
