@@ -24,7 +24,8 @@ from inspector.decode import Decoded, DecodeLimits, decode_frame
 from inspector.outputs import Thresholds, defect_event
 from inspector.records import Frame, Record
 from inspector.runners import (
-    RUNNERS, BackendUnavailableError, Bf16Runner, CompiledRunner, Loader, OnnxRuntimeRunner, RunnerOptions, TorchRunner,
+    RUNNERS, BackendUnavailableError, Bf16Runner, CompiledRunner, Loader, OnnxRuntimeRunner, RunnerOptions,
+    TorchRunner,
 )
 from inspector.settings import Settings
 from schemas.checkpoint import InputSpec, Manifest, Normalization, OODSpec
@@ -129,8 +130,8 @@ def with_fitted_detector(model: RepNet, manifest: Manifest, method: str = "mahal
     combined = method == "combined"
     spec = OODSpec(method=method, layer=last if method == "knn" else 1,
                    knn_layers=(2, last) if combined else (), per_class=combined,
-                   corr_layers=(2, 3, 4) if combined else (), corr_dims=4 if combined else 0, neighbours=3, threshold=1.0,
-                   false_unknown_rate=0.01, calibrated_on="training", calibration_images=24, fitted_images=24)
+                   corr_layers=(2, 3, 4) if combined else (), corr_dims=4 if combined else 0, neighbours=3,
+                   threshold=1.0, false_unknown_rate=0.01, calibrated_on="training", calibration_images=24, fitted_images=24)
     with torch.inference_mode():
         logits, stats = model.forward_with_features(preprocess(gray_frames(24, seed=5), manifest.input), spec.layers,
                                                     spec.corr_layers)
