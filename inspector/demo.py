@@ -50,7 +50,7 @@ class Tally:
         self.started = time.monotonic()
         self.events = 0
         self.per_class: Counter[str] = Counter()
-        self.uncertain = 0
+        self.statuses: Counter[str] = Counter()
         self.agree = self.with_truth = 0
         self.latencies_ms: list[float] = []
         self.frame_ids: set[str] = set()
@@ -61,7 +61,7 @@ class Tally:
         self.frame_ids.add(event["frame_id"])
         self.events += 1
         self.per_class[event["label"]] += 1
-        self.uncertain += event["status"] == "uncertain"
+        self.statuses[event["status"]] += 1
         self.latencies_ms.append(event["latency_ms"])
         truth = event["frame_id"].split("/", 1)[0]
         if truth in class_names:
@@ -73,8 +73,9 @@ class Tally:
         lat = np.percentile(self.latencies_ms, [50, 95]) if self.latencies_ms else (float("nan"),) * 2
         classes = "  ".join(f"{name} {n}" for name, n in sorted(self.per_class.items()))
         agree = f" | agrees with folder {100 * self.agree / self.with_truth:.1f}%" if self.with_truth else ""
+        statuses = f"uncertain {self.statuses['uncertain']} unknown {self.statuses['unknown']}"
         return (f"events {self.events}/{expected} | {self.events / elapsed:6.1f} ev/s | latency p50 {lat[0]:.0f} ms "
-                f"p95 {lat[1]:.0f} ms | uncertain {self.uncertain}{agree} | {classes}")
+                f"p95 {lat[1]:.0f} ms | {statuses}{agree} | {classes}")
 
 
 def synthesize_frames(root: Path, per_class: int = 20, size: int = 200, seed: int = 0) -> Path:

@@ -133,7 +133,7 @@ def test_demo_runs_broker_replay_inspector_and_console_together():
         code, out, err, _ = stop(demo, timeout_s=30)
     assert code == 0, "".join(lines) + out + err
     assert "demo: done — events 12/12" in out
-    assert "ev/s" in "".join(lines) + out and "latency p50" in out
+    assert "ev/s" in "".join(lines) + out and "latency p50" in out and "unknown " in out
 
 
 def test_usage_errors_are_one_line_and_exit_2(tmp_path):
