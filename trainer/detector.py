@@ -133,8 +133,9 @@ def fit_detector(model: RepNet, class_names: tuple[str, ...], train: ImageSet, h
                          if held_in is not None and len(held_in) else (features[:0], logits[:0]))
     head, described = fit_method(method, Fitting(features, logits), model_labels(train, class_names),
                                  Fitting(held, held_logits), len(class_names),
-                                 [2 * channels[b] for b in chosen.stats], spread, per_class,
-                                 [correlation_dim(channels[b]) for b in chosen.corr], corr_dims, neighbours)
+                                 [2 * channels[b] for b in chosen.stats], spread, per_class=per_class,
+                                 corr_widths=[correlation_dim(channels[b]) for b in chosen.corr],
+                                 corr_dims=corr_dims, neighbours=neighbours)
     with torch.inference_mode():
         scores = torch.cat([head.fitted_scores(features, logits), head(held, held_logits)])
     ood = OODSpec(method=method, layer=chosen.layer, knn_layers=chosen.knn, corr_layers=chosen.corr,
@@ -162,7 +163,7 @@ class Fitting:
 
 
 def fit_method(method: Method, train: Fitting, labels: torch.Tensor, held: Fitting, num_classes: int,
-               widths: list[int], spread: Spread, per_class: bool = False, corr_widths: list[int] | None = None,
+               widths: list[int], spread: Spread, *, per_class: bool = False, corr_widths: list[int] | None = None,
                corr_dims: int = CORR_DIMS, neighbours: int = NEIGHBOURS) -> tuple[Detector, dict]:
     """The detector of `method` fitted on `train` (class `labels`) and standardized on `train` and `held`, whose
     features are the blocks' statistics side by side (`widths` columns each; combined: the first block's are the

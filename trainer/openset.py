@@ -232,8 +232,8 @@ def served(out: SplitOutputs, method: Method, knn_layers: tuple[int, ...] = (), 
     train, val = out.where("train"), out.where("val")
     head, _ = fit_method(method, Fitting(features[train], out.logits[train]), out.labels[train],
                          Fitting(features[val], out.logits[val]), len(out.class_names),
-                         [out.stats[b].shape[1] for b in chosen.stats], DEFAULT_SPREAD,
-                         per_class and method == "combined", [out.corr[b].shape[1] for b in chosen.corr], corr_dims)
+                         [out.stats[b].shape[1] for b in chosen.stats], DEFAULT_SPREAD, per_class=per_class,
+                         corr_widths=[out.corr[b].shape[1] for b in chosen.corr], corr_dims=corr_dims)
     return score_all(head, features, out.logits, train).numpy()
 
 
