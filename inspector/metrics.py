@@ -88,6 +88,9 @@ class Metrics:
                                      buckets=QUEUE_WAIT_BUCKETS, namespace=ns, registry=r)
         self._inference = Histogram("inference_seconds", "Model time per batch (preprocess + forward)",
                                     buckets=INFERENCE_BUCKETS, namespace=ns, registry=r)
+        self._inference_cpu = Counter("inference_cpu_seconds", "CPU time the inference threads spent on batches "
+                                      "(less than inference_seconds when they wait for a core; a runtime's own "
+                                      "pool threads, with --threads above 1, not counted)", namespace=ns, registry=r)
         self._latency = Histogram("event_latency_seconds", "Frame produce timestamp to event emitted",
                                   buckets=EVENT_LATENCY_BUCKETS, namespace=ns, registry=r)
         self._lag = Gauge("consumer_lag", "Messages behind the partition's end offset", ["topic", "partition"],
@@ -118,10 +121,11 @@ class Metrics:
     def consumer_lag(self, topic: str, partition: int, lag: int) -> None:
         self._lag.labels(topic=topic, partition=str(partition)).set(max(0, lag))
 
-    def batch_done(self, size: int, queue_wait_s: float, inference_s: float) -> None:
+    def batch_done(self, size: int, queue_wait_s: float, inference_s: float, inference_cpu_s: float) -> None:
         self._batch.observe(size)
         self._queue_wait.observe(max(0.0, queue_wait_s))
         self._inference.observe(max(0.0, inference_s))
+        self._inference_cpu.inc(max(0.0, inference_cpu_s))
 
     def produced(self, messages: Sequence[DefectEvent | DeadLetter]) -> None:
         """Outputs the broker acknowledged."""

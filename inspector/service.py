@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, TypeVar
 
+import numpy as np
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -50,6 +51,14 @@ class Models(Protocol):
 
     def load_initial(self) -> ServingModel[Runner]: ...
     def poll(self) -> ServingModel[Runner] | None: ...
+
+
+def predict_with_cpu_time(runner: Runner, images: Sequence[np.ndarray]) -> tuple[Prediction, float]:
+    """The runner's prediction and the CPU time the calling (inference) thread spent on it; with `--threads` above
+    1, the runtime's own pool threads' time is not in it."""
+    started = time.thread_time()
+    prediction = runner.predict(images)
+    return prediction, time.thread_time() - started
 
 
 @dataclass(frozen=True)
@@ -116,8 +125,8 @@ class Pipeline:
             serving = self.serving()  # models change only between batches
             started = time.perf_counter()
             try:
-                prediction = await loop.run_in_executor(self.executor, serving.runner.predict,
-                                                        [f.image for f in batch.items])
+                prediction, cpu_s = await loop.run_in_executor(self.executor, predict_with_cpu_time, serving.runner,
+                                                               [f.image for f in batch.items])
             except asyncio.CancelledError:
                 slot.cancel()
                 raise
@@ -125,7 +134,7 @@ class Pipeline:
                 slot.set_exception(err)  # publish raises it in batch order; the stages stop
                 raise
             inference_s = time.perf_counter() - started
-            self.metrics.batch_done(len(batch.items), batch.queue_wait_s, inference_s)
+            self.metrics.batch_done(len(batch.items), batch.queue_wait_s, inference_s, cpu_s)
             slot.set_result(Inferred(batch, prediction, serving, utc_now(), inference_s))
 
     # 5. build the events

@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from benchmarks.service import Plan, ServiceReport, render
+from benchmarks.service import Plan, ServiceReport, render, targets
 
 RESULT = Path(__file__).parents[2] / "benchmarks" / "results" / "hosts" / "avx2" / "service.json"
 
@@ -15,3 +15,13 @@ def test_the_report_says_whether_other_jobs_shared_the_cores_as_its_cpu_table_me
     report.phases[-1].cpu.other = 0.4
     text = render(report, plan)
     assert "and so did other jobs (up to 0.40 cores in a phase)" in text and "no other job" not in text
+
+
+def test_the_cpu_target_says_what_the_model_costs_inside_the_service_when_the_run_measured_it():
+    result = json.loads(RESULT.read_text())["result"]
+    report, plan = ServiceReport.model_validate(result), Plan(**result["plan"])
+    assert "the model inside the service" not in render(report, plan)
+    saturation = next(p for p in report.phases if p.system == "inspector run" and p.phase == "saturation")
+    saturation.inference_cpu_ms_per_frame = 2.5
+    report.targets = targets(report, plan)
+    assert "saturation; the model inside the service 2.500 ms)" in render(report, plan)

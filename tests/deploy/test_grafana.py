@@ -5,23 +5,11 @@ letters and model reloads."""
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-from inspector.metrics import Metrics
-from tests.helpers.deploy import DEPLOY
+from tests.helpers.deploy import DEPLOY, METRIC, exported_names
 
 DASHBOARD = DEPLOY / "grafana" / "strip-inspector.json"
-METRIC = re.compile(r"\binspector_[a-z0-9_]+")
-SAMPLE_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "info": ("_info",),
-                   "histogram": ("_bucket", "_sum", "_count", "_created"), "summary": ("", "_sum", "_count", "_created")}
-
-
-def exported_names() -> set[str]:
-    """Every sample name `/metrics` can show, from the registry's families (labelled ones too, before any
-    sample exists)."""
-    return {family.name + suffix for family in Metrics().registry.collect()
-            for suffix in SAMPLE_SUFFIXES[family.type]}
 
 
 def queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:

@@ -9,10 +9,14 @@ from typing import Any
 
 import yaml
 
+from inspector.metrics import Metrics
 from tests.helpers import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
+METRIC = re.compile(r"\binspector_[a-z0-9_]+")
+SAMPLE_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "info": ("_info",),
+                   "histogram": ("_bucket", "_sum", "_count", "_created"), "summary": ("", "_sum", "_count", "_created")}
 
 
 def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
@@ -87,3 +91,17 @@ def topics_in(script: str) -> set[str]:
     match = re.search(r"for topic in ([^;]+);", script)
     assert match, f"no topic loop in {script!r}"
     return set(match.group(1).split())
+
+
+def exported_names() -> set[str]:
+    """Every sample name `/metrics` can show, from the registry's families (labelled ones too, before any
+    sample exists)."""
+    return {family.name + suffix for family in Metrics().registry.collect()
+            for suffix in SAMPLE_SUFFIXES[family.type]}
+
+
+def exported_families() -> dict[str, str]:
+    """Each metric family the service exports, by the name an operator queries (counters with `_total`, infos
+    with `_info`), and its type."""
+    shown = {"counter": "_total", "info": "_info"}
+    return {family.name + shown.get(family.type, ""): family.type for family in Metrics().registry.collect()}

@@ -58,7 +58,7 @@ def test_what_the_pieces_report_is_in_the_registry() -> None:
     metrics.frames_consumed("strip.frames", 2, 5)
     metrics.frames_consumed("strip.frames", 2, 3)
     metrics.produced([event("a", 0.3, 1), event("b", -0.01, 2), letter("undecodable")])  # -0.01: clocks apart
-    metrics.batch_done(8, queue_wait_s=0.004, inference_s=0.02)
+    metrics.batch_done(8, queue_wait_s=0.004, inference_s=0.02, inference_cpu_s=0.015)
     metrics.consumer_lag("strip.frames", 2, 42)
     metrics.model_active(make_manifest("v7"))
     metrics.model_reload(True)
@@ -75,6 +75,7 @@ def test_what_the_pieces_report_is_in_the_registry() -> None:
     assert a[("inspector_batch_size_bucket", (("le", "4.0"),))] == 0
     assert a[("inspector_queue_wait_seconds_sum", ())] == pytest.approx(0.004)
     assert a[("inspector_inference_seconds_sum", ())] == pytest.approx(0.02)
+    assert a[("inspector_inference_cpu_seconds_total", ())] == pytest.approx(0.015)
     assert a[("inspector_event_latency_seconds_count", ())] == 2
     assert a[("inspector_event_latency_seconds_sum", ())] == pytest.approx(0.3)
     assert a[("inspector_consumer_lag", (("partition", "2"), ("topic", "strip.frames")))] == 42
@@ -90,8 +91,8 @@ def test_the_summary_reads_the_registry_and_the_recent_latencies() -> None:
                                           "per_status": {"defect": 0, "uncertain": 0, "unknown": 0},
                                           "events_per_s": 0.0, "dead_letter_reasons": {}}
     metrics.frames_consumed("t", 0, 4)
-    metrics.batch_done(2, 0.0, 0.01)
-    metrics.batch_done(1, 0.0, 0.01)
+    metrics.batch_done(2, 0.0, 0.01, 0.01)
+    metrics.batch_done(1, 0.0, 0.01, 0.01)
     metrics.produced([event("b", 0.010, 1), event("a", 0.020, 2, "unknown"), event("b", 0.030, 3), letter("empty")])
     metrics.model_active(make_manifest("v3"))
     summary = metrics.summary()
