@@ -15,9 +15,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import get_args
+from typing import ParamSpec, TypeVar, get_args
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -31,6 +31,18 @@ QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25
 INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 EVENT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LATENCY_WINDOW = 2048  # the summary's latency percentiles are over the most recent events
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def with_thread_cpu_time(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> tuple[T, float]:
+    """`fn`'s result and the CPU time the calling thread spent in it (the time of threads it hands work to, such
+    as a runtime's own pool with `--threads` above 1, not counted). For worker threads, to report what a stage
+    costs apart from the time it waited for a core."""
+    started = time.thread_time()
+    result = fn(*args, **kwargs)
+    return result, time.thread_time() - started
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,8 @@ class Metrics:
         self._inference_cpu = Counter("inference_cpu_seconds", "CPU time the inference threads spent on batches "
                                       "(less than inference_seconds when they wait for a core; a runtime's own "
                                       "pool threads, with --threads above 1, not counted)", namespace=ns, registry=r)
+        self._decode_cpu = Counter("decode_cpu_seconds", "CPU time the decode threads spent on fetched records",
+                                   namespace=ns, registry=r)
         self._latency = Histogram("event_latency_seconds", "Frame produce timestamp to event emitted",
                                   buckets=EVENT_LATENCY_BUCKETS, namespace=ns, registry=r)
         self._lag = Gauge("consumer_lag", "Messages behind the partition's end offset", ["topic", "partition"],
@@ -120,6 +134,9 @@ class Metrics:
 
     def consumer_lag(self, topic: str, partition: int, lag: int) -> None:
         self._lag.labels(topic=topic, partition=str(partition)).set(max(0, lag))
+
+    def decoded(self, cpu_s: float) -> None:
+        self._decode_cpu.inc(max(0.0, cpu_s))
 
     def batch_done(self, size: int, queue_wait_s: float, inference_s: float, inference_cpu_s: float) -> None:
         self._batch.observe(size)

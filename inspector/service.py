@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, TypeVar
 
-import numpy as np
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -33,7 +32,7 @@ from inspector.batcher import Batch, MicroBatcher
 from inspector.connect import Startable, new_consumer, new_producer, start_with_retry
 from inspector.decode import DecodeLimits, Rejected
 from inspector.detach import Stopped, on_daemon, unless_stopped
-from inspector.metrics import Metrics
+from inspector.metrics import Metrics, with_thread_cpu_time
 from inspector.model_store import ServingModel
 from inspector.offsets import CommitPolicy
 from inspector.outputs import Output, Outputs
@@ -51,14 +50,6 @@ class Models(Protocol):
 
     def load_initial(self) -> ServingModel[Runner]: ...
     def poll(self) -> ServingModel[Runner] | None: ...
-
-
-def predict_with_cpu_time(runner: Runner, images: Sequence[np.ndarray]) -> tuple[Prediction, float]:
-    """The runner's prediction and the CPU time the calling (inference) thread spent on it; with `--threads` above
-    1, the runtime's own pool threads' time is not in it."""
-    started = time.thread_time()
-    prediction = runner.predict(images)
-    return prediction, time.thread_time() - started
 
 
 @dataclass(frozen=True)
@@ -125,8 +116,8 @@ class Pipeline:
             serving = self.serving()  # models change only between batches
             started = time.perf_counter()
             try:
-                prediction, cpu_s = await loop.run_in_executor(self.executor, predict_with_cpu_time, serving.runner,
-                                                               [f.image for f in batch.items])
+                prediction, cpu_s = await loop.run_in_executor(self.executor, with_thread_cpu_time,
+                                                               serving.runner.predict, [f.image for f in batch.items])
             except asyncio.CancelledError:
                 slot.cancel()
                 raise

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from inspector.decode import Decoded, DecodeLimits, Rejected, decode_frame
-from inspector.metrics import Metrics
+from inspector.metrics import Metrics, with_thread_cpu_time
 from inspector.offsets import CommitPolicy
 from inspector.records import Frame, Record, from_kafka_ms, utc_now
 from schemas.checkpoint import Color
@@ -82,7 +82,9 @@ class FrameSource:
                 self.offsets.track(tp, r.offset)
                 records.append(Record(tp, r.offset, r.key, r.value, tuple(r.headers or ()),
                                       from_kafka_ms(r.timestamp), received_at))
-        decoded = await asyncio.to_thread(_decode_all, records, self._limits, self._color())
+        decoded, cpu_s = await asyncio.to_thread(with_thread_cpu_time, _decode_all, records, self._limits,
+                                                 self._color())
+        self._metrics.decoded(cpu_s)
         for record, result in zip(records, decoded, strict=True):
             if isinstance(result, Rejected):
                 await on_reject(record, result)

@@ -154,6 +154,7 @@ def test_two_replicas_share_the_partitions_and_emit_one_event_per_frame(kafka_br
         assert value(s, "inspector_inference_seconds_count") >= 1
         # the inference threads' CPU time in the model, within the wall time the batches took
         assert 0 < value(s, "inspector_inference_cpu_seconds_total") <= value(s, "inspector_inference_seconds_sum")
+        assert value(s, "inspector_decode_cpu_seconds_total") > 0
         lag = {int(lab["partition"]): v for n, lab, v in s if n == "inspector_consumer_lag"}
         assert set(lag) <= mine and all(v >= 0 for v in lag.values())
 

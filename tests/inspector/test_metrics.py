@@ -59,6 +59,7 @@ def test_what_the_pieces_report_is_in_the_registry() -> None:
     metrics.frames_consumed("strip.frames", 2, 3)
     metrics.produced([event("a", 0.3, 1), event("b", -0.01, 2), letter("undecodable")])  # -0.01: clocks apart
     metrics.batch_done(8, queue_wait_s=0.004, inference_s=0.02, inference_cpu_s=0.015)
+    metrics.decoded(0.003)
     metrics.consumer_lag("strip.frames", 2, 42)
     metrics.model_active(make_manifest("v7"))
     metrics.model_reload(True)
@@ -76,6 +77,7 @@ def test_what_the_pieces_report_is_in_the_registry() -> None:
     assert a[("inspector_queue_wait_seconds_sum", ())] == pytest.approx(0.004)
     assert a[("inspector_inference_seconds_sum", ())] == pytest.approx(0.02)
     assert a[("inspector_inference_cpu_seconds_total", ())] == pytest.approx(0.015)
+    assert a[("inspector_decode_cpu_seconds_total", ())] == pytest.approx(0.003)
     assert a[("inspector_event_latency_seconds_count", ())] == 2
     assert a[("inspector_event_latency_seconds_sum", ())] == pytest.approx(0.3)
     assert a[("inspector_consumer_lag", (("partition", "2"), ("topic", "strip.frames")))] == 42

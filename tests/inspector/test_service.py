@@ -225,15 +225,17 @@ def test_a_newer_published_model_is_swapped_in_between_batches(kafka_broker, new
 def test_an_unreachable_broker_is_one_warning_then_quiet_retries_until_stopped(published_model_dir):
     settings = service_settings(f"127.0.0.1:{free_port()}", "frames", published_model_dir, connect_backoff_max_s=0.1)
 
-    async def scenario():
+    async def scenario(logs):
         stop = asyncio.Event()
         task = asyncio.create_task(build(settings).service.run(stop))
-        await asyncio.sleep(1.5)
+        async with asyncio.timeout(30):  # three retries take ~0.3 s on an idle machine, longer on a busy one
+            while sum(entry["event"] == "kafka_retry" for entry in logs) < 3:
+                await asyncio.sleep(0.05)
         stop.set()
-        await asyncio.wait_for(task, 2.0)
+        await asyncio.wait_for(task, 5.0)
 
     with capture_logs() as logs:
-        asyncio.run(scenario())
+        asyncio.run(scenario(logs))
     events = Counter(entry["event"] for entry in logs)
     assert events["kafka_unreachable"] == 1
     assert events["kafka_retry"] >= 3
