@@ -125,7 +125,7 @@ class Phase(BaseModel):
     max_ms: float | None
     sut_cpu_ms_per_frame: float | None  # the system under test's CPU time per delivered frame
     mean_batch: float | None
-    inference_busy: float | None  # share of the window the inspector's inference thread spent in predict
+    inference_busy: float | None  # share of the window the inspector's inference threads spent in predict
     # the inference threads' CPU time in predict and the decode threads' CPU time, per inferred frame (its
     # metrics); None in runs before them
     inference_cpu_ms_per_frame: float | None = None

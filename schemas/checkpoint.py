@@ -86,7 +86,8 @@ class OODSpec(_Frozen):
                            "its block's channel correlations to (0 without correlation parts)")
     per_class: bool = Field(default=False, description="combined: the sum is standardized once more by the held-in "
                             "scores of the images predicted as the frame's class")
-    neighbours: int = Field(default=10, gt=0, le=100, description="knn, and combined's kNN parts: which nearest training image's distance")
+    neighbours: int = Field(default=10, gt=0, le=100,
+                            description="knn, and combined's kNN parts: which nearest training image's distance")
     spread: Literal["std", "log_std"] = Field(default="std", description="the second half of the features: each "
                                               "channel's standard deviation, or its natural log")
     threshold: float = Field(description="score above which a frame is unknown (combined: a sum of standardized "

@@ -6,9 +6,13 @@ from benchmarks.service import Plan, ServiceReport, render, targets
 RESULT = Path(__file__).parents[2] / "benchmarks" / "results" / "hosts" / "avx2" / "service.json"
 
 
-def test_the_report_says_whether_other_jobs_shared_the_cores_as_its_cpu_table_measured():
+def committed_report() -> tuple[ServiceReport, Plan]:
     result = json.loads(RESULT.read_text())["result"]
-    report, plan = ServiceReport.model_validate(result), Plan(**result["plan"])
+    return ServiceReport.model_validate(result), Plan(**result["plan"])
+
+
+def test_the_report_says_whether_other_jobs_shared_the_cores_as_its_cpu_table_measured():
+    report, plan = committed_report()
     for phase in report.phases:
         phase.cpu.other = 0.01
     assert "no other job took more than 0.05 cores in any phase" in render(report, plan)
@@ -18,8 +22,7 @@ def test_the_report_says_whether_other_jobs_shared_the_cores_as_its_cpu_table_me
 
 
 def test_the_cpu_target_says_what_the_model_and_decoding_cost_inside_the_service_when_the_run_measured_it():
-    result = json.loads(RESULT.read_text())["result"]
-    report, plan = ServiceReport.model_validate(result), Plan(**result["plan"])
+    report, plan = committed_report()
     saturation = next(p for p in report.phases if p.system == "inspector run" and p.phase == "saturation")
     saturation.inference_cpu_ms_per_frame = saturation.decode_cpu_ms_per_frame = None  # a run before them
     report.targets = targets(report, plan)

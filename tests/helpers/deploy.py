@@ -16,7 +16,8 @@ DEPLOY = REPO_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 METRIC = re.compile(r"\binspector_[a-z0-9_]+")
 SAMPLE_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "info": ("_info",),
-                   "histogram": ("_bucket", "_sum", "_count", "_created"), "summary": ("", "_sum", "_count", "_created")}
+                   "histogram": ("_bucket", "_sum", "_count", "_created"),
+                   "summary": ("", "_sum", "_count", "_created")}
 
 
 def load_yaml_docs(path: Path) -> list[dict[str, Any]]:

@@ -131,7 +131,8 @@ def with_fitted_detector(model: RepNet, manifest: Manifest, method: str = "mahal
     spec = OODSpec(method=method, layer=last if method == "knn" else 1,
                    knn_layers=(2, last) if combined else (), per_class=combined,
                    corr_layers=(2, 3, 4) if combined else (), corr_dims=4 if combined else 0, neighbours=3,
-                   threshold=1.0, false_unknown_rate=0.01, calibrated_on="training", calibration_images=24, fitted_images=24)
+                   threshold=1.0, false_unknown_rate=0.01, calibrated_on="training", calibration_images=24,
+                   fitted_images=24)
     with torch.inference_mode():
         logits, stats = model.forward_with_features(preprocess(gray_frames(24, seed=5), manifest.input), spec.layers,
                                                     spec.corr_layers)
