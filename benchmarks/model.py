@@ -40,7 +40,9 @@ from torchvision import models as tv
 from benchmarks import BenchOptions, Section, markdown_table, percentile_ms
 from benchmarks.loadgen import NEU_CLS
 from inspector.runners import RUNNERS, RunnerOptions, softmax
+from inspector.settings import Settings
 from schemas.checkpoint import InputSpec, Manifest
+from stripnet.allocator import keep_freed_memory
 from stripnet.architectures import EG_REPVGG, REPVGG_A0
 from stripnet.bf16 import Bf16Net
 from stripnet.bundled import resolve_model_dir
@@ -168,6 +170,8 @@ class ModelReport(BaseModel):
     targets: list[Target]
     preparation: list[PrepRow]
     agreement: list[Agreement] = []
+    allocator: str = ""  # absent from results recorded before it was a field: those ran glibc's default
+
 
 
 def log(message: str) -> None:
@@ -682,6 +686,7 @@ def render(report: ModelReport) -> str:
         f"{report.torch_threads} intra-op thread(s) for torch and ONNX Runtime; fp32 unless the engine says bf16, "
         f"channels-last, "
         f"`torch.inference_mode`; 6 classes, 200×200 input, 3 channels (gray-folded rows: 1). "
+        + (f"Allocator: {report.allocator}. " if report.allocator else "") +
         f"Student weights: {report.student_weights}. {report.rounds} interleaved rounds, "
         f"≤ {report.cell_budget_s:g} s per cell (at least one call). img/s = batch / median wall time per call; "
         f"img/CPU-s = batch / median process CPU time per call (steadier under background load). "
@@ -706,8 +711,17 @@ def render(report: ModelReport) -> str:
 # --- entry point ----------------------------------------------------------------------------------------
 
 
+def served_allocator() -> str:
+    """This process's allocator set as `inspector run` sets it by default (the eager torch engines fault on
+    every batch without it; ONNX Runtime keeps its own arena); what it is, for the report."""
+    if Settings.model_fields["keep_freed_memory"].default and keep_freed_memory():
+        return "glibc keeping freed memory (stripnet.allocator, as inspector run by default)"
+    return "glibc's default"
+
+
 def run(options: BenchOptions) -> Section:
     torch.set_num_threads(options.threads or SERVED_THREADS)
+    allocator = served_allocator()
     threads, plan = torch.get_num_threads(), Plan.for_options(options)
     log(f"{threads} threads, batch sizes {plan.batch_sizes}, {plan.rounds} rounds, {plan.cell_budget_s} s per cell")
     with tempfile.TemporaryDirectory() as tmp:
@@ -721,7 +735,7 @@ def run(options: BenchOptions) -> Section:
     report = ModelReport(
         torch_threads=threads, torch_interop_threads=torch.get_num_interop_threads(), student_weights=source,
         batch_sizes=list(plan.batch_sizes), target_batch=plan.target_batch, rounds=plan.rounds,
-        cell_budget_s=plan.cell_budget_s,
+        cell_budget_s=plan.cell_budget_s, allocator=allocator,
         load_average_1min_per_round=loads, rows=table, ratios=ratios(table, plan),
         targets=targets(table, plan) + bf16_target(table, plan, agreed), preparation=preparation, agreement=agreed,
         note=("Measured while other jobs ran (load average above half the cores): see the load averages. "

@@ -67,7 +67,7 @@ DEFAULTS_AGAIN = "inspector run, the defaults again (last)"
 VARIANTS: dict[str, dict[str, str]] = {
     "inspector run --threads 2": {"INSPECTOR_THREADS": "2"},
     "inspector run --inference-workers 1": {"INSPECTOR_INFERENCE_WORKERS": "1"},  # the default is 2 on 2+ cores
-    "inspector run --keep-freed-memory": {"INSPECTOR_KEEP_FREED_MEMORY": "true"},  # stripnet.allocator's setting
+    "inspector run --no-keep-freed-memory": {"INSPECTOR_KEEP_FREED_MEMORY": "false"},  # glibc's own allocator
     # the defaults once more, after every variant: how far the same system drifts between the start and the end of
     # a run on this shared VM, against which a variant's difference from the defaults is read
     DEFAULTS_AGAIN: {},
@@ -741,7 +741,8 @@ def render(report: ServiceReport, plan: Plan) -> str:
         "delivered frame: steadier than frames/s when other jobs take a varying share of the cores. Inference busy "
         "= share of the window the inspector's inference threads spent in `predict`; Model and Decode CPU ms/frame "
         "= the CPU time its inference threads spent in `predict` and its decode threads in decoding, per inferred "
-        "frame (all three from its metrics). Against the model-only ceiling's CPU per frame, the first says what the "
+        "frame (all three from its metrics; with `--threads 2` torch's second intra-op thread is not in Model CPU, "
+        "only in CPU ms/frame). Against the model-only ceiling's CPU per frame, the first says what the "
         "model itself costs inside the service; CPU ms/frame less both is the rest (Kafka client, events, event "
         "loop).",
         markdown_table(["System", "Phase", "SUT", "Broker", "Load gen", "Other jobs", "Idle", "Load avg"], cpu_rows,

@@ -90,10 +90,11 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=1, gt=0)
     """intra-op threads for CPU inference; measured on the 2-core box (README), 1 beat 2 by 4-10x per batch
     once anything else ran (the event loop, decoding, a trainer)"""
-    keep_freed_memory: bool = False
-    """glibc keeps freed memory mapped and reuses it instead of returning it to the kernel (stripnet/allocator.py;
-    trainer sets it: 1.43-1.53x less CPU per training step). Off for the service, which does not fault the way
-    training does: two benchmark runs disagreed in sign, within the VM's run-to-run spread (README, Performance)"""
+    keep_freed_memory: bool = True
+    """glibc keeps freed memory mapped and reuses it instead of returning it to the kernel (stripnet/allocator.py).
+    Without it the eager bf16 runner faulted its maps in afresh every batch: the model's CPU per frame at saturation
+    was 0.87-1.13 ms with it against 1.29-1.61 without, in two service benchmark runs on an AVX-512 host; no effect
+    of either sign on onnxruntime (README, Performance). The price, a process that keeps its peak heap: ~30 MiB"""
     inference_workers: int = Field(default_factory=lambda: min(2, os.cpu_count() or 1), gt=0)
     """threads each running whole batches (events still leave in batch order); default 2 on a machine with 2 or
     more cores (measured on 2 shared cores, two runs: 1.04-1.38x the saturation of one worker, 1.3-1.8x the frames

@@ -7,7 +7,8 @@ as large as the arithmetic in a training step (tests/stripnet/test_allocator.py 
 bench --only train` measures it). `keep_freed_memory` raises glibc's mmap and trim thresholds (`mallopt`,
 the settings of the `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` environment variables), so the
 pages stay mapped and are reused: the price is that the process keeps its peak heap instead of shrinking
-after it. `trainer` sets it; the service leaves it off by default, since no effect on it was measured.
+after it. `trainer` sets it, and so does the service by default: the eager bf16 runner allocates its maps
+afresh every batch too (inspector/settings.py, `keep_freed_memory`).
 """
 
 from __future__ import annotations

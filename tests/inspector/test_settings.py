@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import ssl
 from pathlib import Path
 
@@ -58,3 +60,32 @@ def test_ssl_gives_an_ssl_context():
 def test_invalid_settings_are_refused(bad):
     with pytest.raises(ValidationError):
         Settings(**bad)
+
+
+SERVED_BATCHES = """
+import resource, sys
+import numpy as np
+from inspector.app import build
+from inspector.settings import Settings
+from stripnet.bundled import default_model_dir
+from stripnet.checkpoint import load_checkpoint
+overrides = {} if sys.argv[1] == "defaults" else {"keep_freed_memory": False}
+settings = Settings(model_dir=default_model_dir(), device="cpu", backend="torch", **overrides)
+runner = build(settings).loader.load(*load_checkpoint(settings.model_dir))
+frames = [np.full((200, 200), 128, np.uint8)] * 32
+runner.predict(frames)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    runner.predict(frames)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux's")
+def test_by_default_the_service_reuses_its_batches_memory_instead_of_faulting_it_in_again():
+    """An eager torch runner allocates its activation maps afresh every batch; with glibc's own thresholds each
+    batch takes fresh, zeroed pages (stripnet/allocator.py)."""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", SERVED_BATCHES, mode], capture_output=True,
+                                       text=True, check=True).stdout)
+              for mode in ("defaults", "glibc")}
+    assert faults["defaults"] * 4 < faults["glibc"], faults
