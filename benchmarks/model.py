@@ -173,7 +173,6 @@ class ModelReport(BaseModel):
     allocator: str = ""  # absent from results recorded before it was a field: those ran glibc's default
 
 
-
 def log(message: str) -> None:
     print(f"[bench model] {message}", file=sys.stderr, flush=True)
 

@@ -1,7 +1,7 @@
 import os
+import ssl
 import subprocess
 import sys
-import ssl
 from pathlib import Path
 
 import pytest
